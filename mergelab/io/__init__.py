@@ -1,0 +1,1 @@
+"""File I/O: lazy checkpoint reading and atomic, streamed safetensors writing."""

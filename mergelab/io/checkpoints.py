@@ -1,0 +1,230 @@
+"""Reading and writing state dicts without holding whole checkpoints in memory.
+
+A checkpoint is any ``Mapping[str, Tensor]``. :class:`SafetensorsCheckpoint` is the lazy
+one: it knows every tensor's shape and dtype from the file header and reads a tensor
+only when it is indexed, so merge code can walk a model parameter by parameter.
+:class:`SafetensorsWriter` is the other direction: it writes tensors one at a time into
+a temporary file, in an order fixed up front, and renames it into place when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format spec).
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+class TensorSpec(NamedTuple):
+    """Shape and dtype of a tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
+    """A read-only, lazy state dict backed by a ``.safetensors`` file.
+
+    The file is opened for each read and closed right after, so memory-mapped pages of
+    tensors already used do not stay resident: a loop over all parameters of several
+    checkpoints holds only the tensors it keeps.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {self.path}")
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                self.metadata: dict[str, str] = f.metadata() or {}
+                specs = {}
+                for key in f.keys():  # noqa: SIM118 -- safe_open is not iterable
+                    view = f.get_slice(key)
+                    specs[key] = TensorSpec(tuple(view.get_shape()), _CODE_DTYPES[view.get_dtype()])
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{self.path}: not a readable safetensors file ({err})") from err
+        self._specs = specs
+
+    def spec(self, key: str) -> TensorSpec:
+        return self._specs[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._specs:
+            raise KeyError(f"{key!r} is not in {self.path}")
+        with safe_open(self.path, framework="pt") as f:
+            # clone: the tensor must not keep the file's memory map alive
+            return f.get_tensor(key).clone()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __repr__(self) -> str:
+        return f"SafetensorsCheckpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Mapping:
+    """A state dict from a mapping (returned as is) or a file path (read lazily).
+
+    ``.safetensors`` files are read tensor by tensor; other files are loaded with
+    ``torch.load(mmap=True)``, which pages tensors in on use.
+    """
+    if isinstance(source, Mapping):
+        return source
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        return SafetensorsCheckpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def tensor_spec(checkpoint: Mapping[str, torch.Tensor], key: str) -> TensorSpec:
+    """Shape and dtype of ``checkpoint[key]``, read from the header where possible."""
+    if isinstance(checkpoint, SafetensorsCheckpoint):
+        return checkpoint.spec(key)
+    tensor = checkpoint[key]
+    return TensorSpec(tuple(tensor.shape), tensor.dtype)
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early, before any long work, if ``path`` cannot be written as asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, expected a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write into {parent}")
+    return path
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file one tensor at a time, then renames it into place.
+
+    The header needs every tensor's shape and dtype, so they are declared up front; the
+    tensors must then be written in that order (``writer[key] = tensor``). Data goes to a
+    hidden temporary file beside ``path``; :meth:`close` checks that every declared
+    tensor arrived and renames the file, and any exception inside a ``with`` block
+    removes the temporary file, so a reader never sees a half-written checkpoint.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Mapping[str, TensorSpec],
+        metadata: Mapping[str, str] | None = None,
+        overwrite: bool = False,
+    ):
+        self.path = check_writable(path, overwrite)
+        self._order = list(specs)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        self._specs = dict(specs)
+        offset = 0
+        for key, spec in specs.items():
+            nbytes = spec.numel * torch.empty((), dtype=spec.dtype).element_size()
+            header[key] = {
+                "dtype": _DTYPE_CODES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as upstream writes it
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 -- closed in close()/abort()
+        self._file.write(struct.pack("<Q", len(encoded)))
+        self._file.write(encoded)
+        self._next = 0
+
+    def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order) or self._order[self._next] != key:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise KeyError(f"{self.path}: wrote {key!r}, expected {expected!r} next")
+        spec = self._specs[key]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"{self.path}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"declared {spec.shape} {spec.dtype}"
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> Path:
+        if self._next != len(self._order):
+            missing = self._order[self._next]
+            self.abort()
+            raise RuntimeError(f"{self.path}: closed before {missing!r} was written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp.unlink()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``state_dict`` to ``path`` atomically, one tensor at a time."""
+    specs = {key: tensor_spec(state_dict, key) for key in state_dict}
+    with SafetensorsWriter(path, specs, metadata, overwrite) as writer:
+        for key in specs:
+            writer[key] = state_dict[key]
+    return Path(path)

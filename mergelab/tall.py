@@ -1,0 +1,317 @@
+"""TALL masks and consensus merging over whole models, streamed parameter by parameter.
+
+A :class:`TallMasks` holds τMTL and, for every task and every λ of the grid, that task's
+mask packed at one bit per parameter. In a file they live together in one safetensors
+checkpoint (``mtl/<param>`` and ``mask/<task>/<λ>/<param>``) whose metadata names the
+tasks, the λ grid, the parameter shapes, the pretrained model's fingerprint and, once
+chosen, each task's λ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mergelab.io.checkpoints import (
+    SafetensorsCheckpoint,
+    SafetensorsWriter,
+    TensorSpec,
+    check_writable,
+    open_checkpoint,
+    save_state_dict,
+    tensor_spec,
+)
+from mergelab.merge import StateDict, as_factor_list, build_models, output_paths, single_or_list
+from mergelab.merging.consensus import consensus_mask
+from mergelab.merging.quantile import RadixSelect
+from mergelab.merging.tall_masks import apply_mask, pack_mask, tall_masks, unpack_mask
+from mergelab.merging.task_arithmetic import task_vector_sum
+from mergelab.merging.ties import ties_rank, ties_vector
+from mergelab.pool import CheckpointSource, ModelPool
+
+# The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
+DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
+FORMAT = "mergelab.tall_masks/1"
+
+
+def _lambda_name(lam: float) -> str:
+    return f"{lam:g}"
+
+
+def mtl_key(key: str) -> str:
+    return f"mtl/{key}"
+
+
+def mask_key(task: str, lam: float, key: str) -> str:
+    return f"mask/{task}/{_lambda_name(lam)}/{key}"
+
+
+def _ties_thresholds(pool: ModelPool, keep_fraction: float) -> list[float]:
+    """Each task's smallest kept magnitude when it keeps its top share over the whole model."""
+    total = pool.num_merged_params
+    rank = ties_rank(keep_fraction, total)
+    if rank < 0:
+        return [-math.inf] * len(pool.tasks)
+    selects = [RadixSelect(rank, total) for _ in pool.tasks]
+    for desc in ("TIES: magnitudes", "TIES: thresholds"):
+        for key in tqdm(pool.merged_keys, desc=desc, unit="param", leave=False, disable=None):
+            for select, tau in zip(
+                selects, pool.task_vectors(key, pool.pretrained_tensor(key)), strict=True
+            ):
+                select.observe(tau.abs())
+        if selects[0].bucket is None:
+            for select in selects:
+                select.next_pass()
+    return [select.value for select in selects]
+
+
+class TallMasks:
+    """τMTL and per-task TALL masks over a λ grid; see the module docstring for the layout."""
+
+    def __init__(self, store: Mapping[str, torch.Tensor], info: Mapping):
+        self.store = store
+        self.tasks: list[str] = list(info["tasks"])
+        self.lambdas: list[float] = [float(v) for v in info["lambdas"]]
+        self.shapes: dict[str, tuple[int, ...]] = {k: tuple(s) for k, s in info["params"].items()}
+        self.model: str = info["model"]
+        self.ties: float | None = info.get("ties")
+        self.chosen: dict[str, float] = {t: float(v) for t, v in info.get("chosen", {}).items()}
+
+    # --- construction ---------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        pretrained: CheckpointSource,
+        finetuned: Mapping[str, CheckpointSource],
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        ties: float | None = None,
+        output: str | os.PathLike | None = None,
+        overwrite: bool = False,
+    ) -> TallMasks:
+        """Masks of every task for every λ, from one streamed pass over the models.
+
+        ``ties``: None for τMTL = Σt τt, or the share of each task vector TIES keeps
+        (0.2 in the paper) for a TIES-merged τMTL, which costs two more passes.
+        ``output``: a safetensors path to stream the masks into (kept out of memory).
+        """
+        pool = ModelPool(pretrained, finetuned)
+        pool.require_tasks(2, "TALL masks")
+        lambdas = as_factor_list(lambdas, "lambdas")
+        for lam in lambdas:
+            if lam <= 0:
+                raise ValueError(f"TALL mask λ must be > 0, got {lam}")
+        if ties is not None and not 0 < ties <= 1:
+            raise ValueError(f"ties (share of each task vector kept) must be in (0, 1], got {ties}")
+        if output is not None:
+            check_writable(output, overwrite)
+        info = {
+            "format": FORMAT,
+            "tasks": pool.tasks,
+            "lambdas": lambdas,
+            "params": {key: list(pool.specs[key].shape) for key in pool.merged_keys},
+            "model": pool.fingerprint(),
+            "ties": ties,
+        }
+        specs: dict[str, TensorSpec] = {}
+        for key in pool.merged_keys:
+            spec = pool.specs[key]
+            specs[mtl_key(key)] = TensorSpec(spec.shape, pool.compute_dtype(key))
+            packed = TensorSpec(((spec.numel + 7) // 8,), torch.uint8)
+            for task in pool.tasks:
+                for lam in lambdas:
+                    specs[mask_key(task, lam, key)] = packed
+        thresholds = None if ties is None else _ties_thresholds(pool, ties)
+
+        sink = (
+            {}
+            if output is None
+            else SafetensorsWriter(output, specs, {"mergelab": json.dumps(info)}, overwrite)
+        )
+        try:
+            for key in tqdm(
+                pool.merged_keys, desc="TALL masks", unit="param", leave=False, disable=None
+            ):
+                taus = list(pool.task_vectors(key, pool.pretrained_tensor(key)))
+                mtl = task_vector_sum(taus) if thresholds is None else ties_vector(taus, thresholds)
+                sink[mtl_key(key)] = mtl
+                for task, tau in zip(pool.tasks, taus, strict=True):
+                    for lam, mask in zip(lambdas, tall_masks(tau, mtl, lambdas), strict=True):
+                        sink[mask_key(task, lam, key)] = pack_mask(mask)
+        except BaseException:
+            if isinstance(sink, SafetensorsWriter):
+                sink.abort()
+            raise
+        if isinstance(sink, SafetensorsWriter):
+            return cls.load(sink.close())
+        return cls(sink, info)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TallMasks:
+        store = SafetensorsCheckpoint(path)
+        try:
+            info = json.loads(store.metadata["mergelab"])
+            if info.get("format") != FORMAT:
+                raise ValueError(f"format {info.get('format')!r}")
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{path} is not a mergelab TALL masks file ({err})") from err
+        return cls(store, info)
+
+    def _info(self) -> dict:
+        return {
+            "format": FORMAT,
+            "tasks": self.tasks,
+            "lambdas": self.lambdas,
+            "params": {k: list(s) for k, s in self.shapes.items()},
+            "model": self.model,
+            "ties": self.ties,
+            "chosen": self.chosen,
+        }
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write masks, τMTL and the chosen λ (if any) to one safetensors file."""
+        return save_state_dict(self.store, path, {"mergelab": json.dumps(self._info())}, overwrite)
+
+    # --- access -----------------------------------------------------------------------
+
+    def _check(self, task: str, lam: float) -> None:
+        if task not in self.tasks:
+            raise KeyError(f"no TALL masks for task {task!r}; tasks: {self.tasks}")
+        if _lambda_name(lam) not in {_lambda_name(v) for v in self.lambdas}:
+            raise KeyError(f"no TALL mask for λ={lam}; built for {self.lambdas}")
+
+    def lambda_for(self, task: str, lam: float | None = None) -> float:
+        """``lam`` if given, else the λ chosen for ``task``."""
+        if lam is None:
+            if task not in self.chosen:
+                raise KeyError(f"no λ chosen for task {task!r}; pass lam or call choose_lambdas")
+            lam = self.chosen[task]
+        self._check(task, lam)
+        return lam
+
+    def mask(self, task: str, lam: float, key: str) -> torch.Tensor:
+        return unpack_mask(self.store[mask_key(task, lam, key)], self.shapes[key])
+
+    def multitask_vector(self, key: str) -> torch.Tensor:
+        return self.store[mtl_key(key)]
+
+    def density(self, task: str, lam: float | None = None) -> dict[str, float]:
+        """Share of each parameter's coordinates that task's mask keeps."""
+        lam = self.lambda_for(task, lam)
+        return {key: self.mask(task, lam, key).float().mean().item() for key in self.shapes}
+
+    @property
+    def bits_per_param(self) -> float:
+        """Storage of one mask per coordinate, in bits (1 plus the padding of each parameter)."""
+        packed = sum((math.prod(s) + 7) // 8 for s in self.shapes.values())
+        return 8 * packed / sum(math.prod(s) for s in self.shapes.values())
+
+    def _check_pretrained(self, pretrained: Mapping[str, torch.Tensor]) -> None:
+        for key, shape in self.shapes.items():
+            if key not in pretrained:
+                raise KeyError(f"the pretrained model lacks {key!r}, which the masks cover")
+            if tensor_spec(pretrained, key).shape != shape:
+                raise ValueError(
+                    f"the pretrained model's {key!r} is {tensor_spec(pretrained, key).shape}, "
+                    f"the masks' {shape}"
+                )
+
+    # --- models -------------------------------------------------------------------------
+
+    def retrieve(
+        self,
+        pretrained: CheckpointSource,
+        task: str,
+        lam: float | None = None,
+        output: str | os.PathLike | None = None,
+        overwrite: bool = False,
+    ) -> StateDict | Path:
+        """θ̂t = θ0 + mt ⊙ τMTL for one task, without building any other task's model."""
+        lam = self.lambda_for(task, lam)
+        pretrained = open_checkpoint(pretrained)
+        self._check_pretrained(pretrained)
+        [path] = output_paths(output, 1, overwrite)
+
+        def delta_of(key: str) -> torch.Tensor:
+            return apply_mask(self.multitask_vector(key), self.mask(task, lam, key))
+
+        [model] = build_models(
+            pretrained, self.shapes, delta_of, [1.0], [path], overwrite, desc=f"retrieve {task}"
+        )
+        return model
+
+    def choose_lambdas(self, scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
+        """Each task's λ with the best validation score (the smallest λ on a tie)."""
+        chosen = {}
+        for task in self.tasks:
+            if task not in scores:
+                raise KeyError(f"no validation scores for task {task!r}")
+            by_name = {_lambda_name(float(lam)): s for lam, s in scores[task].items()}
+            missing = [lam for lam in self.lambdas if _lambda_name(lam) not in by_name]
+            if missing:
+                raise KeyError(f"no validation score for task {task!r} at λ={missing[0]}")
+            chosen[task] = max(self.lambdas, key=lambda lam: (by_name[_lambda_name(lam)], -lam))
+        self.chosen = chosen
+        return chosen
+
+    def consensus_delta_fn(
+        self, k: int, lambdas: Mapping[str, float] | None = None
+    ) -> Callable[[str], torch.Tensor]:
+        """key ↦ mcons ⊙ τMTL, from each task's mask at its chosen (or given) λ."""
+        if k < 0:
+            raise ValueError(f"consensus k must be ≥ 0, got {k}")
+        per_task = {task: self.lambda_for(task, (lambdas or {}).get(task)) for task in self.tasks}
+
+        def delta_of(key: str) -> torch.Tensor:
+            masks = (self.mask(task, lam, key) for task, lam in per_task.items())
+            return apply_mask(self.multitask_vector(key), consensus_mask(masks, k))
+
+        return delta_of
+
+    def consensus(
+        self,
+        pretrained: CheckpointSource,
+        k: int = 2,
+        scaling_factor: float | Sequence[float] = 0.3,
+        lambdas: Mapping[str, float] | None = None,
+        output=None,
+        overwrite: bool = False,
+    ):
+        """θ = θ0 + α·(mcons ⊙ τMTL); a list of α gives a list of independent models."""
+        pretrained = open_checkpoint(pretrained)
+        self._check_pretrained(pretrained)
+        factors = as_factor_list(scaling_factor, "scaling_factor")
+        outputs = output_paths(output, len(factors), overwrite)
+        delta_of = self.consensus_delta_fn(k, lambdas)
+        results = build_models(
+            pretrained, self.shapes, delta_of, factors, outputs, overwrite, desc="consensus"
+        )
+        return single_or_list(results, scaling_factor)
+
+
+def consensus_merge(
+    pretrained: CheckpointSource,
+    finetuned: Mapping[str, CheckpointSource],
+    k: int = 2,
+    scaling_factor: float | Sequence[float] = 0.3,
+    tall_lambda: float = 0.6,
+    output=None,
+    overwrite: bool = False,
+):
+    """Consensus merging with every task's mask at one λ, without validation data.
+
+    The default λ = 0.6 is FusionBench's default ``tall_mask_lambda``; choose per-task λ
+    on validation with :meth:`TallMasks.choose_lambdas` and :meth:`TallMasks.consensus`
+    where data is available.
+    """
+    if k < 0:
+        raise ValueError(f"consensus k must be ≥ 0, got {k}")
+    masks = TallMasks.build(pretrained, finetuned, lambdas=[tall_lambda])
+    fixed = dict.fromkeys(masks.tasks, tall_lambda)
+    return masks.consensus(pretrained, k, scaling_factor, fixed, output, overwrite)
