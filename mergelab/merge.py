@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +40,13 @@ def _progress(items: Sequence, desc: str) -> Iterable:
     return tqdm(items, desc=desc, unit="param", leave=False, disable=None)
 
 
+def is_single(value) -> bool:
+    """One number (numpy scalars included) rather than a list of them."""
+    return isinstance(value, numbers.Real)
+
+
 def as_factor_list(scaling_factor: float | Sequence[float], name: str) -> list[float]:
-    factors = [scaling_factor] if isinstance(scaling_factor, (int, float)) else list(scaling_factor)
+    factors = [scaling_factor] if is_single(scaling_factor) else list(scaling_factor)
     if not factors:
         raise ValueError(f"{name}: no values given")
     for value in factors:
@@ -56,6 +62,10 @@ def output_paths(output, count: int, overwrite: bool) -> list[Path | None]:
     paths = [output] if isinstance(output, (str, os.PathLike)) else list(output)
     if len(paths) != count:
         raise ValueError(f"{count} models to build but {len(paths)} output paths given")
+    resolved = [Path(p).resolve() for p in paths]
+    duplicate = next((p for p in resolved if resolved.count(p) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"output path {duplicate} is given twice")
     return [check_writable(p, overwrite) for p in paths]
 
 
@@ -83,7 +93,7 @@ def build_models(
                 {} if path is None else SafetensorsWriter(path, specs, metadata, overwrite)
             )
         for key in _progress(list(specs), desc):
-            theta0 = pretrained[key]
+            theta0 = pretrained[key].detach()
             if key in merged:
                 delta = delta_of(key)
                 for sink, factor in zip(sinks, scaling_factors, strict=True):
@@ -101,7 +111,7 @@ def build_models(
 
 
 def single_or_list(results: list, scaling_factor) -> StateDict | list:
-    return results[0] if isinstance(scaling_factor, (int, float)) else results
+    return results[0] if is_single(scaling_factor) else results
 
 
 # --- Task Arithmetic -------------------------------------------------------------------
@@ -169,17 +179,22 @@ def _gradient_checkpoints(pool: ModelPool, gradient_stats) -> dict[str, Mapping]
 
 
 def _conflict_and_sum(pool: ModelPool, key: str, gradients) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ω and Σ τt of one parameter, reading each task once."""
+    """Ω (in float32, where the threshold is selected and compared) and Σ τt of one parameter."""
     pretrained = pool.pretrained_tensor(key)
     tau_sum = torch.zeros_like(pretrained)
 
     def pairs():
         for task, tau in zip(pool.tasks, pool.task_vectors(key, pretrained), strict=True):
             tau_sum.add_(tau)
-            grad = tau.abs() if gradients is None else gradients[task][key].to(tau.dtype)
+            if gradients is None:
+                yield tau.abs(), tau
+                continue
+            grad = gradients[task][key].detach().to(tau.dtype)
+            if not torch.isfinite(grad).all():
+                raise ValueError(f"gradient statistics of {task!r} have NaN or Inf at {key!r}")
             yield grad, tau
 
-    omega = conflict(pairs())
+    omega = conflict(pairs()).to(torch.float32)
     return omega, tau_sum
 
 

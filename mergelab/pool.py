@@ -58,12 +58,12 @@ class ModelPool:
         return torch.promote_types(self.specs[key].dtype, torch.float32)
 
     def pretrained_tensor(self, key: str) -> torch.Tensor:
-        return self.pretrained[key].to(self.compute_dtype(key))
+        return self.pretrained[key].detach().to(self.compute_dtype(key))
 
     def task_vectors(self, key: str, pretrained: torch.Tensor) -> Iterator[torch.Tensor]:
         """τt = θt − θ0 for each task in order, one at a time, finite or an error naming it."""
         for task, checkpoint in self.finetuned.items():
-            tau = checkpoint[key].to(pretrained.dtype) - pretrained
+            tau = checkpoint[key].detach().to(pretrained.dtype) - pretrained
             if not torch.isfinite(tau).all():
                 raise ValueError(f"task vector of {task!r} has NaN or Inf values at {key!r}")
             yield tau

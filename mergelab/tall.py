@@ -41,7 +41,8 @@ FORMAT = "mergelab.tall_masks/1"
 
 
 def _lambda_name(lam: float) -> str:
-    return f"{lam:g}"
+    """λ as stored in keys: the shortest repr that reads back as the same float."""
+    return repr(float(lam))
 
 
 def mtl_key(key: str) -> str:
@@ -107,6 +108,8 @@ class TallMasks:
         for lam in lambdas:
             if lam <= 0:
                 raise ValueError(f"TALL mask λ must be > 0, got {lam}")
+        if len(set(lambdas)) != len(lambdas):
+            raise ValueError(f"a TALL λ is listed twice: {lambdas}")
         if ties is not None and not 0 < ties <= 1:
             raise ValueError(f"ties (share of each task vector kept) must be in (0, 1], got {ties}")
         if output is not None:
