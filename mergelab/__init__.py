@@ -4,7 +4,13 @@ The merge API needs only torch and safetensors; the Lightning parts import on us
 """
 
 from mergelab.io.checkpoints import SafetensorsCheckpoint, open_checkpoint, save_state_dict
-from mergelab.merge import TrustRegionVector, task_arithmetic, trust_region, trust_region_vector
+from mergelab.merge import (
+    TrustRegionVector,
+    task_arithmetic,
+    task_arithmetic_vector,
+    trust_region,
+    trust_region_vector,
+)
 from mergelab.pool import ModelPool
 from mergelab.tall import DEFAULT_LAMBDAS, TallMasks, consensus_merge
 
@@ -18,6 +24,7 @@ __all__ = [
     "open_checkpoint",
     "save_state_dict",
     "task_arithmetic",
+    "task_arithmetic_vector",
     "trust_region",
     "trust_region_vector",
 ]

@@ -8,35 +8,38 @@ built from the untouched θ0, so a list of factors gives independent models.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from mergelab.io.checkpoints import (
+    SafetensorsCheckpoint,
     SafetensorsWriter,
     check_writable,
     open_checkpoint,
+    read_into,
     tensor_spec,
 )
 from mergelab.merging.quantile import RadixSelect, quantile_rank
-from mergelab.merging.task_arithmetic import apply_task_vector, task_vector_sum
-from mergelab.merging.trust_region import conflict, trust_region_mask
+from mergelab.merging.task_arithmetic import apply_task_vector
+from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
 from mergelab.pool import CheckpointSource, ModelPool
+from mergelab.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
 
-def _progress(items: Sequence, desc: str) -> Iterable:
+def progress(items: Sequence, desc: str) -> Iterable:
+    """A progress bar over parameters (shown on a terminal only)."""
     return tqdm(items, desc=desc, unit="param", leave=False, disable=None)
 
 
@@ -78,11 +81,14 @@ def build_models(
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
     desc: str = "merge",
+    consume: bool = False,
 ) -> list[StateDict | Path]:
     """θ0 + λ·δ for each λ, streamed key by key into memory or into safetensors files.
 
     ``delta_of(key)`` gives the merged task vector δ of a key in ``merged_keys``, which is
-    computed once for all λ; the other keys of θ0 are copied.
+    computed once for all λ; the other keys of θ0 are copied. The last model is built in
+    the storage of δ if ``consume`` allows overwriting it, else of θ0 where θ0 was read
+    from a file (a tensor of our own), so that no further tensor is allocated.
     """
     merged = frozenset(merged_keys)
     specs = {key: tensor_spec(pretrained, key) for key in pretrained}
@@ -92,12 +98,17 @@ def build_models(
             sinks.append(
                 {} if path is None else SafetensorsWriter(path, specs, metadata, overwrite)
             )
-        for key in _progress(list(specs), desc):
+        last = len(sinks) - 1
+        own_pretrained = isinstance(pretrained, SafetensorsCheckpoint)
+        for key in progress(list(specs), desc):
             theta0 = pretrained[key].detach()
             if key in merged:
                 delta = delta_of(key)
-                for sink, factor in zip(sinks, scaling_factors, strict=True):
-                    sink[key] = apply_task_vector(theta0, delta, factor)
+                for i, (sink, factor) in enumerate(zip(sinks, scaling_factors, strict=True)):
+                    reuse = None
+                    if i == last and isinstance(sink, dict):
+                        reuse = delta if consume else theta0 if own_pretrained else None
+                    sink[key] = apply_task_vector(theta0, delta, factor, out=reuse)
             else:
                 for sink in sinks:
                     sink[key] = theta0.clone()
@@ -117,9 +128,18 @@ def single_or_list(results: list, scaling_factor) -> StateDict | list:
 # --- Task Arithmetic -------------------------------------------------------------------
 
 
-def task_arithmetic_delta(pool: ModelPool, key: str) -> torch.Tensor:
-    """δ = Σt τt of one merged parameter."""
-    return task_vector_sum(pool.task_vectors(key, pool.pretrained_tensor(key)))
+def task_arithmetic_delta(pool: ModelPool, key: str, workspace: Workspace) -> torch.Tensor:
+    """δ = Σt τt of one merged parameter (a new tensor)."""
+    delta = torch.empty(pool.specs[key].numel, dtype=pool.compute_dtype(key))
+    for part, taus in pool.task_vector_chunks(key, workspace):
+        pool.check_finite(key, taus, torch.sum(taus, 0, out=delta[part]))
+    return delta.view(pool.specs[key].shape)
+
+
+def task_arithmetic_vector(pool: ModelPool) -> StateDict:
+    """δ = Σt τt for every merged parameter (the merged model is θ0 + λ·δ)."""
+    workspace = Workspace()
+    return {key: task_arithmetic_delta(pool, key, workspace) for key in pool.merged_keys}
 
 
 def task_arithmetic(
@@ -137,15 +157,16 @@ def task_arithmetic(
     pool = ModelPool(pretrained, finetuned)
     factors = as_factor_list(scaling_factor, "scaling_factor")
     outputs = output_paths(output, len(factors), overwrite)
-    delta_of = functools.partial(task_arithmetic_delta, pool)
+    workspace = Workspace()
     results = build_models(
         pool.pretrained,
         pool.merged_keys,
-        delta_of,
+        lambda key: task_arithmetic_delta(pool, key, workspace),
         factors,
         outputs,
         overwrite,
         desc="task arithmetic",
+        consume=True,
     )
     return single_or_list(results, scaling_factor)
 
@@ -159,7 +180,7 @@ class TrustRegionVector:
 
     delta: StateDict
     threshold: float
-    kept: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int]
 
     def density(self) -> dict[str, float]:
         """Share of coordinates kept, per parameter."""
@@ -178,24 +199,144 @@ def _gradient_checkpoints(pool: ModelPool, gradient_stats) -> dict[str, Mapping]
     return stats
 
 
-def _conflict_and_sum(pool: ModelPool, key: str, gradients) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ω (in float32, where the threshold is selected and compared) and Σ τt of one parameter."""
-    pretrained = pool.pretrained_tensor(key)
-    tau_sum = torch.zeros_like(pretrained)
+def _conflict_chunks(
+    pool: ModelPool, key: str, gradients, workspace: Workspace, every: int = 1
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(flat slice, τ block, Ω in float32) over one parameter, chunk by chunk (every
+    ``every``-th chunk only, for a sample)."""
+    for part, taus in pool.task_vector_chunks(key, workspace, every):
+        scratch = workspace.get("scratch", taus.shape, taus.dtype)
+        if gradients is None:
+            omega = zero_shot_conflict(taus, scratch)
+        else:
+            grads = workspace.get("gradients", taus.shape, taus.dtype)
+            for task, row in zip(pool.tasks, grads, strict=True):
+                read_into(gradients[task], key, row, part.start, part.stop)
+                if not torch.isfinite(row).all():
+                    raise ValueError(f"gradient statistics of {task!r} have NaN or Inf at {key!r}")
+            omega = conflict(grads, taus, scratch)
+        omega = omega.to(torch.float32)
+        pool.check_finite(key, taus, omega)
+        yield part, taus, omega
 
-    def pairs():
-        for task, tau in zip(pool.tasks, pool.task_vectors(key, pretrained), strict=True):
-            tau_sum.add_(tau)
-            if gradients is None:
-                yield tau.abs(), tau
-                continue
-            grad = gradients[task][key].detach().to(tau.dtype)
-            if not torch.isfinite(grad).all():
-                raise ValueError(f"gradient statistics of {task!r} have NaN or Inf at {key!r}")
-            yield grad, tau
 
-    omega = conflict(pairs()).to(torch.float32)
-    return omega, tau_sum
+def _select(values: torch.Tensor, rank: int) -> float:
+    """The ``rank``-th smallest (0-based) of a tensor, by radix select in slices (so that
+    the temporaries stay small)."""
+    select = RadixSelect(rank, values.numel())
+    for _ in range(2):
+        for part in values.split(1 << 20):
+            select.observe(part)
+        if select.bucket is None:
+            select.next_pass()
+    return select.value
+
+
+# Share of each parameter's chunks whose Ω estimates where the threshold will fall.
+SAMPLE_EVERY = 16
+
+
+def _conflict_floor(pool: ModelPool, gradients, q: float, workspace: Workspace) -> float:
+    """A value of Ω that the threshold is all but certain to exceed: the sample quantile
+    at 1 − 3(1 − q), so that about 3(1 − q) of all coordinates lie at or above it."""
+    size = sum(
+        min(pool.chunk, pool.specs[key].numel - start)
+        for key in pool.merged_keys
+        for start in range(0, pool.specs[key].numel, pool.chunk * SAMPLE_EVERY)
+    )
+    values, filled = torch.empty(size), 0
+    for key in pool.merged_keys:
+        for _, _, omega in _conflict_chunks(pool, key, gradients, workspace, SAMPLE_EVERY):
+            values[filled : filled + omega.numel()] = omega
+            filled += omega.numel()
+    low = max(0.0, 1 - 3 * (1 - q))
+    return _select(values, min(quantile_rank(low, size), size - 1))
+
+
+def _one_pass_trust_region(
+    pool: ModelPool, gradients, rank: int, floor: float, delta: StateDict, workspace: Workspace
+) -> tuple[float, dict[str, int]] | None:
+    """δ and the exact threshold from one pass, or None if that needs a second one.
+
+    Every coordinate with Ω ≥ ``floor`` is stored (index and Ω); all others are kept.
+    When the wanted rank falls among the stored ones, they alone decide the threshold.
+    """
+    total = pool.num_merged_params
+    budget = max(total // 16, 1 << 20)
+    # preallocated (pages are touched only as filled): many small kept tensors between the
+    # per-block temporaries would fragment the heap
+    positions = torch.empty(budget, dtype=torch.int64)
+    omegas = torch.empty(budget, dtype=torch.float32)
+    ranges: dict[str, tuple[int, int]] = {}
+    count = 0
+    for key in progress(pool.merged_keys, "trust region: merge"):
+        flat, first = delta[key].view(-1), count
+        for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
+            torch.sum(taus, 0, out=flat[part])
+            index = (omega >= floor).nonzero().squeeze(1)
+            if count + index.numel() > budget:
+                return None
+            torch.add(index, part.start, out=positions[count : count + index.numel()])
+            torch.index_select(omega, 0, index, out=omegas[count : count + index.numel()])
+            count += index.numel()
+        ranges[key] = (first, count)
+    below = total - count
+    if rank < below:
+        return None
+    threshold = _select(omegas[:count], rank - below)
+    kept = {}
+    for key, (first, last) in ranges.items():
+        drop = positions[first:last][~trust_region_mask(omegas[first:last], threshold)]
+        delta[key].view(-1)[drop] = 0
+        kept[key] = pool.specs[key].numel - drop.numel()
+    return threshold, kept
+
+
+def _two_pass_trust_region(
+    pool: ModelPool, gradients, rank: int, delta: StateDict, workspace: Workspace
+) -> tuple[float, dict[str, int]]:
+    """δ and the exact threshold by radix select over two passes: the first counts Ω into
+    buckets, the second keeps what lies below the threshold's bucket, drops what lies
+    above, and stores the coordinates inside it (or recomputes their parameter, should
+    they be unusually many) to settle once the threshold is pinned."""
+    total = pool.num_merged_params
+    select = RadixSelect(rank, total)
+    for key in progress(pool.merged_keys, "trust region: conflicts"):
+        for _, _, omega in _conflict_chunks(pool, key, gradients, workspace):
+            select.observe(omega)
+    select.next_pass()
+    kept: dict[str, int] = {}
+    undecided: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    revisit: list[str] = []
+    budget = max(total // 64, 1 << 20)
+    for key in progress(pool.merged_keys, "trust region: merge"):
+        flat = delta[key].view(-1)
+        kept[key] = 0
+        for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
+            buckets = select.observe(omega)
+            block = torch.sum(taus, 0, out=flat[part])
+            block.masked_fill_(buckets > select.bucket, 0)
+            kept[key] += int((buckets < select.bucket).sum())
+            inside = (buckets == select.bucket).nonzero().squeeze(1)
+            if inside.numel() and key not in revisit and budget >= inside.numel():
+                budget -= inside.numel()
+                undecided.setdefault(key, []).append((inside + part.start, omega[inside]))
+            elif inside.numel() and key not in revisit:
+                revisit.append(key)
+    threshold = select.value
+    for key in revisit:
+        undecided.pop(key, None)
+        flat, kept[key] = delta[key].view(-1), 0
+        for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
+            keep = trust_region_mask(omega, threshold)
+            torch.sum(taus, 0, out=flat[part]).masked_fill_(~keep, 0)
+            kept[key] += int(keep.sum())
+    for key, parts in undecided.items():
+        for index, omega in parts:
+            keep = trust_region_mask(omega, threshold)
+            delta[key].view(-1)[index[~keep]] = 0
+            kept[key] += int(keep.sum())
+    return threshold, kept
 
 
 def trust_region_vector(
@@ -203,16 +344,18 @@ def trust_region_vector(
     threshold_quantile: float = 0.99,
     gradient_stats: Mapping[str, CheckpointSource] | None = None,
 ) -> TrustRegionVector:
-    """The trust-region merged task vector, found in two streamed passes over the models.
+    """The trust-region merged task vector, streamed block by block over the models.
 
-    Ω (see :func:`mergelab.merging.trust_region.conflict`) is computed per parameter
-    and never held for the whole model. Pass one counts Ω into a radix histogram; pass
-    two pins the exact threshold, the ⌊q·n⌋-th smallest Ω (0-based) over all n merged
-    coordinates, and builds δ. Coordinates with Ω strictly below the threshold are kept,
-    so ties at the threshold are dropped; with distinct values exactly ⌊q·n⌋ are kept.
-    q = 1 keeps everything (plain Task Arithmetic). Coordinates in the threshold's
-    histogram bucket are settled after pass two from their stored Ω values; should they
-    be unusually many, their parameters are recomputed instead.
+    Ω (see :mod:`mergelab.merging.trust_region`) is never held for the whole model. The
+    threshold is the ⌊q·n⌋-th smallest Ω (0-based) over all n merged coordinates,
+    compared in float32, found exactly without a sort: a sample of 1/16 of the blocks
+    places a floor well below it; one pass then builds δ = Σ τ and stores only the
+    coordinates with Ω above the floor (about 4(1 − q) of them), among which the
+    threshold is selected and the dropped coordinates zeroed. Should the floor turn out
+    too high, or too many coordinates lie above it, a two-pass radix select over the
+    models takes over. Kept means Ω strictly below the threshold, so ties at the
+    threshold are dropped; with distinct values exactly ⌊q·n⌋ are kept. q = 1 keeps
+    everything (plain Task Arithmetic).
     """
     if not 0 < threshold_quantile <= 1:
         raise ValueError(f"threshold_quantile must be in (0, 1], got {threshold_quantile}")
@@ -220,42 +363,23 @@ def trust_region_vector(
     gradients = _gradient_checkpoints(pool, gradient_stats)
     total = pool.num_merged_params
     rank = quantile_rank(threshold_quantile, total)
+    workspace = Workspace()
     if rank >= total:
-        delta = {key: task_arithmetic_delta(pool, key) for key in pool.merged_keys}
+        delta = task_arithmetic_vector(pool)
         return TrustRegionVector(delta, math.inf, {k: d.numel() for k, d in delta.items()})
 
-    select = RadixSelect(rank, total)
-    for key in _progress(pool.merged_keys, "trust region: conflicts"):
-        select.observe(_conflict_and_sum(pool, key, gradients)[0])
-    select.next_pass()
-
-    delta: StateDict = {}
-    kept: dict[str, int] = {}
-    undecided: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    revisit: list[str] = []
-    budget = max(total // 16, 1 << 20)  # stored coordinates of the threshold's bucket
-    for key in _progress(pool.merged_keys, "trust region: merge"):
-        omega, tau_sum = _conflict_and_sum(pool, key, gradients)
-        buckets = select.observe(omega).reshape(omega.shape)
-        delta[key] = tau_sum.masked_fill_(buckets > select.bucket, 0)
-        kept[key] = int((buckets < select.bucket).sum())
-        index = (buckets.reshape(-1) == select.bucket).nonzero().squeeze(1)
-        if index.numel() and budget >= index.numel():
-            budget -= index.numel()
-            undecided[key] = (index, omega.reshape(-1)[index])
-        elif index.numel():
-            revisit.append(key)
-    threshold = select.value
-
-    for key, (index, omega) in undecided.items():
-        keep = trust_region_mask(omega, threshold)
-        delta[key].view(-1)[index[~keep]] = 0
-        kept[key] += int(keep.sum())
-    for key in revisit:
-        omega, tau_sum = _conflict_and_sum(pool, key, gradients)
-        keep = trust_region_mask(omega, threshold)
-        delta[key] = tau_sum.masked_fill_(~keep, 0)
-        kept[key] = int(keep.sum())
+    # δ is allocated before any transient tensor so that the allocator does not interleave
+    # them: freed transients would otherwise leave the heap fragmented around δ
+    delta: StateDict = {
+        key: torch.empty(pool.specs[key].shape, dtype=pool.compute_dtype(key))
+        for key in pool.merged_keys
+    }
+    floor = _conflict_floor(pool, gradients, threshold_quantile, workspace)
+    found = _one_pass_trust_region(pool, gradients, rank, floor, delta, workspace)
+    if found is None:
+        log.info("trust region: the sampled floor missed; selecting in two passes")
+        found = _two_pass_trust_region(pool, gradients, rank, delta, workspace)
+    threshold, kept = found
     result = TrustRegionVector(delta, threshold, kept)
     log.info(
         "trust region: threshold %.6g at quantile %g, %.4f%% of coordinates kept",
@@ -286,6 +410,13 @@ def trust_region(
     outputs = output_paths(output, len(factors), overwrite)
     merged = trust_region_vector(pool, threshold_quantile, gradient_stats)
     results = build_models(
-        pool.pretrained, pool.merged_keys, merged.delta.__getitem__, factors, outputs, overwrite
+        pool.pretrained,
+        pool.merged_keys,
+        merged.delta.__getitem__,
+        factors,
+        outputs,
+        overwrite,
+        desc="trust region: models",
+        consume=True,
     )
     return single_or_list(results, scaling_factor)

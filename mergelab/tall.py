@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from mergelab.io.checkpoints import (
     SafetensorsCheckpoint,
@@ -27,13 +26,20 @@ from mergelab.io.checkpoints import (
     save_state_dict,
     tensor_spec,
 )
-from mergelab.merge import StateDict, as_factor_list, build_models, output_paths, single_or_list
+from mergelab.merge import (
+    StateDict,
+    as_factor_list,
+    build_models,
+    output_paths,
+    progress,
+    single_or_list,
+)
 from mergelab.merging.consensus import consensus_mask
 from mergelab.merging.quantile import RadixSelect
 from mergelab.merging.tall_masks import apply_mask, pack_mask, tall_masks, unpack_mask
-from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.ties import ties_rank, ties_vector
 from mergelab.pool import CheckpointSource, ModelPool
+from mergelab.workspace import Workspace
 
 # The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -60,12 +66,13 @@ def _ties_thresholds(pool: ModelPool, keep_fraction: float) -> list[float]:
     if rank < 0:
         return [-math.inf] * len(pool.tasks)
     selects = [RadixSelect(rank, total) for _ in pool.tasks]
+    workspace = Workspace()
     for desc in ("TIES: magnitudes", "TIES: thresholds"):
-        for key in tqdm(pool.merged_keys, desc=desc, unit="param", leave=False, disable=None):
-            for select, tau in zip(
-                selects, pool.task_vectors(key, pool.pretrained_tensor(key)), strict=True
-            ):
-                select.observe(tau.abs())
+        for key in progress(pool.merged_keys, desc):
+            for _, taus in pool.task_vector_chunks(key, workspace):
+                pool.check_finite(key, taus, taus.sum(0))
+                for select, tau in zip(selects, taus, strict=True):
+                    select.observe(tau.abs())
         if selects[0].bucket is None:
             for select in selects:
                 select.next_pass()
@@ -137,22 +144,34 @@ class TallMasks:
             if output is None
             else SafetensorsWriter(output, specs, {"mergelab": json.dumps(info)}, overwrite)
         )
+        workspace = Workspace()
         try:
-            for key in tqdm(
-                pool.merged_keys, desc="TALL masks", unit="param", leave=False, disable=None
-            ):
-                taus = list(pool.task_vectors(key, pool.pretrained_tensor(key)))
-                mtl = task_vector_sum(taus) if thresholds is None else ties_vector(taus, thresholds)
-                sink[mtl_key(key)] = mtl
-                for task, tau in zip(pool.tasks, taus, strict=True):
-                    for lam, mask in zip(lambdas, tall_masks(tau, mtl, lambdas), strict=True):
-                        sink[mask_key(task, lam, key)] = pack_mask(mask)
+            for key in progress(pool.merged_keys, "TALL masks"):
+                spec = pool.specs[key]
+                mtl = torch.empty(spec.numel, dtype=pool.compute_dtype(key))
+                packed = torch.empty(
+                    len(lambdas), len(pool.tasks), (spec.numel + 7) // 8, dtype=torch.uint8
+                )
+                for part, taus in pool.task_vector_chunks(key, workspace):
+                    block = mtl[part]
+                    pool.check_finite(key, taus, torch.sum(taus, 0, out=block))
+                    if thresholds is not None:
+                        block.copy_(ties_vector(taus, thresholds))
+                    # chunks start at multiples of 8, so packed chunks concatenate exactly
+                    start = part.start // 8
+                    for rows, masks in zip(packed, tall_masks(taus, block, lambdas), strict=True):
+                        bits = pack_mask(masks)
+                        rows[:, start : start + bits.shape[1]] = bits
+                sink[mtl_key(key)] = mtl.view(spec.shape)
+                for t, task in enumerate(pool.tasks):
+                    for lam, rows in zip(lambdas, packed, strict=True):
+                        sink[mask_key(task, lam, key)] = rows[t]
         except BaseException:
             if isinstance(sink, SafetensorsWriter):
                 sink.abort()
             raise
         if isinstance(sink, SafetensorsWriter):
-            return cls.load(sink.close())
+            return cls(SafetensorsCheckpoint(sink.close()), info)
         return cls(sink, info)
 
     @classmethod
@@ -202,7 +221,17 @@ class TallMasks:
         return unpack_mask(self.store[mask_key(task, lam, key)], self.shapes[key])
 
     def multitask_vector(self, key: str) -> torch.Tensor:
-        return self.store[mtl_key(key)]
+        """τMTL of one parameter, a tensor of the caller's own (safe to modify)."""
+        return self._masked(key, None, Workspace()).clone()
+
+    def _masked(self, key: str, mask: torch.Tensor | None, workspace: Workspace) -> torch.Tensor:
+        """m ⊙ τMTL (τMTL itself for no mask) of one parameter, as a workspace view."""
+        out = workspace.get("masked", self.shapes[key], tensor_spec(self.store, mtl_key(key)).dtype)
+        if isinstance(self.store, SafetensorsCheckpoint):
+            source = self.store.read_into(mtl_key(key), out)
+        else:
+            source = self.store[mtl_key(key)]
+        return out.copy_(source) if mask is None else apply_mask(source, mask, out)
 
     def density(self, task: str, lam: float | None = None) -> dict[str, float]:
         """Share of each parameter's coordinates that task's mask keeps."""
@@ -241,11 +270,15 @@ class TallMasks:
         self._check_pretrained(pretrained)
         [path] = output_paths(output, 1, overwrite)
 
-        def delta_of(key: str) -> torch.Tensor:
-            return apply_mask(self.multitask_vector(key), self.mask(task, lam, key))
-
+        workspace = Workspace()
         [model] = build_models(
-            pretrained, self.shapes, delta_of, [1.0], [path], overwrite, desc=f"retrieve {task}"
+            pretrained,
+            self.shapes,
+            lambda key: self._masked(key, self.mask(task, lam, key), workspace),
+            [1.0],
+            [path],
+            overwrite,
+            desc=f"retrieve {task}",
         )
         return model
 
@@ -270,10 +303,11 @@ class TallMasks:
         if k < 0:
             raise ValueError(f"consensus k must be ≥ 0, got {k}")
         per_task = {task: self.lambda_for(task, (lambdas or {}).get(task)) for task in self.tasks}
+        workspace = Workspace()
 
         def delta_of(key: str) -> torch.Tensor:
             masks = (self.mask(task, lam, key) for task, lam in per_task.items())
-            return apply_mask(self.multitask_vector(key), consensus_mask(masks, k))
+            return self._masked(key, consensus_mask(masks, k), workspace)
 
         return delta_of
 
@@ -293,7 +327,13 @@ class TallMasks:
         outputs = output_paths(output, len(factors), overwrite)
         delta_of = self.consensus_delta_fn(k, lambdas)
         results = build_models(
-            pretrained, self.shapes, delta_of, factors, outputs, overwrite, desc="consensus"
+            pretrained,
+            self.shapes,
+            delta_of,
+            factors,
+            outputs,
+            overwrite,
+            desc="consensus",
         )
         return single_or_list(results, scaling_factor)
 

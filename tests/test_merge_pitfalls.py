@@ -475,3 +475,37 @@ def test_models_keep_their_dtype_and_merge_in_at_least_float32(dtype):
         consensus_merge(pre, fts, k=2, scaling_factor=0.5),
         _cast(naive.consensus(c_pre, mtl, chosen, 2, 0.5), dtype),
     )
+
+
+@pytest.mark.parametrize("quantile", [0.3, 0.8, 0.99])
+def test_block_boundaries_do_not_change_results(monkeypatch, quantile):
+    """Parameters spanning many small blocks (and a block size that leaves partial ones)
+    give exactly the naive results, through the one-pass and the two-pass selection."""
+    monkeypatch.setattr(ModelPool, "chunk", 16)
+    fam = make_family(5, [(9, 13), (70,), (3, 5, 7)], num_tasks=3, integer=True, buffer_at=0)
+    pre, fts, grads = fam.pretrained, fam.finetuned, fam.gradients
+    for gradients in (None, grads):
+        merged = trust_region(pre, fts, 0.5, threshold_quantile=quantile, gradient_stats=gradients)
+        assert_states_equal(merged, naive.trust_region(pre, fts, 0.5, quantile, gradients))
+    assert_states_equal(task_arithmetic(pre, fts, 0.5), naive.task_arithmetic(pre, fts, 0.5))
+    masks = TallMasks.build(pre, fts, lambdas=LAMBDA_GRID, ties=0.2)
+    mtl = naive.ties_multitask_vector(pre, fts, 0.2)
+    expected = naive.tall_masks(pre, fts, LAMBDA_GRID, mtl)
+    for task in fts:
+        for lam in LAMBDA_GRID:
+            for key in expected[task][lam]:
+                assert torch.equal(masks.mask(task, lam, key), expected[task][lam][key])
+        retrieved = masks.retrieve(pre, task, 0.4)
+        assert_states_equal(retrieved, naive.retrieve(pre, mtl, expected[task][0.4]))
+
+
+def test_two_pass_selection_takes_over_when_the_sampled_floor_misses(monkeypatch):
+    """A floor above the true threshold (as a misleading sample would give) still ends in
+    the exact result, through the two-pass radix select."""
+    import mergelab.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "_conflict_floor", lambda *args: float("inf"))
+    fam = make_family(8, [(40, 30), (25,)], num_tasks=4, integer=True)
+    merged = trust_region(fam.pretrained, fam.finetuned, 0.3, threshold_quantile=0.9)
+    expected = naive.trust_region(fam.pretrained, fam.finetuned, 0.3, 0.9)
+    assert_states_equal(merged, expected)

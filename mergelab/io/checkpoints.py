@@ -53,9 +53,10 @@ class TensorSpec(NamedTuple):
 class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
     """A read-only, lazy state dict backed by a ``.safetensors`` file.
 
-    The file is opened for each read and closed right after, so memory-mapped pages of
-    tensors already used do not stay resident: a loop over all parameters of several
-    checkpoints holds only the tensors it keeps.
+    The header is checked once with the safetensors library; each tensor is then read
+    with one positioned read into a fresh (or a caller's) tensor. Nothing is memory
+    mapped, so tensors already used do not stay resident: a loop over all parameters of
+    several checkpoints holds only the tensors it keeps.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -69,19 +70,66 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
                 for key in f.keys():  # noqa: SIM118 -- safe_open is not iterable
                     view = f.get_slice(key)
                     specs[key] = TensorSpec(tuple(view.get_shape()), _CODE_DTYPES[view.get_dtype()])
+            with open(self.path, "rb") as f:
+                (header_size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_size))
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{self.path}: not a readable safetensors file ({err})") from err
         self._specs = specs
+        self._offsets = {k: 8 + header_size + header[k]["data_offsets"][0] for k in specs}
+        self._fd: int | None = None
+
+    def _descriptor(self) -> int:
+        """One read-only descriptor, opened on first read (a merge reads each file often)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def spec(self, key: str) -> TensorSpec:
         return self._specs[key]
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def read_into(
+        self, key: str, out: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Read the flat elements [start, stop) of ``key`` into ``out`` (converted if the
+        dtypes differ); all of it by default."""
+        spec = self._spec_of(key)
+        stop = spec.numel if stop is None else stop
+        if out.numel() != stop - start or not 0 <= start <= stop <= spec.numel:
+            raise ValueError(
+                f"{self.path}: cannot read elements {start}:{stop} of {key!r} "
+                f"({spec.numel} values) into {out.numel()}"
+            )
+        target = out if out.dtype == spec.dtype and out.is_contiguous() else None
+        buffer = target if target is not None else torch.empty(stop - start, dtype=spec.dtype)
+        if stop > start:
+            view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
+            offset = self._offsets[key] + start * buffer.element_size()
+            if os.preadv(self._descriptor(), [view], offset) != view.nbytes:
+                raise ValueError(f"{self.path}: truncated data for {key!r}")
+        if target is None:
+            out.copy_(buffer.reshape(out.shape))
+        return out
+
+    def _spec_of(self, key: str) -> TensorSpec:
         if key not in self._specs:
             raise KeyError(f"{key!r} is not in {self.path}")
-        with safe_open(self.path, framework="pt") as f:
-            # clone: the tensor must not keep the file's memory map alive
-            return f.get_tensor(key).clone()
+        return self._specs[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        spec = self._spec_of(key)
+        return self.read_into(key, torch.empty(spec.shape, dtype=spec.dtype))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._specs
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
@@ -91,6 +139,21 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
 
     def __repr__(self) -> str:
         return f"SafetensorsCheckpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def read_into(
+    checkpoint: Mapping[str, torch.Tensor],
+    key: str,
+    out: torch.Tensor,
+    start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """Flat elements [start, stop) of ``checkpoint[key]`` copied into ``out``; straight
+    from the file for safetensors."""
+    if isinstance(checkpoint, SafetensorsCheckpoint):
+        return checkpoint.read_into(key, out, start, stop)
+    flat = checkpoint[key].detach().reshape(-1)[start:stop]
+    return out.copy_(flat.reshape(out.shape))
 
 
 def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Mapping:
@@ -171,7 +234,8 @@ class SafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as upstream writes it
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 -- closed in close()/abort()
+        # unbuffered: each tensor goes to the file in one call, without a copy in between
+        self._file = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 -- closed in close()/abort()
         self._file.write(struct.pack("<Q", len(encoded)))
         self._file.write(encoded)
         self._next = 0
@@ -186,8 +250,9 @@ class SafetensorsWriter:
                 f"{self.path}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"declared {spec.shape} {spec.dtype}"
             )
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        while data.nbytes:
+            data = data[self._file.write(data) :]
         self._next += 1
 
     def close(self) -> Path:
@@ -195,8 +260,8 @@ class SafetensorsWriter:
             missing = self._order[self._next]
             self.abort()
             raise RuntimeError(f"{self.path}: closed before {missing!r} was written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        # no fsync: the rename keeps readers from ever seeing a partial file, which is the
+        # guarantee needed here; flushing to stable storage would cost as much as the writing
         self._file.close()
         os.replace(self._tmp, self.path)
         return self.path

@@ -14,26 +14,30 @@ import torch
 
 
 def tall_masks(
-    task_vector: torch.Tensor, multitask_vector: torch.Tensor, lambdas: Sequence[float]
+    task_vectors: torch.Tensor, multitask_vector: torch.Tensor, lambdas: Sequence[float]
 ) -> list[torch.Tensor]:
-    """mt of one parameter for each λ; strict '>' so a coordinate no task moves is dropped."""
-    own = task_vector.abs()
-    others = (multitask_vector - task_vector).abs()
-    return [own > lam * others for lam in lambdas]
+    """For each λ, the masks of all tasks of one parameter, [T, *shape] from τ stacked as
+    [T, *shape]; strict '>' so a coordinate no task moves is dropped."""
+    own = task_vectors.abs()
+    others = torch.sub(multitask_vector, task_vectors).abs_()
+    return [torch.gt(own, others * lam) for lam in lambdas]
 
 
-def apply_mask(vector: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """m ⊙ v; the retrieved model is θ0 + apply_mask(τMTL, mt)."""
-    return torch.where(mask, vector, 0)
+def apply_mask(
+    vector: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """m ⊙ v (into ``out`` if given); the retrieved model is θ0 + apply_mask(τMTL, mt)."""
+    return torch.mul(vector, mask, out=out)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as ⌈numel/8⌉ uint8 bytes, big-endian bit order as numpy.packbits."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
+    """A bool tensor's last dimension as ⌈size/8⌉ uint8 bytes, in numpy.packbits' big-endian
+    bit order (one row of bytes per row of the mask)."""
+    return torch.from_numpy(np.packbits(mask.numpy(), axis=-1))
 
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of :func:`pack_mask`."""
+    """The mask of ``shape`` packed flat by :func:`pack_mask`."""
     count = int(np.prod(shape, dtype=np.int64))
-    bits = np.unpackbits(packed.numpy(), count=count).astype(bool)
+    bits = np.unpackbits(packed.numpy(), count=count).view(bool)
     return torch.from_numpy(bits).reshape(shape)

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 
-def task_vector_sum(task_vectors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Σt τt, accumulated one task at a time so only one τ is alive besides the sum."""
-    total = None
-    for tau in task_vectors:
-        total = tau.clone() if total is None else total.add_(tau)
-    if total is None:
-        raise ValueError("no task vectors to sum")
-    return total
+def task_vector_sum(task_vectors: torch.Tensor) -> torch.Tensor:
+    """Σt τt from task vectors stacked as [T, *shape]."""
+    return task_vectors.sum(0)
 
 
 def apply_task_vector(
-    pretrained: torch.Tensor, task_vector: torch.Tensor, scaling_factor: float
+    pretrained: torch.Tensor,
+    task_vector: torch.Tensor,
+    scaling_factor: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """θ0 + λ·τ in a new tensor of θ0's dtype; θ0 itself is never modified."""
+    """θ0 + λ·τ in θ0's dtype.
+
+    ``out`` may be ``task_vector`` or ``pretrained`` itself, to compute in its storage
+    (overwriting it) when its dtype allows; otherwise the result is a new tensor. Either
+    way it is one multiply, then one add, each rounding once, so results agree to the bit
+    (torch.add(alpha=) may fuse them differently in vectorised and scalar loops).
+    """
     compute = torch.promote_types(pretrained.dtype, torch.float32)
-    merged = pretrained.to(compute) + scaling_factor * task_vector.to(compute)
-    return merged.to(pretrained.dtype)
+    scaled = task_vector if scaling_factor == 1 else None  # x·1 is x: skip the pass
+    if out is task_vector and task_vector.dtype == pretrained.dtype == compute:
+        merged = task_vector if scaled is not None else task_vector.mul_(scaling_factor)
+        return merged.add_(pretrained)
+    if scaled is None:
+        scaled = task_vector.to(compute) * scaling_factor
+    if out is pretrained and pretrained.dtype == compute:
+        return pretrained.add_(scaled)
+    return (scaled.to(compute) + pretrained.to(compute)).to(pretrained.dtype)

@@ -25,14 +25,11 @@ def ties_rank(keep_fraction: float, n: int) -> int:
     return n - quantile_rank(keep_fraction, n) - 1
 
 
-def ties_vector(task_vectors: Sequence[torch.Tensor], thresholds: Sequence[float]) -> torch.Tensor:
-    """The TIES-merged task vector of one parameter (sum of agreeing, trimmed entries)."""
-    trimmed = torch.stack(
-        [
-            torch.where(tau.abs() >= t, tau, 0)
-            for tau, t in zip(task_vectors, thresholds, strict=True)
-        ]
-    )
+def ties_vector(task_vectors: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """The TIES-merged task vector of one parameter from τ stacked as [T, *shape]."""
+    limits = torch.tensor(thresholds, dtype=task_vectors.dtype)
+    limits = limits.reshape(-1, *([1] * (task_vectors.dim() - 1)))
+    trimmed = torch.where(task_vectors.abs() >= limits, task_vectors, 0)
     elected = torch.where(trimmed.sum(0) >= 0, 1, -1).to(trimmed.dtype)
     agree = torch.sign(trimmed) == elected
     return torch.where(agree, trimmed, 0).sum(0)
