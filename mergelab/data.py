@@ -1,0 +1,183 @@
+"""One dataloader per task for train, validation and test, from hub datasets or local mirrors.
+
+The validation split is the protocol's (task_vectors, src/datasets/common.py): 10 % of
+the train split, at most 5000 samples, drawn with ``torch.randperm`` seeded with 0 as
+``random_split`` does; the remaining samples are the training split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mergelab.tasks import EIGHT_TASKS, TaskSpec, load_task
+
+VAL_FRACTION = 0.1
+MAX_VAL_SAMPLES = 5000
+SPLIT_SEED = 0
+
+
+def protocol_split(num_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of a train split of ``num_train`` samples."""
+    val_size = min(int(num_train * VAL_FRACTION), MAX_VAL_SAMPLES)
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return order[: num_train - val_size], order[num_train - val_size :]
+
+
+def load_split(task: TaskSpec, split: str, dataset_root: str | os.PathLike | None = None):
+    """A split of a task's dataset: a local folder, a mirror under ``dataset_root``, or the hub."""
+    import datasets
+
+    location = task.dataset
+    if dataset_root is not None and not Path(location).is_dir():
+        location = str(Path(dataset_root) / task.dataset)
+    try:
+        data = datasets.load_dataset(location, task.config, split=split)
+    except Exception as err:  # offline, unknown id, missing split: name what failed
+        where = "folder" if Path(location).is_dir() else "hub dataset"
+        raise FileNotFoundError(
+            f"task {task.name!r}: cannot load split {split!r} of {where} {location!r} "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    check_columns(task, data, split)
+    return data
+
+
+def check_columns(task: TaskSpec, data, split: str) -> None:
+    """The image and label columns exist and every label names a class of the task."""
+    for column in (task.image_column, task.label_column):
+        if column not in data.column_names:
+            raise ValueError(
+                f"task {task.name!r}: split {split!r} has no column {column!r} "
+                f"(columns: {data.column_names})"
+            )
+    labels = data.unique(task.label_column)
+    bad = [label for label in labels if not 0 <= int(label) < task.num_classes]
+    if bad:
+        raise ValueError(
+            f"task {task.name!r}: split {split!r} has label {bad[0]} outside its "
+            f"{task.num_classes} classes"
+        )
+
+
+class TaskSplit(Dataset):
+    """(image tensor, label) pairs of some rows of a hub dataset, preprocessed on access."""
+
+    def __init__(self, data, task: TaskSpec, indices: Sequence[int], transform: Callable):
+        self.data = data
+        self.task = task
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        row = self.data[self.indices[i]]
+        image = row[self.task.image_column].convert("RGB")
+        return self.transform(image), int(row[self.task.label_column])
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Train, validation and test dataloaders for each task, in the order of ``tasks``.
+
+    Args:
+        tasks: built-in task names or paths of task YAML files.
+        batch_size: images per batch.
+        num_workers: dataloader worker processes per loader.
+        max_samples: keep at most this many samples per task and split (a seeded random
+            subset), for quick runs; None keeps all.
+        dataset_root: a folder of local dataset mirrors in the hub layout
+            (``<root>/<org>/<name>/data/*.parquet``) used instead of the hub.
+        test_splits: the splits a test run scores, per task in this order; with
+            ``[val, test]`` the settings are picked on validation and reported on test.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str] = EIGHT_TASKS,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        max_samples: int | None = None,
+        dataset_root: str | None = None,
+        test_splits: Sequence[str] = ("test",),
+    ):
+        super().__init__()
+        unknown = [s for s in test_splits if s not in ("val", "test")]
+        if unknown or not test_splits:
+            raise ValueError(f"test_splits takes 'val' and 'test', got {test_splits}")
+        if max_samples is not None and max_samples <= 0:
+            raise ValueError(f"max_samples must be positive, got {max_samples}")
+        self.specs = [load_task(t) for t in tasks]
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a task is listed twice: {names}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_samples = max_samples
+        self.dataset_root = dataset_root
+        self.test_splits = list(test_splits)
+        self.transform_train: Callable | None = None
+        self.transform_eval: Callable | None = None
+        self._splits: dict[tuple[str, str], TaskSplit] = {}
+
+    @property
+    def task_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def set_transforms(self, train: Callable, evaluation: Callable) -> None:
+        self.transform_train, self.transform_eval = train, evaluation
+
+    def _cap(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.max_samples is None or len(indices) <= self.max_samples:
+            return indices
+        keep = torch.randperm(len(indices), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        return indices[keep[: self.max_samples].sort().values]
+
+    def split(self, task: TaskSpec, name: str) -> TaskSplit:
+        """The ``train``, ``val`` or ``test`` split of a task, loaded once."""
+        if (task.name, name) not in self._splits:
+            if self.transform_eval is None:
+                raise RuntimeError("TaskDataModule needs set_transforms() before loading data")
+            if name == "test":
+                data = load_split(task, task.test_split, self.dataset_root)
+                indices = torch.arange(len(data))
+            else:
+                data = load_split(task, task.train_split, self.dataset_root)
+                train, val = protocol_split(len(data))
+                indices = train if name == "train" else val
+            transform = self.transform_train if name == "train" else self.transform_eval
+            self._splits[task.name, name] = TaskSplit(data, task, self._cap(indices), transform)
+        return self._splits[task.name, name]
+
+    def plan(self, stage: str) -> list[tuple[str, str]]:
+        """(task, split) of each dataloader of a stage (``train``, ``val`` or ``test``)."""
+        splits = self.test_splits if stage == "test" else [stage]
+        return [(task.name, split) for task in self.specs for split in splits]
+
+    def _loaders(self, stage: str) -> list[DataLoader]:
+        by_name = {task.name: task for task in self.specs}
+        return [
+            DataLoader(
+                self.split(by_name[task], split),
+                batch_size=self.batch_size,
+                shuffle=split == "train",
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+            )
+            for task, split in self.plan(stage)
+        ]
+
+    def train_dataloader(self) -> list[DataLoader]:
+        return self._loaders("train")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._loaders("test")

@@ -1,0 +1,278 @@
+"""The Lightning evaluation loop: every weight variant of the image encoder on every task.
+
+A *variant* is one set of image-encoder weights: a merged model for one scaling factor,
+a task's TALL-retrieved model for one λ, the pretrained or a fine-tuned model. The
+:class:`~mergelab.callbacks.MergeCallback` attaches a :class:`Variants` provider before
+the loop starts; the module holds one encoder structure and runs each batch through
+every variant's weights with ``torch.func.functional_call``, so several settings are
+scored in one pass over the data. Variants that depend on the task (TALL, fine-tuned)
+are built when that task's first batch arrives and dropped after its last.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torchmetrics.classification import MulticlassAccuracy
+
+from mergelab.models.clip import load_clip, load_image_encoder
+from mergelab.models.heads import zero_shot_head
+from mergelab.pool import ModelPool
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Variants:
+    """Named encoder weights per task.
+
+    ``shared``: the same models for every task (chosen by average validation accuracy);
+    otherwise ``per_task(task)`` builds that task's models (chosen per task).
+    """
+
+    names: list[str]
+    shared: dict[str, StateDict] | None = None
+    per_task: Callable[[str], dict[str, StateDict]] | None = None
+    description: dict = field(default_factory=dict)
+
+    def for_task(self, task: str) -> dict[str, StateDict]:
+        return self.shared if self.shared is not None else self.per_task(task)
+
+    @property
+    def choose_per_task(self) -> bool:
+        return self.shared is None
+
+
+class MergeEvaluator(L.LightningModule):
+    """Scores image-encoder variants with frozen zero-shot heads.
+
+    Args:
+        model: open_clip architecture name (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, or a
+            registered config).
+        pretrained: open_clip pretrained tag (``openai``) or a local weights file.
+        finetuned: task name → fine-tuned image encoder: a hub id of a Hugging Face
+            CLIPVisionModel, a folder, or an open_clip state dict file.
+        finetuned_accuracy: each task's fine-tuned test accuracy, for the normalised
+            average: a mapping, or the results.json of a ``finetuned`` run.
+        cache_dir: where converted checkpoints and zero-shot heads are cached
+            (default $MERGELAB_CACHE or ~/.cache/mergelab).
+        model_config: an open_clip model config JSON registered before loading ``model``
+            (its file stem), for architectures open_clip does not ship.
+    """
+
+    def __init__(
+        self,
+        model: str = "ViT-B-32",
+        pretrained: str | None = "openai",
+        finetuned: dict[str, str] | None = None,
+        finetuned_accuracy: dict[str, float] | str | None = None,
+        cache_dir: str | None = None,
+        model_config: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.clip = load_clip(model, pretrained, cache_dir, model_config)
+        self.encoder = self.clip.model.visual
+        self.encoder.requires_grad_(False)
+        self.logit_scale = float(self.clip.model.logit_scale.exp())
+        self.finetuned_sources = dict(finetuned or {})
+        self.finetuned_accuracy = _reference_accuracy(finetuned_accuracy)
+        self.cache_dir = cache_dir
+        self.variants: Variants | None = None
+        self.results: dict = {}
+        self._heads: dict[str, torch.Tensor] = {}
+        self._plan: list[tuple[str, str]] = []
+        self._weights: tuple[str, dict[str, dict[str, torch.Tensor]]] | None = None
+        self._accuracy: dict[tuple[str, str, str], MulticlassAccuracy] = {}
+
+    # --- models -----------------------------------------------------------------------
+
+    @property
+    def datamodule(self):
+        return self.trainer.datamodule
+
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        return self.clip.visual_state_dict()
+
+    def model_pool(self, tasks: list[str]) -> ModelPool:
+        """θ0 and the fine-tuned encoders of ``tasks``, converted and checked up front."""
+        missing = [t for t in tasks if t not in self.finetuned_sources]
+        if missing:
+            raise KeyError(f"no fine-tuned model given for task {missing[0]!r} (model.finetuned)")
+        pretrained = self.pretrained_state()
+        finetuned = {
+            t: load_image_encoder(self.finetuned_sources[t], pretrained, self.cache_dir)
+            for t in tasks
+        }
+        return ModelPool(pretrained, finetuned)
+
+    def head(self, task: str) -> torch.Tensor:
+        """The frozen zero-shot head of a task, [num_classes, embed_dim]."""
+        return self._heads[task]
+
+    def setup(self, stage: str) -> None:
+        dm = self.datamodule
+        dm.set_transforms(self.clip.preprocess_train, self.clip.preprocess_val)
+        for spec in dm.specs:
+            if spec.name not in self._heads:
+                self._heads[spec.name] = zero_shot_head(self.clip, spec, self.cache_dir)
+
+    # --- evaluation loop --------------------------------------------------------------
+
+    def _start(self, stage: str) -> None:
+        if self.variants is None:
+            raise RuntimeError("no model variants to evaluate: add mergelab's MergeCallback")
+        self._plan = self.datamodule.plan(stage)
+        self._weights = None
+        self._accuracy = {
+            (name, task, split): top1(self._heads[task].shape[0]).to(self.device)
+            for task, split in self._plan
+            for name in self.variants.names
+        }
+        for task in {t for t, _ in self._plan}:
+            self._heads[task] = self._heads[task].to(self.device)
+
+    def _weights_for(self, task: str) -> dict[str, dict[str, torch.Tensor]]:
+        if self._weights is None or self._weights[0] != task:
+            self._weights = None  # drop the previous task's models before building these
+            models = self.variants.for_task(task)
+            on_device = {
+                name: {k: v.to(self.device) for k, v in weights.items()}
+                for name, weights in models.items()
+            }
+            self._weights = (task, on_device)
+        return self._weights[1]
+
+    def _step(self, batch, dataloader_idx: int) -> None:
+        task, split = self._plan[dataloader_idx]
+        images, labels = batch
+        head = self._heads[task]
+        for name, weights in self._weights_for(task).items():
+            features = functional_call(self.encoder, weights, (images,))
+            logits = self.logit_scale * F.normalize(features.float(), dim=-1) @ head.T
+            self._accuracy[name, task, split].update(logits, labels)
+
+    def on_test_start(self) -> None:
+        self._start("test")
+
+    def on_validation_start(self) -> None:
+        self._start("val")
+
+    @torch.no_grad()
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, dataloader_idx)
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def _finish(self, stage: str) -> None:
+        accuracy: dict[str, dict[str, dict[str, float]]] = {}
+        for (name, task, split), metric in self._accuracy.items():
+            accuracy.setdefault(name, {}).setdefault(split, {})[task] = float(metric.compute())
+        self._weights = None
+        self.results = summarize(
+            accuracy,
+            tasks=list(dict.fromkeys(t for t, _ in self._plan)),
+            stage=stage,
+            choose_per_task=self.variants.choose_per_task,
+            reference=self.finetuned_accuracy,
+        )
+        self.results["variants_description"] = self.variants.description
+        # straight to the loggers: self.log would file every metric under each dataloader
+        metrics = flat_metrics(self.results, stage)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+
+
+def top1(num_classes: int) -> MulticlassAccuracy:
+    """Top-1 accuracy over samples (torchmetrics' default would average over classes)."""
+    return MulticlassAccuracy(num_classes, average="micro")
+
+
+def _reference_accuracy(value: dict[str, float] | str | None) -> dict[str, float] | None:
+    """Fine-tuned accuracies given directly or read from a results.json."""
+    if value is None or isinstance(value, Mapping):
+        return dict(value) if value else None
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"finetuned_accuracy: {path} not found")
+    data = json.loads(path.read_text())
+    try:
+        return dict(data["headline"]["accuracy"])
+    except KeyError as err:
+        raise ValueError(f"finetuned_accuracy: {path} is not a mergelab results.json") from err
+
+
+def summarize(
+    accuracy: Mapping[str, Mapping[str, Mapping[str, float]]],
+    tasks: list[str],
+    stage: str,
+    choose_per_task: bool,
+    reference: Mapping[str, float] | None,
+) -> dict:
+    """The headline result: the variant(s) picked on validation, scored on ``stage``.
+
+    With validation scores in a test run, the pick is the variant with the best
+    validation accuracy, per task or on average over tasks; without them (a validation
+    run, or a single variant) every variant is reported and the first is the headline.
+    """
+    names = list(accuracy)
+    has_val = stage == "test" and all("val" in accuracy[n] for n in names)
+    if has_val and choose_per_task:
+        picked = {t: max(names, key=lambda n: accuracy[n]["val"][t]) for t in tasks}
+    elif has_val:
+        best = max(names, key=lambda n: sum(accuracy[n]["val"].values()))
+        picked = dict.fromkeys(tasks, best)
+    else:
+        picked = dict.fromkeys(tasks, names[0])
+    headline = {t: accuracy[picked[t]][stage][t] for t in tasks}
+    result = {
+        "stage": stage,
+        "tasks": tasks,
+        "accuracy": {n: dict(accuracy[n]) for n in names},
+        "picked": picked,
+        "picked_on": "val" if has_val else None,
+        "headline": {"accuracy": headline, "avg_acc": sum(headline.values()) / len(tasks)},
+    }
+    if reference:
+        missing = [t for t in tasks if t not in reference]
+        if missing:
+            raise KeyError(f"finetuned_accuracy has no entry for task {missing[0]!r}")
+        zero = [t for t in tasks if not reference[t] > 0]
+        if zero:
+            raise ValueError(f"finetuned_accuracy of task {zero[0]!r} is {reference[zero[0]]}")
+        normalized = {t: headline[t] / reference[t] for t in tasks}
+        result["headline"]["normalized_accuracy"] = normalized
+        result["headline"]["avg_normalized_acc"] = sum(normalized.values()) / len(tasks)
+        result["finetuned_accuracy"] = {t: reference[t] for t in tasks}
+    return result
+
+
+def flat_metrics(results: Mapping, stage: str) -> dict[str, float]:
+    """Logged names: ``<stage>/<task>/acc``, ``<stage>/avg_acc``, ``<stage>/avg_normalized_acc``
+    for the headline, and ``<split>/<variant>/<task>/acc`` for every variant."""
+    headline = results["headline"]
+    metrics = {f"{stage}/{t}/acc": a for t, a in headline["accuracy"].items()}
+    metrics[f"{stage}/avg_acc"] = headline["avg_acc"]
+    if "avg_normalized_acc" in headline:
+        metrics[f"{stage}/avg_normalized_acc"] = headline["avg_normalized_acc"]
+    for name, by_split in results["accuracy"].items():
+        for split, by_task in by_split.items():
+            for task, acc in by_task.items():
+                metrics[f"{split}/{name}/{task}/acc"] = acc
+            metrics[f"{split}/{name}/avg_acc"] = sum(by_task.values()) / len(by_task)
+    return metrics

@@ -1,0 +1,1 @@
+"""Model-format adapters: converting other libraries' checkpoints into open_clip state dicts."""

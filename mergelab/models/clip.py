@@ -1,0 +1,171 @@
+"""CLIP models from open_clip, and fine-tuned image encoders from any of their usual forms.
+
+The pretrained model comes from an open_clip name and a tag (``ViT-B-32`` / ``openai``)
+or a local weights file. A fine-tuned image encoder may be an open_clip state dict
+(image encoder only, a whole CLIP model, or task_vectors' ``ImageEncoder`` with its
+``model.`` prefix) in ``.safetensors``/``.pt``, or a Hugging Face ``CLIPVisionModel``
+(a hub id such as ``tanganke/clip-vit-base-patch32_mnist``, or a folder). Every source
+is converted once to an open_clip image-encoder safetensors file in the cache, which the
+merge engine then reads lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+
+from mergelab.io.checkpoints import SafetensorsCheckpoint, open_checkpoint, save_state_dict
+from mergelab.models.hf_clip import convert_clip_vision_state_dict, is_clip_vision_state_dict
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else $MERGELAB_CACHE, else ~/.cache/mergelab."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab"))
+
+
+@dataclass
+class CLIPBundle:
+    """An open_clip model with what evaluation needs from it."""
+
+    name: str
+    pretrained: str | None
+    model: torch.nn.Module
+    preprocess_train: object
+    preprocess_val: object
+    tokenizer: object
+
+    @property
+    def identity(self) -> str:
+        """Names the pretrained weights: for a local file also its size and mtime."""
+        ident = f"{self.name}/{self.pretrained}"
+        if self.pretrained and Path(self.pretrained).is_file():
+            stat = Path(self.pretrained).stat()
+            ident += f"/{stat.st_size}/{stat.st_mtime_ns}"
+        return ident
+
+    def visual_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.visual.state_dict().items()}
+
+
+def load_clip(
+    name: str,
+    pretrained: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    model_config: str | os.PathLike | None = None,
+) -> CLIPBundle:
+    """An open_clip model by architecture name and pretrained tag or file.
+
+    ``model_config``: an open_clip model config JSON to register first; its file stem is
+    the architecture name.
+    """
+    if model_config is not None:
+        path = Path(model_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip model config not found: {path}")
+        open_clip.add_model_config(path)
+    if name not in open_clip.list_models():
+        raise KeyError(
+            f"unknown open_clip architecture {name!r}; register a config with "
+            "open_clip.add_model_config or use one of open_clip.list_models()"
+        )
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, cache_dir=str(cache_root(cache_dir) / "open_clip")
+        )
+    except RuntimeError as err:
+        raise RuntimeError(f"cannot load CLIP {name!r} with weights {pretrained!r}: {err}") from err
+    except OSError as err:  # hub unreachable (offline) or file unreadable
+        raise OSError(f"cannot fetch CLIP {name!r} weights {pretrained!r}: {err}") from err
+    model.eval()
+    return CLIPBundle(
+        name, pretrained, model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+    )
+
+
+def _open_clip_visual_keys(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict | None:
+    """The image-encoder part of an open_clip-style state dict, whatever its prefix."""
+    for prefix in ("", "visual.", "model.visual.", "module.visual.", "image_encoder.model.visual."):
+        found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if expected <= set(found):
+            return {k: found[k] for k in expected}
+    return None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except HFValidationError as err:
+        raise FileNotFoundError(f"{repo_id!r} is neither a local path nor a hub id") from err
+    except Exception as err:  # offline, unknown repo, no network: all mean "not reachable"
+        raise FileNotFoundError(
+            f"cannot reach the fine-tuned model {repo_id!r} on the Hugging Face hub "
+            f"(offline or missing: {type(err).__name__}); download it or give a local path"
+        ) from err
+
+
+def _read_weights(path: Path) -> Mapping[str, torch.Tensor]:
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return open_checkpoint(path / name)
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    return open_checkpoint(path)
+
+
+def _fingerprint_source(path: Path) -> str:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    digest = hashlib.sha256(str(path.resolve()).encode())
+    for f in files:
+        if f.is_file():
+            stat = f.stat()
+            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_image_encoder(
+    source: str | os.PathLike,
+    pretrained_visual: Mapping[str, torch.Tensor],
+    cache_dir: str | os.PathLike | None = None,
+) -> SafetensorsCheckpoint:
+    """A fine-tuned image encoder in open_clip's layout, as a lazy safetensors checkpoint.
+
+    ``pretrained_visual`` gives the expected keys and the projection that Hugging Face
+    vision models lack. Converted checkpoints are cached under ``<cache>/encoders``.
+    """
+    path = Path(source)
+    if not path.exists():
+        path = _hub_snapshot(str(source))
+    if path.suffix == ".safetensors":
+        checkpoint = SafetensorsCheckpoint(path)
+        if set(checkpoint) == set(pretrained_visual):
+            return checkpoint  # already an open_clip image encoder: read it in place
+    cached = (
+        cache_root(cache_dir) / "encoders" / f"{path.stem}-{_fingerprint_source(path)}.safetensors"
+    )
+    if cached.is_file():
+        return SafetensorsCheckpoint(cached)
+    state = _read_weights(path)
+    expected = set(pretrained_visual)
+    if is_clip_vision_state_dict(state.keys()):
+        visual = convert_clip_vision_state_dict(state, pretrained_visual["proj"])
+    else:
+        visual = _open_clip_visual_keys(state, expected)
+        if visual is None:
+            missing = sorted(expected - set(state))[:1]
+            raise ValueError(
+                f"{source}: not an open_clip image encoder nor a Hugging Face CLIPVisionModel "
+                f"(no {missing[0] if missing else 'matching'} key under any known prefix)"
+            )
+    save_state_dict(visual, cached, metadata={"source": str(source)}, overwrite=True)
+    return SafetensorsCheckpoint(cached)

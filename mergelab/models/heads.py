@@ -1,0 +1,55 @@
+"""Zero-shot classification heads from CLIP's text tower, computed once and cached on disk.
+
+For each class, every prompt template is encoded, the embeddings are L2-normalised,
+averaged, and normalised again (the task_vectors protocol, src/heads.py). The head is a
+[num_classes, embed_dim] matrix; logits = logit_scale.exp() · normalise(image features) ·
+headᵀ. Heads stay frozen during fine-tuning and merging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mergelab.io.checkpoints import SafetensorsCheckpoint, save_state_dict
+from mergelab.models.clip import CLIPBundle, cache_root
+from mergelab.tasks import TaskSpec
+
+
+@torch.no_grad()
+def build_head(
+    clip: CLIPBundle, task: TaskSpec, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    model = clip.model.to(device).eval()
+    rows = []
+    for classname in task.classnames:
+        tokens = clip.tokenizer(task.prompts(classname)).to(device)
+        embeddings = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        rows.append(F.normalize(embeddings.mean(0), dim=-1))
+    return torch.stack(rows).cpu()
+
+
+def _head_path(clip: CLIPBundle, task: TaskSpec, cache_dir) -> Path:
+    key = json.dumps([clip.identity, task.classnames, task.templates]).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    return cache_root(cache_dir) / "heads" / f"{task.name}-{digest}.safetensors"
+
+
+def zero_shot_head(
+    clip: CLIPBundle,
+    task: TaskSpec,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """The task's head for this CLIP model, from the cache or built and cached now."""
+    path = _head_path(clip, task, cache_dir)
+    if path.is_file():
+        return SafetensorsCheckpoint(path)["head"]
+    head = build_head(clip, task, device)
+    save_state_dict({"head": head}, path, {"task": task.name, "model": clip.identity}, True)
+    return head

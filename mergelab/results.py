@@ -1,0 +1,113 @@
+"""Result files of an evaluation run: results.json, a markdown table and a bar chart.
+
+results.json (schema ``mergelab.results/1``)::
+
+    {"schema": "mergelab.results/1",
+     "stage": "test" | "val",
+     "settings": {"method": ..., <method settings>},
+     "tasks": [task, ...],
+     "accuracy": {variant: {split: {task: top-1 in [0, 1]}}},
+     "picked": {task: variant},           # the headline's variant per task
+     "picked_on": "val" | null,           # null: nothing to pick, or no validation scores
+     "headline": {"accuracy": {task: acc}, "avg_acc": float,
+                  "normalized_accuracy": {task: acc / fine-tuned acc},   # if known
+                  "avg_normalized_acc": float},                          # if known
+     "finetuned_accuracy": {task: acc}}   # if known
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+SCHEMA = "mergelab.results/1"
+
+
+def _atomic_write(path: Path, text: str | bytes) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    os.replace(tmp, path)
+    return path
+
+
+def results_document(results: Mapping) -> dict:
+    doc = {"schema": SCHEMA, "stage": results["stage"], "settings": results["variants_description"]}
+    doc |= {k: v for k, v in results.items() if k not in ("stage", "variants_description")}
+    return doc
+
+
+def markdown_table(results: Mapping) -> str:
+    """Rows: each variant and the picked headline; columns: tasks, average, normalised."""
+    stage, tasks = results["stage"], results["tasks"]
+    reference = results.get("finetuned_accuracy")
+    header = ["setting", *tasks, "avg"] + (["normalized avg"] if reference else [])
+    rows = []
+    for name, by_split in results["accuracy"].items():
+        accs = [by_split[stage][t] for t in tasks]
+        rows.append(_row(name, accs, tasks, reference))
+    if len(results["accuracy"]) > 1:
+        label = "picked on val" if results.get("picked_on") else "headline"
+        accs = [results["headline"]["accuracy"][t] for t in tasks]
+        rows.append(_row(f"**{label}**", accs, tasks, reference))
+    lines = [
+        f"{stage} top-1 accuracy (%), method {results['variants_description'].get('method')}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _row(name: str, accs: list[float], tasks: list[str], reference) -> list[str]:
+    cells = [name, *(f"{100 * a:.1f}" for a in accs), f"{100 * sum(accs) / len(accs):.1f}"]
+    if reference:
+        normalized = [a / reference[t] for a, t in zip(accs, tasks, strict=True)]
+        cells.append(f"{100 * sum(normalized) / len(normalized):.1f}")
+    return cells
+
+
+def bar_chart(results: Mapping, path: Path) -> Path:
+    """Per-task accuracy of every variant (and the headline), grouped by task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stage, tasks = results["stage"], results["tasks"]
+    series = {name: [s[stage][t] for t in tasks] for name, s in results["accuracy"].items()}
+    if len(series) > 1:
+        series["picked"] = [results["headline"]["accuracy"][t] for t in tasks]
+    if results.get("finetuned_accuracy"):
+        series["fine-tuned"] = [results["finetuned_accuracy"][t] for t in tasks]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) + 2), 4))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, [100 * v for v in values], width, label=name)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_ylabel(f"{stage} top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"mergelab: {results['variants_description'].get('method')}")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(results: Mapping, folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = results["stage"]
+    suffix = "" if stage == "test" else f"_{stage}"
+    return {
+        "json": _atomic_write(
+            folder / f"results{suffix}.json", json.dumps(results_document(results), indent=2)
+        ),
+        "markdown": _atomic_write(folder / f"results{suffix}.md", markdown_table(results)),
+        "plot": bar_chart(results, folder / f"accuracy{suffix}.png"),
+    }

@@ -1,0 +1,85 @@
+"""Classification tasks as data: one YAML file per task (hub dataset, columns, class names,
+prompt templates). The eight standard tasks ship in ``builtin/``; a user adds a task by
+writing a file of the same schema and naming its path wherever a task name is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+BUILTIN = Path(__file__).with_name("builtin")
+
+# The eight vision tasks of Ilharco et al. (2023) in the protocol's order.
+EIGHT_TASKS = ("sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything that defines a task: where its images are and how its classes are named."""
+
+    name: str
+    dataset: str
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_column: str = "image"
+    label_column: str = "label"
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def prompts(self, classname: str) -> list[str]:
+        return [template.format(c=classname) for template in self.templates]
+
+
+_REQUIRED = ("name", "dataset", "classnames", "templates")
+_ALLOWED = {f.name for f in fields(TaskSpec)} - {"source"}
+
+
+def builtin_tasks() -> list[str]:
+    return sorted(p.stem for p in BUILTIN.glob("*.yaml"))
+
+
+def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
+    """A built-in task by name, or a task from a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = BUILTIN / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise KeyError(
+                f"unknown task {str(name_or_path)!r}: built-in tasks are {builtin_tasks()}, "
+                "or give the path of a task YAML file"
+            )
+    elif not path.is_file():
+        raise FileNotFoundError(f"task file not found: {path}")
+    return parse_task(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def parse_task(data: object, source: str) -> TaskSpec:
+    """Check a task's fields (naming the file and key on error) and build its spec."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of task fields")
+    unknown = sorted(set(data) - _ALLOWED)
+    if unknown:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {sorted(_ALLOWED)}")
+    missing = [key for key in _REQUIRED if not data.get(key)]
+    if missing:
+        raise ValueError(f"{source}: missing {missing[0]!r}")
+    classnames = tuple(str(c) for c in data["classnames"])
+    if len(set(classnames)) != len(classnames):
+        duplicate = next(c for c in classnames if classnames.count(c) > 1)
+        raise ValueError(f"{source}: class name {duplicate!r} appears twice")
+    templates = tuple(str(t) for t in data["templates"])
+    for template in templates:
+        if "{c}" not in template:
+            raise ValueError(f"{source}: template {template!r} lacks the placeholder {{c}}")
+    fields_ = {k: v for k, v in data.items() if k not in ("classnames", "templates")}
+    return TaskSpec(**fields_, classnames=classnames, templates=templates, source=source)

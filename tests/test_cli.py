@@ -1,0 +1,254 @@
+"""``mergelab test`` / ``validate`` end to end, through the installed console script, on local
+mirrors of the hub (tests/mirror.py): a tiny registered open_clip model, three built-in
+tasks read from parquet mirrors, fine-tuned encoders given as a hub id (served from a hub
+cache offline), a Hugging Face folder and an open_clip safetensors file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import mirror
+
+TASKS = ["mnist", "eurosat", "svhn"]
+MERGELAB = shutil.which("mergelab")
+pytestmark = pytest.mark.skipif(MERGELAB is None, reason="needs `pip install -e .`")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mirror")
+    config, weights = mirror.write_tiny_clip(root / "clip")
+    visual = mirror.pretrained_visual(weights)
+    sizes = {"train": 60, "test": 40}
+    mirror.write_dataset(root / "data", "ylecun/mnist", 10, sizes)
+    mirror.write_dataset(root / "data", "tanganke/eurosat", 10, sizes, seed=1)
+    mirror.write_dataset(root / "data", "ufldl-stanford/svhn", 10, sizes, "cropped_digits", 2)
+    mirror.write_hub_model(root / "hub", "mergelab-test/tiny_mnist", mirror.finetune(visual, 1))
+    save_file(mirror.finetune(visual, 2), root / "eurosat.safetensors")
+    mirror.write_hf_vision_model(root / "svhn_hf", mirror.finetune(visual, 3))
+    base = {
+        "model": {
+            "model": mirror.TINY,
+            "model_config": str(config),
+            "pretrained": str(weights),
+            "cache_dir": str(root / "cache"),
+            "finetuned": {
+                "mnist": "mergelab-test/tiny_mnist",
+                "eurosat": str(root / "eurosat.safetensors"),
+                "svhn": str(root / "svhn_hf"),
+            },
+        },
+        "data": {
+            "tasks": TASKS,
+            "batch_size": 16,
+            "num_workers": 0,
+            "dataset_root": str(root / "data"),
+        },
+        "trainer": {"accelerator": "cpu"},
+    }
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    return root
+
+
+def mergelab(assets: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "HF_HUB_CACHE": str(assets / "hub"),
+    }
+    result = subprocess.run(
+        [MERGELAB, *args], cwd=assets, env=env, capture_output=True, text=True, timeout=600
+    )
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def run_dir(assets: Path, method: str) -> Path:
+    versions = sorted((assets / "lightning_logs" / method).glob("version_*"))
+    return versions[-1]
+
+
+def scored(assets: Path, method: str, *args: str) -> tuple[Path, dict]:
+    """``mergelab test`` with a method: the run's folder and its results.json."""
+    mergelab(assets, "test", "-c", "base.yaml", f"--merge.method={method}", *args)
+    folder = run_dir(assets, method)
+    return folder, json.loads((folder / "results.json").read_text())
+
+
+def test_task_arithmetic_picks_on_validation_and_writes_every_output(assets):
+    folder, results = scored(
+        assets,
+        "task_arithmetic",
+        "--merge.scaling_factor=[0.3, 0.6]",
+        "--data.test_splits=[val, test]",
+    )
+    assert results["schema"] == "mergelab.results/1"
+    assert results["tasks"] == TASKS
+    assert set(results["accuracy"]) == {"task_arithmetic@0.3", "task_arithmetic@0.6"}
+    assert results["picked_on"] == "val"
+    picked = set(results["picked"].values())
+    assert len(picked) == 1  # one λ for all tasks: the best average validation accuracy
+    best = max(results["accuracy"], key=lambda n: sum(results["accuracy"][n]["val"].values()))
+    assert picked == {best}
+    assert results["headline"]["accuracy"] == results["accuracy"][best]["test"]
+    assert "| task_arithmetic@0.3 |" in (folder / "results.md").read_text()
+    assert (folder / "accuracy.png").stat().st_size > 1000
+    with open(folder / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["test/mnist/acc"]) == pytest.approx(results["headline"]["accuracy"]["mnist"])
+    assert "test/avg_acc" in row
+    delta = folder / "merged_task_vector.safetensors"
+    assert delta.is_file()
+    assert list((assets / "lightning_logs" / "wandb").glob("offline-run-*"))
+
+
+def test_zero_shot_accuracy_matches_a_direct_computation(assets):
+    import datasets
+    import open_clip
+
+    _, results = scored(assets, "zero_shot")
+
+    open_clip.add_model_config(assets / "clip" / f"{mirror.TINY}.json")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        mirror.TINY, pretrained=str(assets / "clip" / f"{mirror.TINY}.pt")
+    )
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(mirror.TINY)
+    from mergelab.tasks import load_task
+
+    spec = load_task("mnist")
+    with torch.no_grad():
+        head = []
+        for name in spec.classnames:
+            texts = [template.format(c=name) for template in spec.templates]
+            emb = F.normalize(model.encode_text(tokenizer(texts)), dim=-1).mean(0)
+            head.append(F.normalize(emb, dim=-1))
+        head = torch.stack(head)
+        data = datasets.load_dataset(str(assets / "data" / "ylecun/mnist"), split="test")
+        images = torch.stack([preprocess(row["image"].convert("RGB")) for row in data])
+        features = F.normalize(model.encode_image(images), dim=-1)
+        predictions = (model.logit_scale.exp() * features @ head.T).argmax(-1)
+    accuracy = (predictions == torch.tensor(data["label"])).float().mean().item()
+    assert results["accuracy"]["zero_shot"]["test"]["mnist"] == pytest.approx(accuracy)
+
+
+def test_tall_masks_pick_lambda_per_task(assets):
+    folder, results = scored(
+        assets, "tall_masks", "--merge.lambdas=[0.2, 0.6]", "--data.test_splits=[val, test]"
+    )
+    for task in TASKS:
+        val = {n: results["accuracy"][n]["val"][task] for n in results["accuracy"]}
+        assert val[results["picked"][task]] == max(val.values())
+    from mergelab import TallMasks
+
+    masks = TallMasks.load(folder / "tall_masks.safetensors")
+    assert masks.tasks == TASKS and masks.lambdas == [0.2, 0.6]
+
+
+def test_finetuned_then_consensus_normalized_by_it(assets):
+    mergelab(assets, "test", "-c", "base.yaml", "--merge.method=finetuned")
+    reference = run_dir(assets, "finetuned") / "results.json"
+    # a random tiny model may score 0 on a task, which cannot normalise anything
+    document = json.loads(reference.read_text())
+    for task, value in document["headline"]["accuracy"].items():
+        document["headline"]["accuracy"][task] = value or 0.5
+    reference.write_text(json.dumps(document))
+    mergelab(
+        assets, "test", "-c", "base.yaml", "--merge.method=consensus", "--merge.k=2",
+        f"--model.finetuned_accuracy={reference}",
+    )  # fmt: skip
+    results = json.loads((run_dir(assets, "consensus") / "results.json").read_text())
+    finetuned = json.loads(reference.read_text())["headline"]["accuracy"]
+    assert results["finetuned_accuracy"] == finetuned
+    headline = results["headline"]
+    expected = {t: headline["accuracy"][t] / finetuned[t] for t in TASKS}
+    for task, value in expected.items():
+        assert headline["normalized_accuracy"][task] == pytest.approx(value)
+
+
+def test_validate_scores_validation_splits(assets):
+    mergelab(assets, "validate", "-c", "base.yaml", "--merge.method=trust_region")
+    folder = run_dir(assets, "trust_region")
+    results = json.loads((folder / "results_val.json").read_text())
+    assert results["stage"] == "val"
+    assert set(results["accuracy"]["trust_region@0.3"]) == {"val"}
+
+
+def test_bad_setting_stops_the_cli_with_its_name(assets):
+    result = mergelab(
+        assets, "test", "-c", "base.yaml", "--merge.threshold_quantile=1.5", expect_ok=False
+    )
+    assert result.returncode != 0
+    assert "threshold_quantile" in result.stderr
+
+
+def test_unknown_task_and_method_are_refused():
+    from mergelab.callbacks import MergeCallback
+    from mergelab.data import TaskDataModule
+
+    with pytest.raises(KeyError, match="no_such_task"):
+        TaskDataModule(tasks=["mnist", "no_such_task"])
+    with pytest.raises(ValueError, match="merge_all_the_things"):
+        MergeCallback(method="merge_all_the_things")
+
+
+def test_unreachable_hub_id_is_named(assets):
+    from mergelab.models.clip import load_image_encoder
+
+    visual = mirror.pretrained_visual(assets / "clip" / f"{mirror.TINY}.pt")
+    with pytest.raises(FileNotFoundError, match="mergelab-test/not_mirrored"):
+        load_image_encoder("mergelab-test/not_mirrored", visual, assets / "cache")
+
+
+def test_checkpoint_of_another_architecture_is_refused(assets, tmp_path):
+    wrong = {k: v[..., :1].clone() if v.ndim else v for k, v in mirror.finetune(
+        mirror.pretrained_visual(assets / "clip" / f"{mirror.TINY}.pt"), 4).items()}  # fmt: skip
+    path = tmp_path / "wrong.safetensors"
+    save_file(wrong, path)
+    result = mergelab(
+        assets, "test", "-c", "base.yaml", f"--model.finetuned.eurosat={path}", expect_ok=False
+    )
+    assert result.returncode != 0
+    assert "eurosat" in result.stderr
+
+
+def test_dataset_without_label_column_and_labels_outside_classes(tmp_path):
+    from mergelab.data import load_split
+    from mergelab.tasks import load_task
+
+    mirror.write_dataset(tmp_path, "ylecun/mnist", 10, {"train": 20}, label_column="y")
+    with pytest.raises(ValueError, match=r"'mnist'.*no column 'label'"):
+        load_split(load_task("mnist"), "train", tmp_path)
+    mirror.write_dataset(tmp_path, "tanganke/eurosat", 12, {"train": 60}, seed=3)
+    with pytest.raises(ValueError, match=r"'eurosat'.*label 1[01] outside its 10 classes"):
+        load_split(load_task("eurosat"), "train", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).parents[1] / "configs").glob("vit_*/*.yaml")), ids=str
+)
+def test_every_shipped_config_parses(config, capsys, monkeypatch):
+    from mergelab.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["mergelab"])  # run() parses its own args only
+    with pytest.raises(SystemExit) as exit_:
+        run(["test", "-c", str(config), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["merge"]["method"] == config.stem
+    assert len(printed["model"]["finetuned"]) == 8
