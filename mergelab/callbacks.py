@@ -93,7 +93,7 @@ class MergeCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, MergeEvaluator):
-            raise TypeError(f"MergeCallback evaluates a MergeEvaluator, not {type(pl_module)}")
+            return  # nothing to merge for other modules (FineTuner in `mergelab fit`)
         if pl_module.variants is not None:
             return
         tasks = trainer.datamodule.task_names

@@ -1,15 +1,19 @@
-"""``mergelab``: the LightningCLI in front of the evaluator, the task data and the merge.
+"""``mergelab``: the LightningCLI in front of the evaluator, the fine-tuner, the task data
+and the merge.
 
     mergelab test --config configs/vit_b32/task_arithmetic.yaml
     mergelab validate --config ... --merge.scaling_factor=0.4
+    mergelab fit --config configs/finetune/mnist.yaml
     mergelab test --help
 
-``--merge.*`` configures :class:`~mergelab.callbacks.MergeCallback`; ``--model.*`` the
-model (:class:`~mergelab.evaluation.MergeEvaluator`); ``--data.*`` the tasks
+``--model.*`` configures the model: :class:`~mergelab.finetune.FineTuner` for ``fit``,
+:class:`~mergelab.evaluation.MergeEvaluator` for the other subcommands. ``--merge.*``
+configures :class:`~mergelab.callbacks.MergeCallback` (evaluator runs only; it does
+nothing in ``fit``); ``--data.*`` the tasks
 (:class:`~mergelab.data.TaskDataModule`). Each run writes to
-``lightning_logs/<method>/version_N``: CSV metrics, results.json, results.md, a plot,
-the merge artifact, and a W&B run (offline unless you are logged in;
-``WANDB_MODE=disabled`` turns it off).
+``lightning_logs/<method>/version_N`` (``lightning_logs/finetune/version_N`` for fit): CSV
+metrics, results.json, results.md, a plot, the merge artifact or the fine-tuned encoder,
+and a W&B run (offline unless you are logged in; ``WANDB_MODE=disabled`` turns it off).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from lightning.pytorch.cli import LightningCLI
 from mergelab.callbacks import MergeCallback, ResultsReport
 from mergelab.data import TaskDataModule
 from mergelab.evaluation import MergeEvaluator
+from mergelab.finetune import FineTuner
+
+# the model class of each subcommand; LightningCLI itself has one for all of them
+MODEL_CLASSES = {"fit": FineTuner}
+DEFAULT_MODEL_CLASS = MergeEvaluator
 
 
 def wandb_logged_in() -> bool:
@@ -41,15 +50,25 @@ class MergelabCLI(LightningCLI):
         parser.add_lightning_class_args(MergeCallback, "merge")
         parser.add_lightning_class_args(ResultsReport, "report")
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        """Each subcommand's parser with its own model class (``fit``: FineTuner), so that
+        both kinds of config keep a plain ``model: {...}`` section."""
+        self._model_class = MODEL_CLASSES.get(subcommand, DEFAULT_MODEL_CLASS)
+        try:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        finally:
+            self._model_class = DEFAULT_MODEL_CLASS
+
     def before_instantiate_classes(self) -> None:
         """Name the run folder after the method: lightning_logs/<method>/version_N."""
         os.environ.setdefault("WANDB_SILENT", "true")
         config = self.config[self.subcommand] if self.subcommand else self.config
+        name = "finetune" if self.subcommand == "fit" else config.merge.method
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "name" in init_args and init_args.get("name") is None:
-                init_args.name = config.merge.method
+                init_args.name = name
 
 
 def trainer_defaults() -> dict:
@@ -75,7 +94,7 @@ def trainer_defaults() -> dict:
 def run(args: list[str] | None = None) -> MergelabCLI:
     """Parse ``args`` (default: the command line) and run the subcommand."""
     return MergelabCLI(
-        MergeEvaluator,
+        DEFAULT_MODEL_CLASS,  # per subcommand: see MergelabCLI._prepare_subcommand_parser
         TaskDataModule,
         trainer_defaults=trainer_defaults(),
         args=args,

@@ -89,7 +89,7 @@ class MergeEvaluator(L.LightningModule):
         self.results: dict = {}
         self._heads: dict[str, torch.Tensor] = {}
         self._plan: list[tuple[str, str]] = []
-        self._weights: tuple[str, dict[str, dict[str, torch.Tensor]]] | None = None
+        self._weights: tuple[str | None, dict[str, dict[str, torch.Tensor]]] | None = None
         self._accuracy: dict[tuple[str, str, str], MulticlassAccuracy] = {}
 
     # --- models -----------------------------------------------------------------------
@@ -140,14 +140,16 @@ class MergeEvaluator(L.LightningModule):
             self._heads[task] = self._heads[task].to(self.device)
 
     def _weights_for(self, task: str) -> dict[str, dict[str, torch.Tensor]]:
-        if self._weights is None or self._weights[0] != task:
+        """The variants' weights on the device; shared ones are moved once per run."""
+        owner = None if self.variants.shared is not None else task
+        if self._weights is None or self._weights[0] != owner:
             self._weights = None  # drop the previous task's models before building these
             models = self.variants.for_task(task)
             on_device = {
                 name: {k: v.to(self.device) for k, v in weights.items()}
                 for name, weights in models.items()
             }
-            self._weights = (task, on_device)
+            self._weights = (owner, on_device)
         return self._weights[1]
 
     def _step(self, batch, dataloader_idx: int) -> None:
