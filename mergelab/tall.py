@@ -226,11 +226,17 @@ class TallMasks:
 
     def _masked(self, key: str, mask: torch.Tensor | None, workspace: Workspace) -> torch.Tensor:
         """m ⊙ τMTL (τMTL itself for no mask) of one parameter, as a workspace view."""
-        out = workspace.get("masked", self.shapes[key], tensor_spec(self.store, mtl_key(key)).dtype)
-        if isinstance(self.store, SafetensorsCheckpoint):
-            source = self.store.read_into(mtl_key(key), out)
-        else:
-            source = self.store[mtl_key(key)]
+        dtype = tensor_spec(self.store, mtl_key(key)).dtype
+        source = (
+            self.store[mtl_key(key)]
+            if not isinstance(self.store, SafetensorsCheckpoint)
+            else (
+                self.store.read_into(
+                    mtl_key(key), workspace.get("multitask", self.shapes[key], dtype)
+                )
+            )
+        )
+        out = workspace.get("masked", self.shapes[key], dtype)
         return out.copy_(source) if mask is None else apply_mask(source, mask, out)
 
     def density(self, task: str, lam: float | None = None) -> dict[str, float]:
