@@ -84,9 +84,9 @@ class ModelPool:
 
     def check_finite(self, key: str, taus: torch.Tensor, summary: torch.Tensor) -> None:
         """Raise, naming the task, if ``summary`` (a reduction over the task vectors ``taus``
-        that any NaN or Inf in them makes non-finite) is not finite. Checking the reduction
-        costs one pass over [chunk] values instead of [T, chunk]."""
-        if torch.isfinite(summary).all():
+        that any NaN or Inf in them makes non-finite) is not finite. One sum of it decides
+        in the common case; the element-wise checks run only when that sum is not finite."""
+        if torch.isfinite(summary.sum()) or torch.isfinite(summary).all():
             return
         for task, row in zip(self.tasks, taus, strict=True):
             if not torch.isfinite(row).all():
