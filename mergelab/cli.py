@@ -1,25 +1,27 @@
-"""``mergelab``: the LightningCLI in front of the evaluator, the fine-tuner, the task data
-and the merge.
+"""mergelab: merge fine-tuned CLIP image encoders and score every result on every task.
 
     mergelab test --config configs/vit_b32/task_arithmetic.yaml
-    mergelab validate --config ... --merge.scaling_factor=0.4
+    mergelab validate --config configs/vit_b32/trust_region.yaml --merge.scaling_factor=0.4
     mergelab fit --config configs/finetune/mnist.yaml
-    mergelab test --help
+    mergelab test --help          (every option of a subcommand)
 
-``--model.*`` configures the model: :class:`~mergelab.finetune.FineTuner` for ``fit``,
-:class:`~mergelab.evaluation.MergeEvaluator` for the other subcommands. ``--merge.*``
-configures :class:`~mergelab.callbacks.MergeCallback` (evaluator runs only; it does
-nothing in ``fit``); ``--data.*`` the tasks
-(:class:`~mergelab.data.TaskDataModule`). Each run writes to
-``lightning_logs/<method>/version_N`` (``lightning_logs/finetune/version_N`` for fit): CSV
-metrics, results.json, results.md, a plot, the merge artifact or the fine-tuned encoder,
-and a W&B run (offline unless you are logged in; ``WANDB_MODE=disabled`` turns it off).
+--merge.*  the merge method and its settings (test and validate)
+--model.*  the CLIP model and fine-tuned encoders (test, validate), or the model and task
+           to fine-tune (fit)
+--data.*   the tasks, batch size, splits, local dataset mirrors
+
+Each run writes to lightning_logs/<method>/version_N (lightning_logs/finetune/... for
+fit): metrics.csv, results.json, results.md, accuracy.png, the merge artifact or the
+fine-tuned encoder, and a W&B run (offline unless you are logged in; WANDB_MODE=disabled
+turns it off).
 """
 
 from __future__ import annotations
 
 import os
+from argparse import RawDescriptionHelpFormatter
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 from mergelab.callbacks import MergeCallback, ResultsReport
@@ -43,6 +45,10 @@ def wandb_logged_in() -> bool:
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
     return any("wandb" in host for host in hosts)
+
+
+class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's own line breaks kept."""
 
 
 class MergelabCLI(LightningCLI):
@@ -99,7 +105,7 @@ def run(args: list[str] | None = None) -> MergelabCLI:
         trainer_defaults=trainer_defaults(),
         args=args,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__},
+        parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
     )
 
 
