@@ -28,7 +28,7 @@ from mergelab.io.checkpoints import (
     tensor_spec,
 )
 from mergelab.merging.quantile import RadixSelect, quantile_rank
-from mergelab.merging.task_arithmetic import apply_task_vector
+from mergelab.merging.task_arithmetic import apply_task_vector, task_vector_sum
 from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
 from mergelab.pool import CheckpointSource, ModelPool
 from mergelab.workspace import Workspace
@@ -132,7 +132,7 @@ def task_arithmetic_delta(pool: ModelPool, key: str, workspace: Workspace) -> to
     """δ = Σt τt of one merged parameter (a new tensor)."""
     delta = torch.empty(pool.specs[key].numel, dtype=pool.compute_dtype(key))
     for part, taus in pool.task_vector_chunks(key, workspace):
-        pool.check_finite(key, taus, torch.sum(taus, 0, out=delta[part]))
+        pool.check_finite(key, taus, task_vector_sum(taus, out=delta[part]))
     return delta.view(pool.specs[key].shape)
 
 
@@ -272,7 +272,7 @@ def _one_pass_trust_region(
     for key in progress(pool.merged_keys, "trust region: merge"):
         flat, first = delta[key].view(-1), count
         for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
-            torch.sum(taus, 0, out=flat[part])
+            task_vector_sum(taus, out=flat[part])
             index = (omega >= floor).nonzero().squeeze(1)
             if count + index.numel() > budget:
                 return None
@@ -314,7 +314,7 @@ def _two_pass_trust_region(
         kept[key] = 0
         for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
             buckets = select.observe(omega)
-            block = torch.sum(taus, 0, out=flat[part])
+            block = task_vector_sum(taus, out=flat[part])
             block.masked_fill_(buckets > select.bucket, 0)
             kept[key] += int((buckets < select.bucket).sum())
             inside = (buckets == select.bucket).nonzero().squeeze(1)
@@ -329,7 +329,7 @@ def _two_pass_trust_region(
         flat, kept[key] = delta[key].view(-1), 0
         for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
             keep = trust_region_mask(omega, threshold)
-            torch.sum(taus, 0, out=flat[part]).masked_fill_(~keep, 0)
+            task_vector_sum(taus, out=flat[part]).masked_fill_(~keep, 0)
             kept[key] += int(keep.sum())
     for key, parts in undecided.items():
         for index, omega in parts:

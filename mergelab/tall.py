@@ -37,6 +37,7 @@ from mergelab.merge import (
 from mergelab.merging.consensus import consensus_mask
 from mergelab.merging.quantile import RadixSelect
 from mergelab.merging.tall_masks import apply_mask, pack_mask, tall_masks, unpack_mask
+from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.ties import ties_rank, ties_vector
 from mergelab.pool import CheckpointSource, ModelPool
 from mergelab.workspace import Workspace
@@ -154,7 +155,7 @@ class TallMasks:
                 )
                 for part, taus in pool.task_vector_chunks(key, workspace):
                     block = mtl[part]
-                    pool.check_finite(key, taus, torch.sum(taus, 0, out=block))
+                    pool.check_finite(key, taus, task_vector_sum(taus, out=block))
                     if thresholds is not None:
                         block.copy_(ties_vector(taus, thresholds))
                     # chunks start at multiples of 8, so packed chunks concatenate exactly

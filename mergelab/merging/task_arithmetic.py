@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def task_vector_sum(task_vectors: torch.Tensor) -> torch.Tensor:
-    """Σt τt from task vectors stacked as [T, *shape]."""
-    return task_vectors.sum(0)
+def task_vector_sum(task_vectors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σt τt from task vectors stacked as [T, *shape] (into ``out`` if given)."""
+    return torch.sum(task_vectors, 0, out=out)
 
 
 def apply_task_vector(
