@@ -114,6 +114,10 @@ def test_task_arithmetic_picks_on_validation_and_writes_every_output(assets):
     assert "test/avg_acc" in row
     delta = folder / "merged_task_vector.safetensors"
     assert delta.is_file()
+    # zero-shot heads and converted encoders are cached for the next run
+    heads = sorted(p.name.split("-")[0] for p in (assets / "cache" / "heads").iterdir())
+    assert heads == sorted(TASKS)
+    assert len(list((assets / "cache" / "encoders").iterdir())) == 2  # the two HF models
     assert list((assets / "lightning_logs" / "wandb").glob("offline-run-*"))
 
 
