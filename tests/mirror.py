@@ -18,6 +18,8 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from mergelab.io.hub_layout import declare_config, write_image_split
+
 TINY = "mergelab-test-tiny"
 TINY_CONFIG = {
     "embed_dim": 32,
@@ -135,21 +137,12 @@ def write_dataset(
     label_column: str = "label",
 ) -> Path:
     """Parquet splits of a labelled image dataset in the hub layout under ``root/hub_id``."""
-    import datasets
-
     folder = root / hub_id
-    subdir = folder / (config or "data")
-    subdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    features = datasets.Features({"image": datasets.Image(), label_column: datasets.Value("int64")})
     for split, size in sizes.items():
         labels = rng.integers(0, num_classes, size)
-        data = {"image": _images(labels, num_classes, rng), label_column: labels.tolist()}
-        ds = datasets.Dataset.from_dict(data, features=features)
-        ds.to_parquet(str(subdir / f"{split}-00000-of-00001.parquet"))
+        images = _images(labels, num_classes, rng)
+        write_image_split(folder, split, images, labels, config, label_column)
     if config:
-        files = "\n".join(f"  - split: {split}\n    path: {config}/{split}-*" for split in sizes)
-        (folder / "README.md").write_text(
-            f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{files}\n---\n"
-        )
+        declare_config(folder, config, list(sizes))
     return folder

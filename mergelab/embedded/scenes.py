@@ -1,0 +1,185 @@
+"""Procedural scenes for the embedded miniature benchmark: eight tasks, one per factor.
+
+Every image shows a few identical objects (shape, colour, size, fill) grouped in one
+quadrant over a background (tone and stripe pattern). Each factor is drawn independently
+for every image, and each of the eight tasks labels one factor, so the tasks share their
+images' space but ask for different things: a merged encoder must keep eight kinds of
+information at once, which is where task vectors interfere. A caption naming every
+factor pairs each image for contrastive pretraining of the miniature CLIP.
+
+Everything is a function of the seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mergelab.io.hub_layout import write_image_split
+
+IMAGE_SIZE = 32
+_SCALE = 4  # drawn at 4× and downsampled, so edges are anti-aliased
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+
+FACTORS = (
+    Factor(
+        "shape",
+        ("circle", "square", "triangle", "cross"),
+        ("a picture of a {c}.", "{c} shapes."),
+    ),
+    Factor(
+        "colour",
+        ("red", "green", "blue", "yellow", "magenta", "cyan"),
+        ("a picture of {c} objects.", "{c} shapes."),
+    ),
+    Factor("count", ("one", "two", "three", "four"), ("a picture of {c} objects.", "{c} shapes.")),
+    Factor("size", ("small", "medium", "large"), ("a picture of {c} objects.", "{c} shapes.")),
+    Factor(
+        "position",
+        ("top left", "top right", "bottom left", "bottom right"),
+        ("objects in the {c}.", "a picture with shapes in the {c}."),
+    ),
+    Factor("fill", ("solid", "outlined", "hollow"), ("a picture of {c} objects.", "{c} shapes.")),
+    Factor(
+        "background",
+        ("black", "white", "gray", "brown"),
+        ("a picture on a {c} background.", "shapes on {c}."),
+    ),
+    Factor(
+        "stripes",
+        ("plain", "horizontal", "vertical", "diagonal"),
+        ("a picture with a {c} striped background.", "{c} stripes behind shapes."),
+    ),
+)
+TASKS = tuple(f.name for f in FACTORS)
+
+_RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "magenta": (210, 50, 200),
+    "cyan": (40, 210, 220),
+    "black": (15, 15, 15),
+    "white": (240, 240, 240),
+    "gray": (128, 128, 128),
+    "brown": (120, 80, 40),
+}
+_SIZES = {"small": 5, "medium": 8, "large": 11}  # object radius in pixels at 32 px
+
+
+def sample_factors(rng: np.random.Generator) -> dict[str, int]:
+    """One class index per factor."""
+    return {f.name: int(rng.integers(len(f.classnames))) for f in FACTORS}
+
+
+def _name(factors: dict[str, int], factor: str) -> str:
+    spec = next(f for f in FACTORS if f.name == factor)
+    return spec.classnames[factors[factor]]
+
+
+def caption(factors: dict[str, int]) -> str:
+    """A sentence naming every factor, for contrastive pretraining."""
+    n = _name
+    shape = n(factors, "shape")
+    if n(factors, "count") != "one":
+        shape += "es" if shape.endswith("s") else "s"
+    stripes = n(factors, "stripes")
+    pattern = "no stripes" if stripes == "plain" else f"{stripes} stripes"
+    return (
+        f"{n(factors, 'count')} {n(factors, 'size')} {n(factors, 'fill')} "
+        f"{n(factors, 'colour')} {shape} in the {n(factors, 'position')} "
+        f"on a {n(factors, 'background')} background with {pattern}."
+    )
+
+
+def render(factors: dict[str, int], rng: np.random.Generator):
+    """The image of a scene (PIL, RGB, IMAGE_SIZE²)."""
+    from PIL import Image, ImageDraw
+
+    size = IMAGE_SIZE * _SCALE
+    background = np.array(_RGB[_name(factors, "background")], dtype=np.float32)
+    pixels = np.broadcast_to(background, (size, size, 3)).copy()
+    stripes = _name(factors, "stripes")
+    if stripes != "plain":
+        ys, xs = np.mgrid[0:size, 0:size]
+        coordinate = {"horizontal": ys, "vertical": xs, "diagonal": xs + ys}[stripes]
+        band = (coordinate // (3 * _SCALE)) % 2 == 0
+        pixels[band] = 0.6 * pixels[band] + 0.4 * (255 - background)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+
+    radius = _SIZES[_name(factors, "size")] * _SCALE
+    colour = _RGB[_name(factors, "colour")]
+    top, left = {
+        "top left": (0, 0),
+        "top right": (0, 1),
+        "bottom left": (1, 0),
+        "bottom right": (1, 1),
+    }[_name(factors, "position")]
+    half = size // 2
+    for _ in range(factors["count"] + 1):
+        cy = top * half + rng.integers(radius // 2, half - radius // 2 + 1)
+        cx = left * half + rng.integers(radius // 2, half - radius // 2 + 1)
+        _draw_object(draw, _name(factors, "shape"), _name(factors, "fill"), cx, cy, radius, colour)
+    noise = rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    small = np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32)
+    return Image.fromarray((small + noise).clip(0, 255).astype(np.uint8))
+
+
+def _draw_object(draw, shape: str, fill: str, cx: int, cy: int, r: int, colour) -> None:
+    width = max(2, r // 3)
+    solid = colour if fill == "solid" else None
+    outline = colour
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=solid, outline=outline, width=width)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=solid, outline=outline, width=width)
+    elif shape == "triangle":
+        points = [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+        draw.polygon(points, fill=solid, outline=outline, width=width)
+    else:  # cross
+        arm = r // 3
+        for box in ((cx - r, cy - arm, cx + r, cy + arm), (cx - arm, cy - r, cx + arm, cy + r)):
+            draw.rectangle(box, fill=solid, outline=outline, width=width)
+    if fill == "hollow":  # a dot in the middle tells hollow from outlined
+        dot = max(2, r // 4)
+        draw.ellipse((cx - dot, cy - dot, cx + dot, cy + dot), fill=colour)
+
+
+def write_tasks(root: str | os.PathLike, sizes: dict[str, int], seed: int = 0) -> dict[str, Path]:
+    """The eight tasks as hub-layout datasets under ``root/data/<task>`` and task YAML files
+    under ``root/tasks``; returns task → YAML path. Each task's split draws its own scenes
+    from a generator seeded by (seed, task, split)."""
+    root = Path(root)
+    specs = {}
+    for index, factor in enumerate(FACTORS):
+        folder = root / "data" / factor.name
+        for split_index, (split, count) in enumerate(sizes.items()):
+            rng = np.random.default_rng([seed, index, split_index])
+            scenes = [sample_factors(rng) for _ in range(count)]
+            images = [render(scene, rng) for scene in scenes]
+            labels = [scene[factor.name] for scene in scenes]
+            write_image_split(folder, split, images, labels)
+        spec = {
+            "name": factor.name,
+            "dataset": str(folder.resolve()),
+            "classnames": list(factor.classnames),
+            "templates": list(factor.templates),
+        }
+        path = root / "tasks" / f"{factor.name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        specs[factor.name] = path
+    return specs
