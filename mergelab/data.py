@@ -125,6 +125,7 @@ class TaskDataModule(L.LightningDataModule):
         self.transform_train: Callable | None = None
         self.transform_eval: Callable | None = None
         self._splits: dict[tuple[str, str], TaskSplit] = {}
+        self._datasets: dict[tuple[str, str], object] = {}
 
     @property
     def task_names(self) -> list[str]:
@@ -145,15 +146,21 @@ class TaskDataModule(L.LightningDataModule):
             if self.transform_eval is None:
                 raise RuntimeError("TaskDataModule needs set_transforms() before loading data")
             if name == "test":
-                data = load_split(task, task.test_split, self.dataset_root)
+                data = self._dataset(task, task.test_split)
                 indices = torch.arange(len(data))
             else:
-                data = load_split(task, task.train_split, self.dataset_root)
+                data = self._dataset(task, task.train_split)
                 train, val = protocol_split(len(data))
                 indices = train if name == "train" else val
             transform = self.transform_train if name == "train" else self.transform_eval
             self._splits[task.name, name] = TaskSplit(data, task, self._cap(indices), transform)
         return self._splits[task.name, name]
+
+    def _dataset(self, task: TaskSpec, split: str):
+        """A hub split, loaded and checked once (train and val share the train split)."""
+        if (task.name, split) not in self._datasets:
+            self._datasets[task.name, split] = load_split(task, split, self.dataset_root)
+        return self._datasets[task.name, split]
 
     def plan(self, stage: str) -> list[tuple[str, str]]:
         """(task, split) of each dataloader of a stage (``train``, ``val`` or ``test``)."""
