@@ -223,22 +223,19 @@ class TallMasks:
 
     def multitask_vector(self, key: str) -> torch.Tensor:
         """τMTL of one parameter, a tensor of the caller's own (safe to modify)."""
-        return self._masked(key, None, Workspace()).clone()
+        vector = self.store[mtl_key(key)]
+        # a file store reads a fresh tensor; an in-memory one would hand out its own
+        return vector if isinstance(self.store, SafetensorsCheckpoint) else vector.clone()
 
-    def _masked(self, key: str, mask: torch.Tensor | None, workspace: Workspace) -> torch.Tensor:
-        """m ⊙ τMTL (τMTL itself for no mask) of one parameter, as a workspace view."""
-        dtype = tensor_spec(self.store, mtl_key(key)).dtype
-        source = (
-            self.store[mtl_key(key)]
-            if not isinstance(self.store, SafetensorsCheckpoint)
-            else (
-                self.store.read_into(
-                    mtl_key(key), workspace.get("multitask", self.shapes[key], dtype)
-                )
-            )
-        )
-        out = workspace.get("masked", self.shapes[key], dtype)
-        return out.copy_(source) if mask is None else apply_mask(source, mask, out)
+    def _masked(self, key: str, mask: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+        """m ⊙ τMTL of one parameter, as a workspace view (τMTL read into another)."""
+        name, shape = mtl_key(key), self.shapes[key]
+        dtype = tensor_spec(self.store, name).dtype
+        if isinstance(self.store, SafetensorsCheckpoint):
+            source = self.store.read_into(name, workspace.get("multitask", shape, dtype))
+        else:
+            source = self.store[name]
+        return apply_mask(source, mask, workspace.get("masked", shape, dtype))
 
     def density(self, task: str, lam: float | None = None) -> dict[str, float]:
         """Share of each parameter's coordinates that task's mask keeps."""
