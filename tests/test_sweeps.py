@@ -1,0 +1,270 @@
+"""Hyper-parameter search: picking on validation within one run (evaluation.summarize), the
+W&B sweep files in configs/sweeps expanded into the exact commands W&B's agent runs, and the
+local sweep runner (mergelab/sweep.py) end to end and on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli import MERGELAB, TASKS, assets  # noqa: F401  (assets: the mirror fixture)
+
+from mergelab.evaluation import flat_metrics, summarize
+from mergelab.sweep import (
+    SweepError,
+    Trial,
+    agent_command,
+    load_sweep,
+    main,
+    parsed_config,
+    prepare,
+    run_sweep,
+    settings,
+    write_table,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_FILES = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+# a config that parses without network or downloads (--print_config loads nothing)
+OFFLINE_CONFIG = "configs/vit_b32/task_arithmetic.yaml"
+
+
+# --- one run, several settings: picked on validation, reported on test ------------------
+
+# validation prefers 0.3, test would prefer 0.6: the headline must follow validation
+ACCURACY = {
+    "task_arithmetic@0.3": {"val": {"a": 0.9, "b": 0.5}, "test": {"a": 0.6, "b": 0.5}},
+    "task_arithmetic@0.6": {"val": {"a": 0.4, "b": 0.6}, "test": {"a": 0.9, "b": 0.9}},
+}
+
+
+def test_shared_setting_is_the_best_average_on_validation_scored_on_test():
+    results = summarize(ACCURACY, ["a", "b"], "test", choose_per_task=False, reference=None)
+    assert results["picked_on"] == "val"
+    assert results["picked"] == {"a": "task_arithmetic@0.3", "b": "task_arithmetic@0.3"}
+    assert results["headline"]["accuracy"] == {"a": 0.6, "b": 0.5}
+    metrics = flat_metrics(results, "test")
+    assert metrics["test/avg_acc"] == pytest.approx(0.55)
+    assert metrics["val/task_arithmetic@0.3/avg_acc"] == pytest.approx(0.7)
+
+
+def test_per_task_setting_is_each_tasks_best_on_validation_scored_on_test():
+    results = summarize(ACCURACY, ["a", "b"], "test", choose_per_task=True, reference=None)
+    assert results["picked"] == {"a": "task_arithmetic@0.3", "b": "task_arithmetic@0.6"}
+    assert results["headline"]["accuracy"] == {"a": 0.6, "b": 0.9}
+
+
+def test_without_validation_scores_nothing_is_picked():
+    test_only = {name: {"test": by_split["test"]} for name, by_split in ACCURACY.items()}
+    results = summarize(test_only, ["a", "b"], "test", choose_per_task=False, reference=None)
+    assert results["picked_on"] is None
+    assert results["picked"] == {"a": "task_arithmetic@0.3", "b": "task_arithmetic@0.3"}
+
+
+# --- the shipped sweep files --------------------------------------------------------------
+
+
+def dotted(config: dict, name: str):
+    for part in name.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_sweep_file_expands_into_agent_commands_the_cli_accepts(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)  # the agent runs the commands from the repository
+    sweep = load_sweep(path)
+    target = next(ROOT / c for c in sweep.command if str(c).endswith(".yaml"))
+    if not target.is_file():
+        pytest.skip(f"{target.relative_to(ROOT)} is not there yet")
+    assert sweep.metric.startswith("val/") and sweep.goal == "maximize"
+    trial_settings = settings(sweep, count=3 if sweep.method == "random" else None)
+    if sweep.method == "grid":
+        sizes = [len(spec["values"]) for spec in sweep.parameters.values()]
+        assert len(trial_settings) == math.prod(sizes)
+    trials = prepare(sweep, trial_settings, tmp_path)  # each parsed by the CLI, metric checked
+    fixed = [c for c in sweep.command if c != "${args}"]
+    for trial in trials:
+        # W&B's ${args}: --<name>=<value> for every parameter, in the file's order
+        assert trial.command == [*fixed, *(f"--{k}={v}" for k, v in trial.setting.items())]
+    config = parsed_config(sweep, trials[-1].command[1:])
+    for name, value in trials[-1].setting.items():
+        assert dotted(config, name) == value
+
+
+# --- the local runner ---------------------------------------------------------------------
+
+
+def write_sweep(folder: Path, **overrides) -> Path:
+    sweep = {
+        "method": "grid",
+        "metric": {"name": "val/avg_acc", "goal": "maximize"},
+        "parameters": {"merge.scaling_factor": {"values": [0.3, 0.6]}},
+        "command": ["mergelab", "validate", "--config", OFFLINE_CONFIG, "${args}"],
+    } | overrides
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_random_search_is_seeded_and_draws_inside_each_distribution(tmp_path):
+    parameters = {
+        "merge.scaling_factor": {"distribution": "uniform", "min": 0.1, "max": 1.0},
+        "merge.k": {"min": 1, "max": 4},
+        "merge.tall_lambda": {"distribution": "log_uniform_values", "min": 0.2, "max": 0.8},
+        "merge.threshold_quantile": {"values": [0.9, 0.99], "probabilities": [0.5, 0.5]},
+        "merge.method": {"value": "consensus"},
+    }
+    sweep = load_sweep(write_sweep(tmp_path, method="random", parameters=parameters))
+    drawn = settings(sweep, count=20, seed=1)
+    assert drawn == settings(sweep, count=20, seed=1) != settings(sweep, count=20, seed=2)
+    for setting in drawn:
+        assert 0.1 <= setting["merge.scaling_factor"] <= 1.0
+        assert setting["merge.k"] in {1, 2, 3, 4}
+        assert 0.2 <= setting["merge.tall_lambda"] <= 0.8
+        assert setting["merge.threshold_quantile"] in {0.9, 0.99}
+        assert setting["merge.method"] == "consensus"
+
+
+def test_grid_is_every_combination_and_count_or_run_cap_cut_it(tmp_path):
+    parameters = {"merge.k": {"min": 1, "max": 3}, "merge.scaling_factor": {"values": [0.3, 1]}}
+    sweep = load_sweep(write_sweep(tmp_path, parameters=parameters, run_cap=5))
+    grid = [{"merge.k": k, "merge.scaling_factor": f} for k in (1, 2, 3) for f in (0.3, 1)]
+    assert settings(sweep) == grid[:5]
+    assert len(settings(sweep, count=2)) == 2
+
+
+def test_agent_command_fills_wandb_macros(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGELAB_SWEEP_TEST_CONFIG", OFFLINE_CONFIG)
+    command = ["${env}", "mergelab", "validate", "-c", "${envvar:MERGELAB_SWEEP_TEST_CONFIG}"]
+    sweep = load_sweep(write_sweep(tmp_path, command=[*command, "${args}"]))
+    assert agent_command(sweep, {"merge.k": 3, "merge.ties": 0.2}) == [
+        "/usr/bin/env", "mergelab", "validate", "-c", OFFLINE_CONFIG,
+        "--merge.k=3", "--merge.ties=0.2",
+    ]  # fmt: skip
+
+
+def test_sweep_runs_each_trial_in_its_own_folder_and_tables_them(assets, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(assets)
+    monkeypatch.setenv("HF_HUB_CACHE", str(assets / "hub"))
+    command = ["mergelab", "validate", "-c", "base.yaml", "--merge.method=trust_region"]
+    parameters = {"merge.threshold_quantile": {"values": [0.5, 1.0]}}
+    path = write_sweep(tmp_path, command=[*command, "${args}"], parameters=parameters)
+    output = tmp_path / "out"
+    assert main([str(path), "--output", str(output)]) == 0
+
+    with open(output / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["merge.threshold_quantile"] for row in rows] == ["0.5", "1.0"]
+    for row in rows:
+        trial = output / f"trial_{int(row['trial']):03d}"
+        run = Path(row["run"])
+        assert run.is_relative_to(trial)
+        results = json.loads((run / "results_val.json").read_text())
+        assert results["settings"]["threshold_quantile"] == float(row["merge.threshold_quantile"])
+        assert float(row["val/avg_acc"]) == pytest.approx(results["headline"]["avg_acc"], 1e-4)
+        assert list(trial.glob("wandb/offline-run-*"))  # W&B's run is in the trial too
+    best = max(rows, key=lambda row: float(row["val/avg_acc"]))
+    assert [row["trial"] for row in rows if row["status"] == "best"] == [best["trial"]]
+    assert f"| **{best['trial']}** |" in (output / "results.md").read_text()
+    assert not (assets / "lightning_logs").exists()
+
+
+def test_failed_trial_is_reported_and_the_next_still_runs(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path))
+    run = tmp_path / "trial_002" / "task_arithmetic" / "version_0"
+    writes_metrics = (
+        f"import pathlib; run = pathlib.Path({str(run)!r}); run.mkdir(parents=True); "
+        "(run / 'metrics.csv').write_text('val/avg_acc,step\\n0.25,0\\n')"
+    )
+    trials = [
+        Trial(1, {"merge.scaling_factor": 0.3}, [sys.executable, "-c", "exit(3)"],
+              tmp_path / "trial_001", ""),
+        Trial(2, {"merge.scaling_factor": 0.6}, [sys.executable, "-c", writes_metrics],
+              tmp_path / "trial_002", ""),
+    ]  # fmt: skip
+    run_sweep(sweep, trials)
+    assert trials[0].status.startswith("failed (exit 3") and trials[0].metric is None
+    assert (trials[1].status, trials[1].metric, trials[1].run_dir) == ("ok", 0.25, run)
+
+
+@pytest.mark.parametrize("goal, best", [("maximize", 2), ("minimize", 1)])
+def test_table_marks_the_best_finished_trial_for_the_goal(goal, best, tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, metric={"name": "val/avg_acc", "goal": goal}))
+    trials = [
+        Trial(1, {"merge.scaling_factor": 0.3}, [], tmp_path, "", 0.5, "ok"),
+        Trial(2, {"merge.scaling_factor": 0.6}, [], tmp_path, "", 0.7, "ok"),
+        Trial(3, {"merge.scaling_factor": 0.9}, [], tmp_path, "", 0.9, "failed (exit 1)"),
+    ]
+    table = write_table(sweep, trials, tmp_path)
+    with open(tmp_path / "results.csv", newline="") as f:
+        status = [row["status"] for row in csv.DictReader(f)]
+    expected = [t.status for t in trials]
+    expected[best - 1] = "best"
+    assert status == expected
+    assert f"| **{best}** |" in table
+
+
+BAD_SWEEPS = {
+    "unknown parameter": (
+        {"parameters": {"merge.scaling_factr": {"values": [0.3]}}},
+        "merge.scaling_factr",
+    ),
+    "value the CLI refuses": ({"parameters": {"merge.k": {"values": ["two"]}}}, "merge.k"),
+    "metric never logged": ({"metric": {"name": "val/avg_accuracy"}}, "val/avg_accuracy"),
+    "test metric of a validate run": ({"metric": {"name": "test/avg_acc"}}, "test/avg_acc"),
+    "unknown key": ({"paramters": {}}, "unknown key 'paramters'"),
+    "bayes": ({"method": "bayes"}, "method 'bayes'"),
+    "no metric": ({"metric": None}, "metric.name is missing"),
+    "bad goal": ({"metric": {"name": "val/avg_acc", "goal": "max"}}, "metric.goal 'max'"),
+    "empty values": ({"parameters": {"merge.k": {"values": []}}}, "parameters.merge.k"),
+    "min above max": (
+        {"parameters": {"merge.k": {"min": 4, "max": 1}}},
+        "parameters.merge.k: min < max",
+    ),
+    "null value": ({"parameters": {"merge.ties": {"values": [None, 0.2]}}}, "merge.ties"),
+    "unknown distribution": (
+        {"parameters": {"merge.k": {"distribution": "zipf", "min": 1, "max": 4}}},
+        "distribution 'zipf'",
+    ),
+    "nested parameters": (
+        {"parameters": {"merge": {"parameters": {"k": {"values": [1]}}}}},
+        "nested parameters",
+    ),
+    "grid over a continuous range": (
+        {"parameters": {"merge.scaling_factor": {"min": 0.1, "max": 1.0}}},
+        "grid search needs values",
+    ),
+    "random without count": ({"method": "random"}, "--count"),
+    "not a mergelab command": ({"command": ["python", "train.py", "${args}"]}, "train.py"),
+    "not an evaluation": ({"command": ["mergelab", "fit", "${args}"]}, "mergelab fit"),
+}
+
+
+@pytest.mark.parametrize("overrides, message", BAD_SWEEPS.values(), ids=list(BAD_SWEEPS))
+def test_bad_sweep_is_refused_before_the_first_trial(
+    overrides, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(ROOT)
+    path = write_sweep(tmp_path, **overrides)
+    output = tmp_path / "out"
+    assert main([str(path), "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert str(path) in error and message in error
+    assert not output.exists()
+
+
+def test_unreadable_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(SweepError, match=r"missing\.yaml"):
+        load_sweep(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: grid\nparameters: [unclosed\n")
+    with pytest.raises(SweepError, match=r"broken\.yaml: not valid YAML"):
+        load_sweep(broken)
