@@ -3,11 +3,13 @@
 Every single-model method yields a merged task vector δ, parameter by parameter, and
 :func:`build_models` turns it into θ0 + λ·δ for each scaling factor λ (Task Arithmetic:
 δ = Σ τt; trust region: δ = mask ⊙ Σ τt; consensus: δ = mcons ⊙ τMTL). Each model is
-built from the untouched θ0, so a list of factors gives independent models.
+built from the untouched θ0, so a list of factors gives independent models. A model
+computed otherwise (TALL retrieval: θ0 + mt ⊙ τMTL) is streamed by :func:`fill_model`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from mergelab.io.checkpoints import (
     SafetensorsCheckpoint,
     SafetensorsWriter,
+    TensorSpec,
     check_writable,
     open_checkpoint,
     read_into,
@@ -72,6 +75,33 @@ def output_paths(output, count: int, overwrite: bool) -> list[Path | None]:
     return [check_writable(p, overwrite) for p in paths]
 
 
+@contextlib.contextmanager
+def _model_sinks(
+    outputs: Sequence[Path | None],
+    specs: Mapping[str, TensorSpec],
+    metadata: Mapping[str, str] | None,
+    overwrite: bool,
+) -> Iterator[list[StateDict | SafetensorsWriter]]:
+    """One sink per output: a dict to fill, or a writer, whose temporary file is removed
+    if anything fails before the caller closes it."""
+    sinks: list = []
+    try:
+        for path in outputs:
+            sinks.append(
+                {} if path is None else SafetensorsWriter(path, specs, metadata, overwrite)
+            )
+        yield sinks
+    except BaseException:
+        for sink in sinks:
+            if isinstance(sink, SafetensorsWriter):
+                sink.abort()
+        raise
+
+
+def _closed(sinks: Sequence[StateDict | SafetensorsWriter]) -> list[StateDict | Path]:
+    return [sink if isinstance(sink, dict) else sink.close() for sink in sinks]
+
+
 def build_models(
     pretrained: Mapping[str, torch.Tensor],
     merged_keys: Iterable[str],
@@ -92,12 +122,7 @@ def build_models(
     """
     merged = frozenset(merged_keys)
     specs = {key: tensor_spec(pretrained, key) for key in pretrained}
-    sinks: list = []
-    try:
-        for path in outputs:
-            sinks.append(
-                {} if path is None else SafetensorsWriter(path, specs, metadata, overwrite)
-            )
+    with _model_sinks(outputs, specs, metadata, overwrite) as sinks:
         last = len(sinks) - 1
         own_pretrained = isinstance(pretrained, SafetensorsCheckpoint)
         for key in progress(list(specs), desc):
@@ -112,13 +137,37 @@ def build_models(
             else:
                 for sink in sinks:
                     sink[key] = theta0.clone()
-        results = [sink if isinstance(sink, dict) else sink.close() for sink in sinks]
-    except BaseException:
-        for sink in sinks:
-            if isinstance(sink, SafetensorsWriter):
-                sink.abort()
-        raise
-    return results
+        return _closed(sinks)
+
+
+def fill_model(
+    pretrained: Mapping[str, torch.Tensor],
+    merged_keys: Iterable[str],
+    fill: Callable[[str, torch.Tensor], None],
+    output: Path | None,
+    overwrite: bool = False,
+    desc: str = "merge",
+) -> StateDict | Path:
+    """One model streamed key by key: ``fill(key, out)`` writes each merged parameter into
+    ``out`` (θ0's shape and dtype; a new tensor in memory, a reused buffer when streamed
+    to a file); the other keys of θ0 are copied."""
+    merged = frozenset(merged_keys)
+    specs = {key: tensor_spec(pretrained, key) for key in pretrained}
+    workspace = Workspace()
+    with _model_sinks([output], specs, None, overwrite) as [sink]:
+        for key in progress(list(specs), desc):
+            spec = specs[key]
+            if key not in merged:
+                sink[key] = pretrained[key].detach().clone()
+                continue
+            if isinstance(sink, dict):
+                out = torch.empty(spec.shape, dtype=spec.dtype)
+            else:
+                out = workspace.get("model", spec.shape, spec.dtype)
+            fill(key, out)
+            sink[key] = out
+        [result] = _closed([sink])
+        return result
 
 
 def single_or_list(results: list, scaling_factor) -> StateDict | list:

@@ -6,6 +6,7 @@ import hashlib
 import os
 from collections.abc import Iterator, Mapping
 
+import numpy as np
 import torch
 
 from mergelab.io.checkpoints import TensorSpec, open_checkpoint, read_into, tensor_spec
@@ -16,6 +17,11 @@ CheckpointSource = str | os.PathLike | Mapping[str, torch.Tensor]
 # Columns per block: T + 1 rows of 2**16 float32 values stay in a core's L2 cache while a
 # rule's few elementwise passes run over them, instead of streaming through memory.
 CHUNK = 1 << 16
+
+
+def flat_blocks(numel: int, size: int, every: int = 1) -> list[slice]:
+    """Slices of ``size`` elements over ``numel`` (the last one shorter), every ``every``-th."""
+    return [slice(start, min(start + size, numel)) for start in range(0, numel, size * every)]
 
 
 class ModelPool:
@@ -64,30 +70,44 @@ class ModelPool:
     def compute_dtype(self, key: str) -> torch.dtype:
         return torch.promote_types(self.specs[key].dtype, torch.float32)
 
+    def blocks(self, key: str, every: int = 1) -> list[slice]:
+        """Flat slices of :attr:`chunk` columns over one parameter (every ``every``-th only)."""
+        return flat_blocks(self.specs[key].numel, self.chunk, every)
+
+    def read_task_vectors(self, key: str, part: slice, workspace: Workspace) -> torch.Tensor:
+        """τ[:, part], τ = θt − θ0 stacked as [T, part size], in a view of ``workspace``
+        (overwritten by its next use). Callers check what they reduce it to with
+        :meth:`check_finite`.
+
+        The subtraction runs in numpy (the same IEEE result as torch), single-threaded, so
+        that :class:`~mergelab.workspace.BlockWorkers` threads can call it side by side.
+        """
+        sources = [self.pretrained, *self.finetuned.values()]
+        size = part.stop - part.start
+        block = workspace.get("models", (len(sources), self.chunk), self.compute_dtype(key))
+        block = block[:, :size]
+        for row, checkpoint in zip(block, sources, strict=True):
+            read_into(checkpoint, key, row, part.start, part.stop)
+        rows = block.numpy()
+        np.subtract(rows[1:], rows[0], out=rows[1:])
+        return block[1:]
+
     def task_vector_chunks(
         self, key: str, workspace: Workspace, every: int = 1
     ) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(flat slice, τ[:, slice]) over one parameter, τ = θt − θ0 stacked as [T, chunk];
-        only every ``every``-th chunk when sampling.
-
-        Each block is a workspace view, overwritten by the next. Callers check what they
-        reduce it to with :meth:`check_finite`.
-        """
-        numel, dtype, chunk = self.specs[key].numel, self.compute_dtype(key), self.chunk
-        sources = [self.pretrained, *self.finetuned.values()]
-        for start in range(0, numel, chunk * every):
-            stop = min(start + chunk, numel)
-            block = workspace.get("models", (len(sources), chunk), dtype)[:, : stop - start]
-            for row, checkpoint in zip(block, sources, strict=True):
-                read_into(checkpoint, key, row, start, stop)
-            yield slice(start, stop), block[1:].sub_(block[0])
+        """(flat slice, τ[:, slice]) over one parameter, block by block (see
+        :meth:`read_task_vectors`); only every ``every``-th block when sampling."""
+        for part in self.blocks(key, every):
+            yield part, self.read_task_vectors(key, part, workspace)
 
     def check_finite(self, key: str, taus: torch.Tensor, summary: torch.Tensor) -> None:
         """Raise, naming the task, if ``summary`` (a reduction over the task vectors ``taus``
         that any NaN or Inf in them makes non-finite) is not finite. One sum of it decides
-        in the common case; the element-wise checks run only when that sum is not finite."""
-        if torch.isfinite(summary.sum()) or torch.isfinite(summary).all():
-            return
+        in the common case (in numpy, which starts no threads); the element-wise checks run
+        only when that sum is not finite."""
+        with np.errstate(all="ignore"):  # overflow to Inf is what the check looks for
+            if np.isfinite(summary.numpy().sum()) or torch.isfinite(summary).all():
+                return
         for task, row in zip(self.tasks, taus, strict=True):
             if not torch.isfinite(row).all():
                 raise ValueError(f"task vector of {task!r} has NaN or Inf values at {key!r}")

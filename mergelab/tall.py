@@ -9,6 +9,7 @@ chosen, each task's λ.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from mergelab.io.checkpoints import (
     TensorSpec,
     check_writable,
     open_checkpoint,
+    read_into,
     save_state_dict,
     tensor_spec,
 )
@@ -30,21 +32,30 @@ from mergelab.merge import (
     StateDict,
     as_factor_list,
     build_models,
+    fill_model,
     output_paths,
     progress,
     single_or_list,
 )
 from mergelab.merging.consensus import consensus_mask
 from mergelab.merging.quantile import RadixSelect
-from mergelab.merging.tall_masks import apply_mask, pack_mask, tall_masks, unpack_mask
-from mergelab.merging.task_arithmetic import task_vector_sum
+from mergelab.merging.tall_masks import (
+    add_masked,
+    apply_mask,
+    pack_tall_masks,
+    sum_in_order,
+    unpack_mask,
+)
 from mergelab.merging.ties import ties_rank, ties_vector
-from mergelab.pool import CheckpointSource, ModelPool
-from mergelab.workspace import Workspace
+from mergelab.pool import CheckpointSource, ModelPool, flat_blocks
+from mergelab.workspace import BlockWorkers, Workspace
 
 # The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 FORMAT = "mergelab.tall_masks/1"
+# Retrieval blocks, in ModelPool chunks: a retrieval does little work per element, so
+# larger blocks keep the per-block call overhead small.
+RETRIEVE_BLOCKS = 4
 
 
 def _lambda_name(lam: float) -> str:
@@ -140,33 +151,43 @@ class TallMasks:
                     specs[mask_key(task, lam, key)] = packed
         thresholds = None if ties is None else _ties_thresholds(pool, ties)
 
-        sink = (
-            {}
-            if output is None
-            else SafetensorsWriter(output, specs, {"mergelab": json.dumps(info)}, overwrite)
-        )
+        in_memory = output is None
+        metadata = {"mergelab": json.dumps(info)}
+        sink = {} if in_memory else SafetensorsWriter(output, specs, metadata, overwrite)
         workspace = Workspace()
+
+        def build_block(
+            key: str, mtl: torch.Tensor, packed: torch.Tensor, workers: BlockWorkers, part: slice
+        ) -> None:
+            scratch = workers.workspace()
+            taus = pool.read_task_vectors(key, part, scratch)
+            block = sum_in_order(taus, mtl[part])
+            pool.check_finite(key, taus, block)
+            if thresholds is not None:
+                block.copy_(ties_vector(taus, thresholds))
+            # blocks start at multiples of 8, so packed blocks concatenate exactly
+            bits = slice(part.start // 8, (part.stop + 7) // 8)
+            pack_tall_masks(taus, block, lambdas, packed[:, :, bits], scratch)
+
         try:
-            for key in progress(pool.merged_keys, "TALL masks"):
-                spec = pool.specs[key]
-                mtl = torch.empty(spec.numel, dtype=pool.compute_dtype(key))
-                packed = torch.empty(
-                    len(lambdas), len(pool.tasks), (spec.numel + 7) // 8, dtype=torch.uint8
-                )
-                for part, taus in pool.task_vector_chunks(key, workspace):
-                    block = mtl[part]
-                    pool.check_finite(key, taus, task_vector_sum(taus, out=block))
-                    if thresholds is not None:
-                        block.copy_(ties_vector(taus, thresholds))
-                    # chunks start at multiples of 8, so packed chunks concatenate exactly
-                    start = part.start // 8
-                    for rows, masks in zip(packed, tall_masks(taus, block, lambdas), strict=True):
-                        bits = pack_mask(masks)
-                        rows[:, start : start + bits.shape[1]] = bits
-                sink[mtl_key(key)] = mtl.view(spec.shape)
-                for t, task in enumerate(pool.tasks):
-                    for lam, rows in zip(lambdas, packed, strict=True):
-                        sink[mask_key(task, lam, key)] = rows[t]
+            with BlockWorkers() as workers:
+                for key in progress(pool.merged_keys, "TALL masks"):
+                    spec = pool.specs[key]
+                    mtl_shape = (spec.numel,)
+                    packed_shape = (len(lambdas), len(pool.tasks), (spec.numel + 7) // 8)
+                    # streamed to a file, both are written out before the next key reuses them
+                    if in_memory:
+                        mtl = torch.empty(mtl_shape, dtype=pool.compute_dtype(key))
+                        packed = torch.empty(packed_shape, dtype=torch.uint8)
+                    else:
+                        mtl = workspace.get("multitask", mtl_shape, pool.compute_dtype(key))
+                        packed = workspace.get("packed", packed_shape, torch.uint8)
+                    work = functools.partial(build_block, key, mtl, packed, workers)
+                    workers.run(work, pool.blocks(key))
+                    sink[mtl_key(key)] = mtl.view(spec.shape)
+                    for t, task in enumerate(pool.tasks):
+                        for lam, rows in zip(lambdas, packed, strict=True):
+                            sink[mask_key(task, lam, key)] = rows[t]
         except BaseException:
             if isinstance(sink, SafetensorsWriter):
                 sink.abort()
@@ -274,17 +295,46 @@ class TallMasks:
         self._check_pretrained(pretrained)
         [path] = output_paths(output, 1, overwrite)
 
-        workspace = Workspace()
-        [model] = build_models(
-            pretrained,
-            self.shapes,
-            lambda key: self._masked(key, self.mask(task, lam, key), workspace),
-            [1.0],
-            [path],
-            overwrite,
-            desc=f"retrieve {task}",
-        )
-        return model
+        with BlockWorkers() as workers:
+            return fill_model(
+                pretrained,
+                self.shapes,
+                functools.partial(self._retrieve_into, pretrained, task, lam, workers),
+                path,
+                overwrite,
+                desc=f"retrieve {task}",
+            )
+
+    def _retrieve_into(
+        self,
+        pretrained: Mapping[str, torch.Tensor],
+        task: str,
+        lam: float,
+        workers: BlockWorkers,
+        key: str,
+        out: torch.Tensor,
+    ) -> None:
+        """θ0 + mt ⊙ τMTL of one parameter into ``out``, in blocks spread over ``workers``:
+        θ0 is read straight into ``out`` (into a buffer first where its dtype is not τMTL's,
+        the one computed in) and the masked τMTL added in place."""
+        packed = self.store[mask_key(task, lam, key)]  # 1/32 of τMTL's size: read whole
+        name = mtl_key(key)
+        dtype = tensor_spec(self.store, name).dtype
+        flat = out.view(-1)
+
+        def fill_block(part: slice) -> None:
+            scratch = workers.workspace()
+            size = part.stop - part.start
+            direct = out.dtype == dtype
+            target = flat[part] if direct else scratch.get("pretrained", (size,), dtype)
+            read_into(pretrained, key, target, part.start, part.stop)
+            vector = scratch.get("multitask", (size,), dtype)
+            read_into(self.store, name, vector, part.start, part.stop)
+            add_masked(target, vector, packed[part.start // 8 : (part.stop + 7) // 8], scratch)
+            if not direct:
+                flat[part] = target
+
+        workers.run(fill_block, flat_blocks(out.numel(), RETRIEVE_BLOCKS * ModelPool.chunk))
 
     def choose_lambdas(self, scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
         """Each task's λ with the best validation score (the smallest λ on a tie)."""

@@ -85,9 +85,11 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:
+        # os.close bound at definition: __del__ may run at interpreter exit, after the
+        # os module's globals are cleared
         if self._fd is not None:
-            os.close(self._fd)
+            _close(self._fd)
             self._fd = None
 
     def __del__(self) -> None:
