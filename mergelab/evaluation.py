@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
+from mergelab.embedded import resolve
 from mergelab.models.clip import load_clip, load_image_encoder
 from mergelab.models.heads import zero_shot_head
 from mergelab.pool import ModelPool
@@ -209,7 +210,7 @@ def _reference_accuracy(value: dict[str, float] | str | None) -> dict[str, float
     """Fine-tuned accuracies given directly or read from a results.json."""
     if value is None or isinstance(value, Mapping):
         return dict(value) if value else None
-    path = Path(value)
+    path = Path(resolve(value))
     if not path.is_file():
         raise FileNotFoundError(f"finetuned_accuracy: {path} not found")
     data = json.loads(path.read_text())

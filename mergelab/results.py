@@ -71,26 +71,34 @@ def _row(name: str, accs: list[float], tasks: list[str], reference) -> list[str]
 
 def bar_chart(results: Mapping, path: Path) -> Path:
     """Per-task accuracy of every variant (and the headline), grouped by task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stage, tasks = results["stage"], results["tasks"]
     series = {name: [s[stage][t] for t in tasks] for name, s in results["accuracy"].items()}
     if len(series) > 1:
         series["picked"] = [results["headline"]["accuracy"][t] for t in tasks]
     if results.get("finetuned_accuracy"):
         series["fine-tuned"] = [results["finetuned_accuracy"][t] for t in tasks]
+    title = f"mergelab: {results['variants_description'].get('method')}"
+    return grouped_bars(series, tasks, f"{stage} top-1 accuracy (%)", title, path)
+
+
+def grouped_bars(
+    series: Mapping[str, list[float]], groups: list[str], ylabel: str, title: str, path: Path
+) -> Path:
+    """A bar chart of accuracies in [0, 1]: one group of bars per label, one bar per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 2), 4))
     for i, (name, values) in enumerate(series.items()):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))]
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
         ax.bar(xs, [100 * v for v in values], width, label=name)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    ax.set_ylabel(f"{stage} top-1 accuracy (%)")
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    ax.set_title(f"mergelab: {results['variants_description'].get('method')}")
+    ax.set_title(title)
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
@@ -98,6 +106,47 @@ def bar_chart(results: Mapping, path: Path) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def picked_setting(results: Mapping) -> str:
+    """The headline's variant, or ``per task`` when tasks picked different ones."""
+    picked = set(results["picked"].values())
+    return picked.pop() if len(picked) == 1 else "per task (val)"
+
+
+def comparison_table(runs: Mapping[str, Mapping]) -> str:
+    """One row per run (its headline on the test split): method, per-task accuracy,
+    average, normalised average and the setting picked on validation."""
+    tasks = next(iter(runs.values()))["tasks"]
+    header = ["method", *tasks, "avg", "normalized avg", "picked"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, results in runs.items():
+        headline = results["headline"]
+        cells = [method, *(f"{100 * headline['accuracy'][t]:.1f}" for t in tasks)]
+        cells.append(f"{100 * headline['avg_acc']:.1f}")
+        normalized = headline.get("avg_normalized_acc")
+        cells.append("" if normalized is None else f"{100 * normalized:.1f}")
+        cells.append(picked_setting(results))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(runs: Mapping[str, Mapping], folder: Path) -> dict[str, Path]:
+    """summary.json (each run's results document), summary.md and summary.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = next(iter(runs.values()))["tasks"]
+    series = {
+        method: [r["headline"]["accuracy"][t] for t in tasks] + [r["headline"]["avg_acc"]]
+        for method, r in runs.items()
+    }
+    documents = {method: results_document(r) for method, r in runs.items()}
+    return {
+        "json": _atomic_write(folder / "summary.json", json.dumps(documents, indent=2)),
+        "markdown": _atomic_write(folder / "summary.md", comparison_table(runs)),
+        "plot": grouped_bars(
+            series, [*tasks, "avg"], "test top-1 accuracy (%)", "mergelab", folder / "summary.png"
+        ),
+    }
 
 
 def write_report(results: Mapping, folder: Path) -> dict[str, Path]:

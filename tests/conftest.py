@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # deadline=None: the first example of a test pays torch's warm-up; 40 examples per
@@ -24,3 +25,19 @@ settings.register_profile(
 )
 settings.register_profile("thorough", deadline=None, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mergelab"))
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the embedded benchmark's ``test`` preset, built once per
+    session. Runs find it with MERGELAB_CACHE=<folder> MERGELAB_EMBEDDED_PRESET=test."""
+    from mergelab.embedded.build import EmbeddedBenchmark
+
+    cache = tmp_path_factory.mktemp("embedded-cache")
+    EmbeddedBenchmark("test", str(cache)).ensure()
+    return cache
+
+
+def embedded_env(cache: Path) -> dict[str, str]:
+    """The environment of a subprocess that uses the ``test`` preset in ``cache``."""
+    return dict(os.environ, MERGELAB_CACHE=str(cache), MERGELAB_EMBEDDED_PRESET="test")

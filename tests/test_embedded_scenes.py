@@ -5,7 +5,16 @@ import numpy as np
 import torch
 
 from mergelab.data import TaskDataModule
-from mergelab.embedded.scenes import FACTORS, TASKS, caption, render, sample_factors, write_tasks
+from mergelab.embedded.scenes import (
+    DOMAINS,
+    FACTORS,
+    IMAGE_SIZE,
+    TASKS,
+    caption,
+    render,
+    sample_factors,
+    write_tasks,
+)
 from mergelab.tasks import load_task
 
 
@@ -26,7 +35,20 @@ def test_scenes_are_a_function_of_the_seed():
     first = [np.asarray(render(sample_factors(r), r)) for r in [np.random.default_rng(5)] * 3]
     again = [np.asarray(render(sample_factors(r), r)) for r in [np.random.default_rng(5)] * 3]
     for a, b in zip(first, again, strict=True):
-        assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+        assert a.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and np.array_equal(a, b)
+
+
+def test_each_task_draws_from_its_own_domain():
+    rng = np.random.default_rng(2)
+    for task in TASKS:
+        seen = {f.name: set() for f in FACTORS}
+        for _ in range(300):
+            for name, value in sample_factors(rng, task).items():
+                seen[name].add(value)
+        for factor in FACTORS:
+            allowed = DOMAINS[task].get(factor.name, range(len(factor.classnames)))
+            assert seen[factor.name] == set(allowed), (task, factor.name)
+        assert len(seen[task]) == len(next(f for f in FACTORS if f.name == task).classnames)
 
 
 def test_factors_change_the_image():
@@ -50,7 +72,7 @@ def test_written_tasks_load_like_hub_datasets(tmp_path):
         test = data.split(spec, "test")
         labels = [test[i][1] for i in range(len(test))]
         assert len(test) == 12 and all(0 <= y < len(factor.classnames) for y in labels)
-        assert test[0][0].shape == (3, 32, 32)
+        assert test[0][0].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
         assert len(data.split(spec, "train")) + len(data.split(spec, "val")) == 30
     # rebuilt from the same seed: the same images and labels
     again = write_tasks(tmp_path / "again", {"train": 30, "test": 12}, seed=1)

@@ -21,7 +21,7 @@ import yaml
 
 from mergelab.io.hub_layout import write_image_split
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 64
 _SCALE = 4  # drawn at 4× and downsampled, so edges are anti-aliased
 
 
@@ -64,6 +64,21 @@ FACTORS = (
 )
 TASKS = tuple(f.name for f in FACTORS)
 
+# Each task's visual domain: the classes its images may take in the other factors (a
+# factor not named varies freely). Distinct domains make the tasks' images differ, as the
+# real benchmark's datasets do, and keep the labelled factor visible: shapes are told
+# apart on one large object, counts on small ones.
+DOMAINS: dict[str, dict[str, tuple[int, ...]]] = {
+    "shape": {"count": (0,), "size": (2,), "fill": (0, 1)},
+    "colour": {"fill": (0,), "stripes": (0,)},
+    "count": {"size": (0, 1), "fill": (0,)},
+    "size": {"count": (0, 1), "stripes": (0,)},
+    "position": {"count": (0, 1), "size": (1, 2)},
+    "fill": {"count": (0,), "size": (2,), "stripes": (0,)},
+    "background": {"stripes": (1, 2, 3), "size": (0,)},
+    "stripes": {"count": (0,), "size": (0,), "background": (0, 1)},
+}
+
 _RGB = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -76,12 +91,20 @@ _RGB = {
     "gray": (128, 128, 128),
     "brown": (120, 80, 40),
 }
-_SIZES = {"small": 5, "medium": 8, "large": 11}  # object radius in pixels at 32 px
+# object radius as a fraction of the image side: the largest object fills a quarter of
+# its quadrant, so up to four never overlap (one per cell of the quadrant's 2 × 2 grid)
+_RADIUS = {"small": 0.0625, "medium": 0.09, "large": 0.118}
+_STRIPE_PERIOD = 1 / 8  # of the image side
 
 
-def sample_factors(rng: np.random.Generator) -> dict[str, int]:
-    """One class index per factor."""
-    return {f.name: int(rng.integers(len(f.classnames))) for f in FACTORS}
+def sample_factors(rng: np.random.Generator, task: str | None = None) -> dict[str, int]:
+    """One class index per factor, drawn from a task's domain (any scene if ``task`` is None)."""
+    domain = DOMAINS[task] if task is not None else {}
+    scene = {}
+    for factor in FACTORS:
+        allowed = domain.get(factor.name, range(len(factor.classnames)))
+        scene[factor.name] = int(allowed[rng.integers(len(allowed))])
+    return scene
 
 
 def _name(factors: dict[str, int], factor: str) -> str:
@@ -115,12 +138,12 @@ def render(factors: dict[str, int], rng: np.random.Generator):
     if stripes != "plain":
         ys, xs = np.mgrid[0:size, 0:size]
         coordinate = {"horizontal": ys, "vertical": xs, "diagonal": xs + ys}[stripes]
-        band = (coordinate // (3 * _SCALE)) % 2 == 0
+        band = (coordinate // int(size * _STRIPE_PERIOD / 2)) % 2 == 0
         pixels[band] = 0.6 * pixels[band] + 0.4 * (255 - background)
     image = Image.fromarray(pixels.astype(np.uint8))
     draw = ImageDraw.Draw(image)
 
-    radius = _SIZES[_name(factors, "size")] * _SCALE
+    radius = round(_RADIUS[_name(factors, "size")] * size)
     colour = _RGB[_name(factors, "colour")]
     top, left = {
         "top left": (0, 0),
@@ -128,10 +151,12 @@ def render(factors: dict[str, int], rng: np.random.Generator):
         "bottom left": (1, 0),
         "bottom right": (1, 1),
     }[_name(factors, "position")]
-    half = size // 2
-    for _ in range(factors["count"] + 1):
-        cy = top * half + rng.integers(radius // 2, half - radius // 2 + 1)
-        cx = left * half + rng.integers(radius // 2, half - radius // 2 + 1)
+    cell = size // 4  # the quadrant's 2 × 2 grid; one object per cell
+    cells = rng.permutation(4)[: factors["count"] + 1]
+    slack = max(0, cell // 2 - radius)
+    for index in cells:
+        cy = (2 * top + index // 2) * cell + cell // 2 + int(rng.integers(-slack, slack + 1))
+        cx = (2 * left + index % 2) * cell + cell // 2 + int(rng.integers(-slack, slack + 1))
         _draw_object(draw, _name(factors, "shape"), _name(factors, "fill"), cx, cy, radius, colour)
     noise = rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
     small = np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32)
@@ -139,7 +164,7 @@ def render(factors: dict[str, int], rng: np.random.Generator):
 
 
 def _draw_object(draw, shape: str, fill: str, cx: int, cy: int, r: int, colour) -> None:
-    width = max(2, r // 3)
+    width = max(2, r // 4)
     solid = colour if fill == "solid" else None
     outline = colour
     if shape == "circle":
@@ -168,13 +193,13 @@ def write_tasks(root: str | os.PathLike, sizes: dict[str, int], seed: int = 0) -
         folder = root / "data" / factor.name
         for split_index, (split, count) in enumerate(sizes.items()):
             rng = np.random.default_rng([seed, index, split_index])
-            scenes = [sample_factors(rng) for _ in range(count)]
+            scenes = [sample_factors(rng, factor.name) for _ in range(count)]
             images = [render(scene, rng) for scene in scenes]
             labels = [scene[factor.name] for scene in scenes]
             write_image_split(folder, split, images, labels)
         spec = {
             "name": factor.name,
-            "dataset": str(folder.resolve()),
+            "dataset": f"../data/{factor.name}",  # relative: the folder may move
             "classnames": list(factor.classnames),
             "templates": list(factor.templates),
         }

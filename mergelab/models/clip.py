@@ -20,6 +20,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from mergelab.embedded import resolve
 from mergelab.io.checkpoints import SafetensorsCheckpoint, open_checkpoint, save_state_dict
 from mergelab.models.hf_clip import convert_clip_vision_state_dict, is_clip_vision_state_dict
 
@@ -66,8 +67,9 @@ def load_clip(
     ``model_config``: an open_clip model config JSON to register first; its file stem is
     the architecture name.
     """
+    pretrained = resolve(pretrained)
     if model_config is not None:
-        path = Path(model_config)
+        path = Path(resolve(str(model_config)))
         if not path.is_file():
             raise FileNotFoundError(f"open_clip model config not found: {path}")
         open_clip.add_model_config(path)
@@ -143,7 +145,7 @@ def load_image_encoder(
     ``pretrained_visual`` gives the expected keys and the projection that Hugging Face
     vision models lack. Converted checkpoints are cached under ``<cache>/encoders``.
     """
-    path = Path(source)
+    path = Path(resolve(str(source)))
     if not path.exists():
         path = _hub_snapshot(str(source))
     if path.suffix == ".safetensors":

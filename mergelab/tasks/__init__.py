@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from mergelab.embedded import resolve
+
 BUILTIN = Path(__file__).with_name("builtin")
 
 # The eight vision tasks of Ilharco et al. (2023) in the protocol's order.
@@ -49,8 +51,11 @@ def builtin_tasks() -> list[str]:
 
 
 def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
-    """A built-in task by name, or a task from a YAML file path."""
-    path = Path(name_or_path)
+    """A built-in task by name, or a task from a YAML file path (or ``embedded:tasks/<task>``).
+
+    A ``dataset`` that starts with ``./`` or ``../`` is a folder relative to the file.
+    """
+    path = Path(resolve(str(name_or_path)))
     if path.suffix not in (".yaml", ".yml"):
         path = BUILTIN / f"{name_or_path}.yaml"
         if not path.is_file():
@@ -60,7 +65,10 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
             )
     elif not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
-    return parse_task(yaml.safe_load(path.read_text()), source=str(path))
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and str(data.get("dataset", "")).startswith(("./", "../")):
+        data["dataset"] = str((path.parent / data["dataset"]).resolve())
+    return parse_task(data, source=str(path))
 
 
 def parse_task(data: object, source: str) -> TaskSpec:

@@ -1,0 +1,125 @@
+"""``mergelab embedded``: the main job on the embedded miniature benchmark.
+
+Builds what is missing (first run: a few minutes, with progress bars), then runs
+``mergelab test --config configs/embedded/<method>.yaml`` for every method in this
+process, each with its own run folder, and writes one comparison of them all:
+``<output>/summary.md`` (printed), ``summary.json`` and ``summary.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+from mergelab.embedded.preset import PRESET_ENV, PRESETS
+
+log = logging.getLogger(__name__)
+
+METHODS = ("zero_shot", "finetuned", "task_arithmetic", "trust_region", "tall_masks", "consensus")
+# configs/ sits beside the package in a source checkout (the README installs it editable)
+REPOSITORY_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "embedded"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergelab embedded",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help=f"benchmark size (default: ${PRESET_ENV}, else 'default'; 'test' builds in seconds)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the benchmark is built and cached (default: $MERGELAB_CACHE, else "
+        "~/.cache/mergelab)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to run, in order (default: all of {', '.join(METHODS)})",
+    )
+    p.add_argument(
+        "--configs",
+        type=Path,
+        default=REPOSITORY_CONFIGS,
+        help="the folder of <method>.yaml run configs (default: the repository's configs/embedded)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("lightning_logs") / "embedded",
+        help="where summary.md, summary.json and summary.png go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rebuild", action="store_true", help="discard the cached benchmark and build it again"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    missing = [m for m in args.methods if not (args.configs / f"{m}.yaml").is_file()]
+    if missing:
+        raise SystemExit(f"mergelab embedded: no config {args.configs / missing[0]}.yaml")
+    if args.preset:
+        os.environ[PRESET_ENV] = args.preset  # the runs' `embedded:` references read it
+    if args.cache_dir:
+        os.environ["MERGELAB_CACHE"] = str(Path(args.cache_dir).resolve())
+
+    from mergelab.embedded.build import EmbeddedBenchmark
+
+    benchmark = EmbeddedBenchmark()
+    if args.rebuild:
+        benchmark.discard()
+    started = time.perf_counter()
+    benchmark.ensure()
+    log.info(
+        "embedded benchmark ready in %.0f s: %s", time.perf_counter() - started, benchmark.root
+    )
+
+    runs = {}
+    for method in args.methods:
+        log.info("running %s", method)
+        runs[method] = _test_run(args.configs / f"{method}.yaml")
+    from mergelab.results import write_comparison
+
+    paths = write_comparison(runs, args.output)
+    print(f"\nembedded benchmark ({benchmark.preset.name} preset), test top-1 accuracy (%):\n")
+    print(paths["markdown"].read_text())
+    print(f"written: {paths['markdown']}, {paths['json']}, {paths['plot']}")
+    log.info("total %.0f s", time.perf_counter() - started)
+    return runs
+
+
+def _test_run(config: Path) -> dict:
+    """One ``mergelab test`` run in this process; its headline results."""
+    from mergelab.cli import run
+
+    try:
+        with warnings.catch_warnings():
+            # LightningCLI warns that sys.argv (`mergelab embedded ...`) is not parsed: right
+            warnings.filterwarnings("ignore", message=".*args parameter is intended")
+            cli = run(["test", "--config", str(config), "--report.print_table=false"])
+    finally:
+        _finish_wandb()
+    return cli.model.results
+
+
+def _finish_wandb() -> None:
+    """Close the run's W&B run, so the next run in this process starts its own."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()

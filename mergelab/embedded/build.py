@@ -1,0 +1,285 @@
+"""Builds the embedded benchmark once per preset and cache folder, and finds its assets.
+
+The build writes into ``<cache>/embedded/<preset key>.partial``: the eight tasks' datasets
+and task files, the miniature CLIP's config and pretrained weights, one fine-tuned image
+encoder per task, and the fine-tuned models' test accuracy. Each step's outputs are
+written atomically and marked done, so an interrupted build resumes where it stopped
+(the preset key fixes what every step yields). A manifest with every file's size and
+SHA-256 is written last and the folder renamed to ``<preset key>``: a cache folder is
+either complete or absent. On first use in a process the manifest is checked again; a
+cache that no longer matches it is moved aside and rebuilt, never used in part.
+
+The assets are ordinary files in the layouts the real benchmark uses, read by the same
+loaders; configs name them as ``embedded:<asset>`` (see :func:`resolve`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from mergelab.embedded.preset import MODEL_NAME, Preset, get_preset
+from mergelab.embedded.scenes import TASKS
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = "mergelab.embedded/1"
+
+
+def _asset_files(preset_tasks: tuple[str, ...]) -> dict[str, str]:
+    """Asset name → path inside the cache folder."""
+    files = {
+        "model_config": f"{MODEL_NAME}.json",
+        "pretrained": "pretrained.safetensors",
+        "finetuned_accuracy": "finetuned/results.json",
+    }
+    for task in preset_tasks:
+        files[f"tasks/{task}"] = f"tasks/{task}.yaml"
+        files[f"finetuned/{task}"] = f"finetuned/{task}.safetensors"
+    return files
+
+
+ASSETS = _asset_files(TASKS)
+
+
+class EmbeddedBenchmark:
+    """The embedded benchmark of one preset in one cache folder.
+
+    Args:
+        preset: the sizes to build (default: $MERGELAB_EMBEDDED_PRESET, else ``default``).
+        cache_dir: the cache root (default $MERGELAB_CACHE, else ~/.cache/mergelab); the
+            benchmark lives in ``<cache_dir>/embedded/<preset key>``.
+    """
+
+    _verified: ClassVar[set[Path]] = set()  # folders checked against their manifest here
+
+    def __init__(self, preset: Preset | str | None = None, cache_dir: str | None = None):
+        from mergelab.models.clip import cache_root
+
+        self.preset = preset if isinstance(preset, Preset) else get_preset(preset)
+        self.cache_dir = cache_root(cache_dir)
+        self.root = self.cache_dir / "embedded" / self.preset.key
+
+    @property
+    def staging(self) -> Path:
+        return self.root.with_name(self.root.name + ".partial")
+
+    def asset(self, name: str) -> Path:
+        """The path of an asset (``pretrained``, ``tasks/<task>``, ...), building first if
+        the cache does not hold a complete, intact benchmark."""
+        if name not in ASSETS:
+            raise KeyError(f"unknown embedded asset {name!r}; assets are {sorted(ASSETS)}")
+        return self.ensure() / ASSETS[name]
+
+    def ensure(self) -> Path:
+        """The complete benchmark's folder, built (or rebuilt) first if needed."""
+        if self.root in self._verified:
+            return self.root
+        problem = self.check()
+        if problem is None:
+            self._verified.add(self.root)
+            return self.root
+        if problem != "missing":
+            log.warning("embedded benchmark at %s is unusable (%s): rebuilding", self.root, problem)
+        self._writable()
+        with self._lock():
+            if self.check() is not None:  # another process may have finished it meanwhile
+                self._discard(self.root)
+                self.build()
+        self._verified.add(self.root)
+        return self.root
+
+    def check(self) -> str | None:
+        """None if the folder holds exactly what its manifest lists; else what is wrong."""
+        manifest = self.root / MANIFEST
+        if not manifest.is_file():
+            return "missing" if not self.root.exists() else f"no {MANIFEST}"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError) as err:
+            return f"unreadable {MANIFEST}: {err}"
+        for relative, (size, digest) in files.items():
+            path = self.root / relative
+            if not path.is_file():
+                return f"{relative} is missing"
+            if path.stat().st_size != size or _sha256(path) != digest:
+                return f"{relative} differs from the manifest"
+        return None
+
+    def _writable(self) -> None:
+        folder = self.root.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(
+                f"cannot build the embedded benchmark: the cache folder {folder} is not "
+                f"writable ({err.strerror or err}); choose another with --cache-dir or "
+                "$MERGELAB_CACHE"
+            ) from err
+
+    @contextlib.contextmanager
+    def _lock(self):
+        """One build per cache folder at a time, across processes."""
+        with open(self.root.with_name(self.root.name + ".lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def discard(self) -> None:
+        """Remove the built benchmark (the next use builds it again)."""
+        self._writable()
+        with self._lock():
+            self._discard(self.root)
+        self._verified.discard(self.root)
+
+    @staticmethod
+    def _discard(folder: Path) -> None:
+        if folder.exists():
+            aside = folder.with_name(f"{folder.name}.discarded-{os.getpid()}")
+            os.replace(folder, aside)
+            shutil.rmtree(aside)
+
+    # --- the build --------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Every step into the staging folder (resuming finished steps), then the manifest
+        and the rename that publishes it."""
+        staging = self.staging
+        staging.mkdir(parents=True, exist_ok=True)
+        steps = [("datasets", self._datasets), ("pretrained", self._pretrain)]
+        steps += [(f"finetuned/{task}", self._finetuner(task)) for task in TASKS]
+        steps += [("finetuned_accuracy", self._finetuned_accuracy)]
+        log.info("building the embedded benchmark (preset %s) in %s", self.preset.name, staging)
+        started = time.perf_counter()
+        for number, (name, step) in enumerate(steps, 1):
+            marker = staging / ".steps" / name
+            if marker.exists():
+                log.info("[%d/%d] %s: done before, kept", number, len(steps), name)
+                continue
+            log.info("[%d/%d] %s", number, len(steps), name)
+            step(staging)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        shutil.rmtree(staging / ".steps")
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "preset": self.preset.name,
+            "files": {str(p.relative_to(staging)): [p.stat().st_size, _sha256(p)] for p in files},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.replace(staging, self.root)
+        log.info("embedded benchmark built in %.0f s: %s", time.perf_counter() - started, self.root)
+
+    def _datasets(self, folder: Path) -> None:
+        from mergelab.embedded.scenes import write_tasks
+
+        sizes = {"train": self.preset.train_per_task, "test": self.preset.test_per_task}
+        write_tasks(folder, sizes, self.preset.seed)
+        (folder / ASSETS["model_config"]).write_text(json.dumps(self.preset.model_config()))
+
+    def _pretrain(self, folder: Path) -> None:
+        import lightning as L
+        import open_clip
+        from torch.utils.data import DataLoader
+
+        from mergelab.embedded.pretrain import CaptionedScenes, ContrastivePretrainer
+        from mergelab.io.checkpoints import save_state_dict
+
+        preset = self.preset
+        L.seed_everything(preset.seed, verbose=False)
+        open_clip.add_model_config(folder / ASSETS["model_config"])
+        model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
+        pairs = CaptionedScenes(
+            preset.pretrain_pairs, preset.seed, preprocess, open_clip.get_tokenizer(MODEL_NAME)
+        )
+        loader = DataLoader(pairs, batch_size=preset.pretrain_batch_size, shuffle=True)
+        trainer = _trainer(preset.pretrain_steps)
+        trainer.fit(ContrastivePretrainer(model, preset.pretrain_lr), loader)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        meta = {"mergelab": json.dumps({"kind": "embedded_pretrained", "preset": preset.key})}
+        save_state_dict(state, folder / ASSETS["pretrained"], meta, overwrite=True)
+
+    def _finetuner(self, task: str):
+        def finetune(folder: Path) -> None:
+            import lightning as L
+
+            from mergelab.data import TaskDataModule
+            from mergelab.finetune import FineTuner
+
+            preset = self.preset
+            L.seed_everything(preset.seed, verbose=False)
+            module = FineTuner(
+                task=str(folder / ASSETS[f"tasks/{task}"]),
+                model=MODEL_NAME,
+                pretrained=str(folder / ASSETS["pretrained"]),
+                cache_dir=str(self.cache_dir),
+                model_config=str(folder / ASSETS["model_config"]),
+                lr=preset.finetune_lr,
+                warmup_steps=preset.finetune_warmup_steps,
+                output=str(folder / ASSETS[f"finetuned/{task}"]),
+            )
+            data = TaskDataModule(
+                tasks=[module.hparams.task], batch_size=preset.finetune_batch_size, num_workers=0
+            )
+            _trainer(preset.finetune_steps, gradient_clip_val=1.0).fit(module, datamodule=data)
+
+        return finetune
+
+    def _finetuned_accuracy(self, folder: Path) -> None:
+        """Each fine-tuned model's test accuracy, through the test loop (the reference of
+        the normalised accuracy)."""
+        from mergelab.callbacks import MergeCallback
+        from mergelab.data import TaskDataModule
+        from mergelab.evaluation import MergeEvaluator
+        from mergelab.results import write_report
+
+        module = MergeEvaluator(
+            model=MODEL_NAME,
+            pretrained=str(folder / ASSETS["pretrained"]),
+            finetuned={t: str(folder / ASSETS[f"finetuned/{t}"]) for t in TASKS},
+            cache_dir=str(self.cache_dir),
+            model_config=str(folder / ASSETS["model_config"]),
+        )
+        data = TaskDataModule(
+            tasks=[str(folder / ASSETS[f"tasks/{t}"]) for t in TASKS], batch_size=256, num_workers=0
+        )
+        trainer = _trainer(None, callbacks=[MergeCallback("finetuned", save_artifact=False)])
+        trainer.test(module, datamodule=data, verbose=False)
+        write_report(module.results, (folder / ASSETS["finetuned_accuracy"]).parent)
+
+
+def _trainer(max_steps: int | None, **kwargs):
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=max_steps if max_steps is not None else -1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,147 @@
+"""The embedded benchmark: built once per preset and cache, resolved from ``embedded:``
+references, checked against its manifest, resumed after an interruption, rebuilt when
+corrupt; and ``mergelab embedded`` end to end on the ``test`` preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import embedded_env
+
+from mergelab.embedded import resolve
+from mergelab.embedded.build import ASSETS, MANIFEST, EmbeddedBenchmark
+from mergelab.embedded.preset import PRESETS, get_preset
+from mergelab.embedded.scenes import TASKS
+from mergelab.io.checkpoints import SafetensorsCheckpoint
+from mergelab.tasks import load_task
+
+MERGELAB = shutil.which("mergelab")
+
+
+def _copy(cache: Path, to: Path) -> EmbeddedBenchmark:
+    """A copy of the built test preset in another cache folder."""
+    source = EmbeddedBenchmark("test", str(cache)).root
+    target = EmbeddedBenchmark("test", str(to))
+    shutil.copytree(source, target.root)
+    return target
+
+
+def _interrupted_before_last_step(built: Path, staging: Path) -> None:
+    """Staging as a build leaves it when stopped before its last step."""
+    shutil.copytree(built, staging)
+    (staging / MANIFEST).unlink()
+    (staging / ASSETS["finetuned_accuracy"]).unlink()
+    for name in ["datasets", "pretrained", *(f"finetuned/{t}" for t in TASKS)]:
+        (staging / ".steps" / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / ".steps" / name).touch()
+
+
+def test_built_assets_are_the_real_layouts(embedded_cache, monkeypatch):
+    monkeypatch.setenv("MERGELAB_CACHE", str(embedded_cache))
+    monkeypatch.setenv("MERGELAB_EMBEDDED_PRESET", "test")
+    benchmark = EmbeddedBenchmark()
+    assert benchmark.check() is None
+    assert resolve("embedded:pretrained") == str(benchmark.root / "pretrained.safetensors")
+    assert resolve("/some/other/path") == "/some/other/path"
+    for task in TASKS:
+        spec = load_task(f"embedded:tasks/{task}")  # its dataset is relative to the file
+        assert spec.name == task and Path(spec.dataset).is_dir()
+        encoder = SafetensorsCheckpoint(resolve(f"embedded:finetuned/{task}"))
+        assert "conv1.weight" in encoder
+    accuracy = json.loads(Path(resolve("embedded:finetuned_accuracy")).read_text())
+    assert set(accuracy["headline"]["accuracy"]) == set(TASKS)
+    manifest = json.loads((benchmark.root / MANIFEST).read_text())
+    assert set(ASSETS.values()) <= set(manifest["files"])
+
+
+def test_unknown_asset_and_preset_are_named(embedded_cache, monkeypatch):
+    monkeypatch.setenv("MERGELAB_CACHE", str(embedded_cache))
+    monkeypatch.setenv("MERGELAB_EMBEDDED_PRESET", "test")
+    with pytest.raises(KeyError, match="pretrianed"):
+        resolve("embedded:pretrianed")
+    monkeypatch.setenv("MERGELAB_EMBEDDED_PRESET", "huge")
+    with pytest.raises(KeyError, match="huge"):
+        get_preset()
+
+
+def test_presets_name_their_cache_folder_by_content():
+    keys = {name: preset.key for name, preset in PRESETS.items()}
+    assert len(set(keys.values())) == len(PRESETS)
+    assert all(key.startswith(f"{name}-") for name, key in keys.items())
+    changed = dataclasses.replace(PRESETS["test"], finetune_steps=3)
+    assert changed.key != keys["test"] and changed.key.startswith("test-")
+
+
+def test_an_interrupted_build_resumes_its_unfinished_steps(embedded_cache, tmp_path):
+    """Staging holds every step but the last: only that one runs again, and the result
+    matches the original build file for file."""
+    original = EmbeddedBenchmark("test", str(embedded_cache))
+    resumed = EmbeddedBenchmark("test", str(tmp_path))
+    _interrupted_before_last_step(original.root, resumed.staging)
+    pretrained_mtime = (resumed.staging / "pretrained.safetensors").stat().st_mtime_ns
+
+    resumed.ensure()
+    assert not resumed.staging.exists() and resumed.check() is None
+    assert (resumed.root / "pretrained.safetensors").stat().st_mtime_ns == pretrained_mtime
+    files = json.loads((resumed.root / MANIFEST).read_text())["files"]
+    expected = json.loads((original.root / MANIFEST).read_text())["files"]
+    for name in ("pretrained.safetensors", "tasks/shape.yaml", "finetuned/shape.safetensors"):
+        assert files[name] == expected[name]
+
+
+def test_a_corrupt_cache_is_detected_and_rebuilt(embedded_cache, tmp_path):
+    benchmark = _copy(embedded_cache, tmp_path)
+    target = benchmark.root / ASSETS["finetuned/count"]
+    target.write_bytes(target.read_bytes()[:-8] + b"\0" * 8)
+    assert "finetuned/count.safetensors differs" in benchmark.check()
+    first = next(iter(json.loads((benchmark.root / MANIFEST).read_text())["files"]))
+    (benchmark.root / first).unlink()  # checked first, before the corrupt file
+    assert benchmark.check() == f"{first} is missing"
+
+    # the rebuild may resume from a staging folder, never from the corrupt one
+    built = EmbeddedBenchmark("test", str(embedded_cache)).root
+    _interrupted_before_last_step(built, benchmark.staging)
+    benchmark.ensure()
+    assert benchmark.check() is None
+    assert not list(tmp_path.glob("embedded/*.discarded-*"))
+
+
+def test_an_unwritable_cache_is_a_clear_error_before_any_work(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    benchmark = EmbeddedBenchmark("test", str(blocker / "cache"))
+    with pytest.raises(PermissionError, match=r"not writable.*--cache-dir"):
+        benchmark.ensure()
+
+
+@pytest.mark.skipif(MERGELAB is None, reason="needs `pip install -e .`")
+def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache, tmp_path):
+    output = tmp_path / "summary"
+    result = subprocess.run(
+        [MERGELAB, "embedded", "--output", str(output)],
+        env=embedded_env(embedded_cache),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((output / "summary.json").read_text())
+    methods = ["zero_shot", "finetuned", "task_arithmetic", "trust_region", "tall_masks"]
+    assert list(runs) == [*methods, "consensus"]
+    for method, document in runs.items():
+        assert document["settings"]["method"] == method
+        assert document["picked_on"] == "val"
+        assert (tmp_path / "lightning_logs" / method / "version_0" / "results.json").is_file()
+    table = (output / "summary.md").read_text()
+    assert table in result.stdout
+    assert all(f"| {m} |" in table for m in runs)
+    assert (output / "summary.png").stat().st_size > 0
+    # the fine-tuned row's normalised accuracy is 100 % by definition
+    finetuned = runs["finetuned"]["headline"]
+    assert finetuned["avg_normalized_acc"] == pytest.approx(1.0)
