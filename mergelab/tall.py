@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -169,25 +170,35 @@ class TallMasks:
             bits = slice(part.start // 8, (part.stop + 7) // 8)
             pack_tall_masks(taus, block, lambdas, packed[:, :, bits], scratch)
 
+        def store(key: str, mtl: torch.Tensor, packed: torch.Tensor) -> None:
+            sink[mtl_key(key)] = mtl.view(pool.specs[key].shape)
+            for t, task in enumerate(pool.tasks):
+                for lam, rows in zip(lambdas, packed, strict=True):
+                    sink[mask_key(task, lam, key)] = rows[t]
+
         try:
-            with BlockWorkers() as workers:
-                for key in progress(pool.merged_keys, "TALL masks"):
-                    spec = pool.specs[key]
+            # a writer thread stores each parameter while the workers compute the next one,
+            # in the other of two sets of buffers (a fresh file's pages are slow to fill)
+            stored: list[Future | None] = [None, None]
+            with BlockWorkers() as workers, ThreadPoolExecutor(1) as writer:
+                for index, key in enumerate(progress(pool.merged_keys, "TALL masks")):
+                    spec, slot = pool.specs[key], index % 2
+                    if stored[slot] is not None:
+                        stored[slot].result()
                     mtl_shape = (spec.numel,)
                     packed_shape = (len(lambdas), len(pool.tasks), (spec.numel + 7) // 8)
-                    # streamed to a file, both are written out before the next key reuses them
                     if in_memory:
                         mtl = torch.empty(mtl_shape, dtype=pool.compute_dtype(key))
                         packed = torch.empty(packed_shape, dtype=torch.uint8)
                     else:
-                        mtl = workspace.get("multitask", mtl_shape, pool.compute_dtype(key))
-                        packed = workspace.get("packed", packed_shape, torch.uint8)
+                        mtl = workspace.get(f"multitask{slot}", mtl_shape, pool.compute_dtype(key))
+                        packed = workspace.get(f"packed{slot}", packed_shape, torch.uint8)
                     work = functools.partial(build_block, key, mtl, packed, workers)
                     workers.run(work, pool.blocks(key))
-                    sink[mtl_key(key)] = mtl.view(spec.shape)
-                    for t, task in enumerate(pool.tasks):
-                        for lam, rows in zip(lambdas, packed, strict=True):
-                            sink[mask_key(task, lam, key)] = rows[t]
+                    stored[slot] = writer.submit(store, key, mtl, packed)
+                for write in stored:
+                    if write is not None:
+                        write.result()
         except BaseException:
             if isinstance(sink, SafetensorsWriter):
                 sink.abort()
