@@ -13,7 +13,7 @@ Before the first trial every trial's command is parsed by the CLI (an unknown pa
 a value the CLI refuses stops the sweep), and the metric is checked against the names the
 run logs (mergelab.evaluation.flat_metrics: ``val/avg_acc``, ``val/<task>/acc``, ...).
 
-Output, in lightning_logs/sweeps/<sweep name>/version_N/ (or --output): trial_NNN/ with
+Output, in lightning_logs/sweeps/<file name>/version_N/ (or --output): trial_NNN/ with
 the run's folder and its output.log, and results.md / results.csv: one row per trial
 (parameters, metric, status), the best marked.
 """
@@ -111,6 +111,9 @@ class Trial:
     status: str = "not run"
     run_dir: Path | None = None
 
+    def describe(self) -> str:
+        return " ".join(f"{name}={value}" for name, value in self.setting.items())
+
 
 # --- the sweep file ---------------------------------------------------------------------
 
@@ -139,6 +142,11 @@ def load_sweep(path: str | Path) -> SweepFile:
     metric = config.get("metric")
     if not isinstance(metric, dict) or not isinstance(metric.get("name"), str):
         raise fail("metric.name is missing: the logged metric that ranks trials (val/avg_acc)")
+    if metric["name"].startswith("test/"):
+        raise fail(
+            f"metric.name {metric['name']!r} ranks trials on test data; rank them on "
+            "validation (val/avg_acc of mergelab validate) and score the pick on test once"
+        )
     goal = metric.get("goal", "minimize")  # W&B's default
     if goal not in GOALS:
         raise fail(f"metric.goal {goal!r}: maximize or minimize")
@@ -435,8 +443,8 @@ def write_table(sweep: SweepFile, trials: list[Trial], output: Path) -> str:
 
 
 def default_output(sweep: SweepFile) -> Path:
-    """lightning_logs/sweeps/<name>/version_N, N one past the highest there."""
-    root = Path("lightning_logs") / "sweeps" / sweep.name
+    """lightning_logs/sweeps/<file name>/version_N, N one past the highest there."""
+    root = Path("lightning_logs") / "sweeps" / sweep.path.stem
     versions = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
     return root / f"version_{max(versions, default=-1) + 1}"
 
@@ -447,8 +455,7 @@ def run_sweep(sweep: SweepFile, trials: list[Trial]) -> None:
 
     with logging_redirect_tqdm():
         for trial in tqdm(trials, desc=f"sweep {sweep.name}", unit="trial"):
-            setting = " ".join(f"{k}={v}" for k, v in trial.setting.items())
-            log.info("trial %d/%d: %s", trial.number, len(trials), setting)
+            log.info("trial %d/%d: %s", trial.number, len(trials), trial.describe())
             start = time.monotonic()
             run_trial(trial, sweep.metric)
             value = "-" if trial.metric is None else f"{trial.metric:.4f}"
@@ -476,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="random search seed (default 0)")
     parser.add_argument(
-        "--output", type=Path, help="default: lightning_logs/sweeps/<sweep name>/version_N"
+        "--output", type=Path, help="default: lightning_logs/sweeps/<file name>/version_N"
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="check the file, print each trial's command"
@@ -488,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.file)
         output = args.output or default_output(sweep)
-        trials = prepare(sweep, settings(sweep, args.count, args.seed), output)
+        trial_settings = settings(sweep, args.count, args.seed)
+        log.info("checking the commands of %d trials with the CLI", len(trial_settings))
+        trials = prepare(sweep, trial_settings, output)
     except SweepError as err:
         print(f"mergelab sweep: error: {err}", file=sys.stderr)
         return 2
@@ -505,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     if best is not None and "validate" in best.command:
         # settings are chosen on validation; test data scores the choice, once
         test = [("test" if c == "validate" else c) for c in best.command]
-        print(f"best: trial {best.number}; its test accuracy: {shlex.join(test)}")
+        print(f"best: trial {best.number} ({best.describe()}); score it on test once with:")
+        print(f"  {shlex.join(test)}")
     return 0 if all(t.status == "ok" for t in trials) else 1
 
 
