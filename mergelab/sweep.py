@@ -211,7 +211,10 @@ def check_parameter(path: Path, name: str, spec: Any) -> None:
             raise SweepError(f"{where}: values must be a non-empty list, got {values!r}")
         if any(value is None for value in values):
             # the agent writes None as the string "None", which no option accepts
-            raise SweepError(f"{where}: null is passed as 'None'; leave the parameter out")
+            raise SweepError(
+                f"{where}: W&B passes null as None, which the CLI refuses; write it as the "
+                f"string 'null' (--{name}=null)"
+            )
         probabilities = spec.get("probabilities")
         if probabilities is not None and (
             len(probabilities) != len(values) or not math.isclose(sum(probabilities), 1)

@@ -237,7 +237,7 @@ BAD_SWEEPS = {
         {"parameters": {"merge.k": {"min": 4, "max": 1}}},
         "parameters.merge.k: min < max",
     ),
-    "null value": ({"parameters": {"merge.ties": {"values": [None, 0.2]}}}, "merge.ties"),
+    "null value": ({"parameters": {"merge.ties": {"values": [None, 0.2]}}}, "'null'"),
     "unknown distribution": (
         {"parameters": {"merge.k": {"distribution": "zipf", "min": 1, "max": 4}}},
         "distribution 'zipf'",
