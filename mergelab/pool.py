@@ -9,7 +9,13 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from mergelab.io.checkpoints import TensorSpec, open_checkpoint, read_into, tensor_spec
+from mergelab.io.checkpoints import (
+    SafetensorsCheckpoint,
+    TensorSpec,
+    open_checkpoint,
+    read_into,
+    tensor_spec,
+)
 from mergelab.workspace import Workspace
 
 CheckpointSource = str | os.PathLike | Mapping[str, torch.Tensor]
@@ -131,9 +137,14 @@ class ModelPool:
     def fingerprint(self) -> str:
         """A short identity of θ0: its layout and a strided sample of every tensor's values."""
         digest = hashlib.sha256()
+        workspace = Workspace()  # a file's tensors are read into one reused buffer
         for key, spec in self.specs.items():
             digest.update(f"{key}:{spec.shape}:{spec.dtype};".encode())
-            flat = self.pretrained[key].reshape(-1)
+            if isinstance(self.pretrained, SafetensorsCheckpoint):
+                buffer = workspace.get("fingerprint", (spec.numel,), spec.dtype)
+                flat = self.pretrained.read_into(key, buffer)
+            else:
+                flat = self.pretrained[key].detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 1024)].contiguous()
             digest.update(sample.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
