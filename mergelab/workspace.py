@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -38,7 +38,7 @@ class Workspace:
 
 
 class BlockWorkers:
-    """A thread per core (torch's thread count) for the blocks of a parameter.
+    """Threads for the blocks of a parameter: as many as torch's intra-op threads.
 
     Use as a context manager; :meth:`run` calls a function on every block and returns
     when all are done, and :meth:`workspace` gives the calling thread its own buffers.
@@ -47,7 +47,8 @@ class BlockWorkers:
     def __init__(self, threads: int | None = None):
         self.threads = threads or torch.get_num_threads()
         self._local = threading.local()
-        self._executor = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        # the calling thread takes a share of the blocks itself
+        self._executor = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     def workspace(self) -> Workspace:
         """The calling thread's workspace."""
@@ -57,14 +58,29 @@ class BlockWorkers:
         return workspace
 
     def run(self, work: Callable[[slice], None], blocks: Iterable[slice]) -> None:
-        """``work(block)`` for every block, spread over the threads; re-raises the first error."""
+        """``work(block)`` for every block; re-raises the first error once all have ended.
+
+        The blocks are cut into one run of neighbours per thread (one hand-over per
+        thread rather than per block, which costs as much as a small block's work).
+        """
         blocks = list(blocks)
-        if self._executor is None or len(blocks) == 1:
-            for block in blocks:
+        share = -(-len(blocks) // self.threads)
+        runs = [blocks[i : i + share] for i in range(0, len(blocks), share)]
+
+        def run_blocks(run: list[slice]) -> None:
+            for block in run:
                 work(block)
+
+        if self._executor is None or len(runs) == 1:
+            run_blocks(blocks)
             return
-        for _ in self._executor.map(work, blocks):
-            pass
+        others = [self._executor.submit(run_blocks, run) for run in runs[1:]]
+        try:
+            run_blocks(runs[0])
+        finally:
+            wait(others)
+        for future in others:
+            future.result()
 
     def close(self) -> None:
         if self._executor is not None:

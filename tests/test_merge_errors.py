@@ -116,6 +116,19 @@ def test_non_finite_finetuned_weights_name_task_and_key(tmp_path, method, value,
     assert "NaN" in message or "Inf" in message
 
 
+@pytest.mark.parametrize("position", [0, 5, 13], ids=["first block", "middle", "last"])
+def test_non_finite_value_in_any_block_stops_the_tall_build(tmp_path, monkeypatch, position):
+    """With parameters cut into many blocks shared out to threads, a NaN in any block
+    is reported and no file is left behind."""
+    monkeypatch.setattr(ModelPool, "chunk", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    family = make_family(4, [(2, 7), (14,)], num_tasks=3, integer=True)
+    family.finetuned[BAD_TASK]["blocks.1.weight"][position] = math.nan
+    pre, fts, grads = _to_files(family, tmp_path)
+    message = _run_failing("tall", pre, fts, grads, tmp_path, ValueError)
+    assert BAD_TASK in message and "blocks.1.weight" in message, message
+
+
 @pytest.mark.parametrize("q", [0.0, -0.5, 1.0001, 2.0, math.nan, -math.inf])
 def test_threshold_quantile_outside_zero_one(tmp_path, q):
     family = _family()
