@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from mergelab.evaluation import MergeEvaluator, Variants
+from mergelab.gradient_stats import GradientStatistics, load_task_statistics
 from mergelab.io.checkpoints import save_state_dict
 from mergelab.merge import as_factor_list, build_models, task_arithmetic_vector, trust_region_vector
 from mergelab.pool import ModelPool
@@ -31,8 +32,8 @@ class MergeCallback(L.Callback):
 
     Args:
         method: ``zero_shot`` (θ0), ``finetuned`` (each task's own model), ``task_arithmetic``,
-            ``trust_region`` (TATR; zero-shot conflicts from |τ|), ``tall_masks`` (one
-            retrieved model per task), or ``consensus``.
+            ``trust_region`` (TATR; zero-shot conflicts from |τ|, or from gradient
+            statistics), ``tall_masks`` (one retrieved model per task), or ``consensus``.
         scaling_factor: λ of Task Arithmetic and TATR, α of consensus; a list scores every
             value and picks on validation when the data module's test_splits has ``val``.
         threshold_quantile: TATR's quantile q of the conflict Ω; the top 1 − q is dropped.
@@ -42,6 +43,10 @@ class MergeCallback(L.Callback):
         k: consensus: keep coordinates that at least k tasks' masks keep.
         tall_lambda: consensus: the TALL λ of every task's mask.
         save_artifact: write the merged task vector or the masks to the run's log folder.
+        gradient_stats: TATR with gradients: the folder of per-task gradient statistics
+            that ``mergelab fit`` with mergelab.gradient_stats.GradientStatistics wrote
+            (checked against the pretrained model). Under that fit, TATR is built with the
+            statistics just computed when fit ends, and saved to the run's folder.
     """
 
     def __init__(
@@ -54,9 +59,12 @@ class MergeCallback(L.Callback):
         k: int = 2,
         tall_lambda: float = 0.6,
         save_artifact: bool = True,
+        gradient_stats: str | None = None,
     ):
         if method not in Method.__args__:
             raise ValueError(f"unknown merge method {method!r}; choose from {Method.__args__}")
+        if gradient_stats is not None and method != "trust_region":
+            raise ValueError(f"gradient_stats is for method trust_region, not {method!r}")
         if not 0 < threshold_quantile <= 1:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {threshold_quantile}")
         if k < 0:
@@ -72,6 +80,7 @@ class MergeCallback(L.Callback):
         self.k = k
         self.tall_lambda = tall_lambda
         self.save_artifact = save_artifact
+        self.gradient_stats = gradient_stats
 
     def settings(self) -> dict:
         common = {"method": self.method}
@@ -80,6 +89,7 @@ class MergeCallback(L.Callback):
             "trust_region": {
                 "scaling_factor": self.scaling_factors,
                 "threshold_quantile": self.threshold_quantile,
+                "gradient_stats": self.gradient_stats,
             },
             "tall_masks": {"lambdas": self.lambdas, "ties": self.ties},
             "consensus": {
@@ -92,8 +102,8 @@ class MergeCallback(L.Callback):
         return common | specific.get(self.method, {})
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, MergeEvaluator):
-            return  # nothing to merge for other modules (FineTuner in `mergelab fit`)
+        if stage == "fit" or not isinstance(pl_module, MergeEvaluator):
+            return  # FineTuner trains; GradientStatistics merges when fit ends
         if pl_module.variants is not None:
             return
         tasks = trainer.datamodule.task_names
@@ -118,11 +128,41 @@ class MergeCallback(L.Callback):
             delta = task_arithmetic_vector(pool)
             extra = {}
         else:
-            merged = trust_region_vector(pool, self.threshold_quantile)
-            delta, extra = merged.delta, {"threshold": merged.threshold}
-            log.info("TATR kept %.4f%% of coordinates", 100 * merged.kept_fraction)
+            gradients = None
+            if self.gradient_stats is not None:
+                gradients = load_task_statistics(
+                    self.gradient_stats, pool.tasks, pool.fingerprint()
+                )
+            delta, extra = self._trust_region(pool, gradients, module.loggers)
         self._save_delta(delta, pool, log_dir, extra)
         return self._scaled(pool.pretrained, pool.merged_keys, delta.__getitem__)
+
+    def _trust_region(self, pool: ModelPool, gradients, loggers) -> tuple[dict, dict]:
+        """TATR's δ and what to note in its artifact; threshold and densities logged."""
+        merged = trust_region_vector(pool, self.threshold_quantile, gradients)
+        log.info("TATR kept %.4f%% of coordinates", 100 * merged.kept_fraction)
+        metrics = {"trust_region/threshold": merged.threshold}
+        metrics |= {f"trust_region/density/{k}": v for k, v in merged.density().items()}
+        for logger in loggers:
+            logger.log_metrics(metrics)
+            logger.save()
+        return merged.delta, {"threshold": merged.threshold}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After GradientStatistics: TATR with the statistics, saved to the run's folder."""
+        if not isinstance(pl_module, GradientStatistics):
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: a broadcast
+        if not trainer.is_global_zero:
+            return
+        if self.method != "trust_region":
+            log.info("merge.method is %s: no merge at the end of fit", self.method)
+            return
+        self.gradient_stats = str(pl_module.statistics_folder)
+        delta, extra = self._trust_region(
+            pl_module.pool, pl_module.statistics_files, pl_module.loggers
+        )
+        self._save_delta(delta, pl_module.pool, log_dir, extra)
 
     def _scaled(self, pretrained, merged_keys, delta_of) -> Variants:
         outputs = [None] * len(self.scaling_factors)

@@ -7,13 +7,15 @@ the train split, at most 5000 samples, drawn with ``torch.randperm`` seeded with
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mergelab.tasks import EIGHT_TASKS, TaskSpec, load_task
 
@@ -83,6 +85,22 @@ class TaskSplit(Dataset):
         return self.transform(image), int(row[self.task.label_column])
 
 
+class ShardSampler(DistributedSampler):
+    """Rank r of n takes samples r, r + n, r + 2n, ... in order: disjoint and unpadded.
+
+    DistributedSampler pads the last round so that every rank gets as many samples, which
+    counts some samples twice; statistics over samples need each exactly once. Being a
+    DistributedSampler, Lightning keeps it instead of substituting its own."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.total_size = len(dataset)
+        self.num_samples = len(range(rank, self.total_size, num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
 class TaskDataModule(L.LightningDataModule):
     """Train, validation and test dataloaders for each task, in the order of ``tasks``.
 
@@ -126,6 +144,7 @@ class TaskDataModule(L.LightningDataModule):
         self.transform_eval: Callable | None = None
         self._splits: dict[tuple[str, str], TaskSplit] = {}
         self._datasets: dict[tuple[str, str], object] = {}
+        self._once: list[str] | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -167,21 +186,49 @@ class TaskDataModule(L.LightningDataModule):
         splits = self.test_splits if stage == "test" else [stage]
         return [(task.name, split) for task in self.specs for split in splits]
 
+    def _loader(self, dataset: Dataset, **sampling) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            **sampling,
+        )
+
     def _loaders(self, stage: str) -> list[DataLoader]:
         by_name = {task.name: task for task in self.specs}
         return [
-            DataLoader(
-                self.split(by_name[task], split),
-                batch_size=self.batch_size,
-                shuffle=split == "train",
-                num_workers=self.num_workers,
-                pin_memory=torch.cuda.is_available(),
-            )
+            self._loader(self.split(by_name[task], split), shuffle=split == "train")
             for task, split in self.plan(stage)
         ]
 
-    def train_dataloader(self) -> list[DataLoader]:
-        return self._loaders("train")
+    def serve_train_once(self, tasks: Sequence[str]) -> None:
+        """Make the train dataloader walk each of ``tasks``' train split exactly once, for
+        statistics over samples: unshuffled, each rank of a distributed run a disjoint,
+        unpadded share, the tasks side by side: the i-th batch is ([each task's i-th batch,
+        or None for a task already done], i)."""
+        unknown = [t for t in tasks if t not in self.task_names]
+        if unknown:
+            raise KeyError(f"task {unknown[0]!r} is not one of the data module's {self.task_names}")
+        self._once = list(tasks)
+
+    def _loaders_once(self) -> CombinedLoader:
+        by_name = {task.name: task for task in self.specs}
+        world, rank = (
+            (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+        )
+        splits = [self.split(by_name[task], "train") for task in self._once]
+        loaders = [self._loader(s, sampler=ShardSampler(s, world, rank)) for s in splits]
+        # Lightning synchronises the ranks at every training step, so every rank takes as
+        # many steps as rank 0, which has the most batches (shards differ by at most one
+        # sample): a range of that length paces the loaders, which give None when done
+        steps = max(
+            (math.ceil(math.ceil(len(s) / world) / self.batch_size) for s in splits), default=0
+        )
+        return CombinedLoader((loaders, range(steps)), "max_size")
+
+    def train_dataloader(self) -> list[DataLoader] | CombinedLoader:
+        return self._loaders("train") if self._once is None else self._loaders_once()
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._loaders("val")

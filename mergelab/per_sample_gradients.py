@@ -45,17 +45,17 @@ class _Sink:
     def add_products(self, name: str, left: torch.Tensor, right: torch.Tensor) -> None:
         """accumulator += Σb |left[b] @ right[b]|, ``chunk_size`` samples at a time.
 
-        The [chunk, m, n] products land in a reused buffer; adding its rows one by one
-        into the accumulator avoids a fresh m × n temporary per chunk."""
+        The [chunk, m, n] products and their sum land in reused buffers: one reduction
+        over the chunk, then one addition, each a single pass over memory."""
         accumulator = self.accumulators[name]
         flat = accumulator.view(left.shape[1], right.shape[2])
+        total = self.workspace.get("total", tuple(flat.shape), flat.dtype)
         for start in range(0, self.batch, self.chunk_size):
             stop = min(start + self.chunk_size, self.batch)
             shape = (stop - start, *flat.shape)
             buffer = self.workspace.get("products", shape, flat.dtype)
             torch.bmm(left[start:stop], right[start:stop], out=buffer).abs_()
-            for row in buffer:
-                flat.add_(row)
+            flat.add_(torch.sum(buffer, 0, out=total))
 
     def add_rows(self, name: str, per_sample: torch.Tensor) -> None:
         """accumulator += Σb |per_sample[b]| for a small [B, *shape] tensor."""

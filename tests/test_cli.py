@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +19,10 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
+from console import needs_cli, run_mergelab
 
 TASKS = ["mnist", "eurosat", "svhn"]
-MERGELAB = shutil.which("mergelab")
-pytestmark = pytest.mark.skipif(MERGELAB is None, reason="needs `pip install -e .`")
+pytestmark = needs_cli
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +62,7 @@ def assets(tmp_path_factory) -> Path:
 
 
 def mergelab(assets: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "HF_HUB_CACHE": str(assets / "hub"),
-    }
-    result = subprocess.run(
-        [MERGELAB, *args], cwd=assets, env=env, capture_output=True, text=True, timeout=600
-    )
-    if expect_ok:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_mergelab(assets, *args, expect_ok=expect_ok, HF_HUB_CACHE=str(assets / "hub"))
 
 
 def run_dir(assets: Path, method: str) -> Path:
@@ -243,16 +230,31 @@ def test_dataset_without_label_column_and_labels_outside_classes(tmp_path):
         load_split(load_task("eurosat"), "train", tmp_path)
 
 
-@pytest.mark.parametrize(
-    "config", sorted((Path(__file__).parents[1] / "configs").glob("vit_*/*.yaml")), ids=str
-)
-def test_every_shipped_config_parses(config, capsys, monkeypatch):
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("vit_*/*.yaml"))
+GRADIENT_CONFIGS = [c for c in CONFIGS if c.stem == "trust_region_gradients"]
+
+
+def printed_config(subcommand: str, config: Path, capsys, monkeypatch) -> dict:
     from mergelab.cli import run
 
     monkeypatch.setattr(sys, "argv", ["mergelab"])  # run() parses its own args only
     with pytest.raises(SystemExit) as exit_:
-        run(["test", "-c", str(config), "--print_config"])
+        run([subcommand, "-c", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in GRADIENT_CONFIGS], ids=str)
+def test_every_shipped_config_parses(config, capsys, monkeypatch):
+    printed = printed_config("test", config, capsys, monkeypatch)
     assert printed["merge"]["method"] == config.stem
     assert len(printed["model"]["finetuned"]) == 8
+
+
+@pytest.mark.parametrize("config", GRADIENT_CONFIGS, ids=str)
+def test_every_gradient_statistics_config_parses(config, capsys, monkeypatch):
+    printed = printed_config("fit", config, capsys, monkeypatch)
+    assert printed["model"]["class_path"] == "mergelab.gradient_stats.GradientStatistics"
+    assert len(printed["model"]["init_args"]["finetuned"]) == 8
+    assert printed["data"]["max_samples"] == 128  # TATR's setting
+    assert printed["merge"]["method"] == "trust_region"

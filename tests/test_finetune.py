@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +16,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
+from console import needs_cli, run_mergelab
 
 from mergelab.finetune import warmup_cosine
 from mergelab.io.checkpoints import SafetensorsCheckpoint
 from mergelab.models.clip import load_image_encoder
 
-MERGELAB = shutil.which("mergelab")
-needs_cli = pytest.mark.skipif(MERGELAB is None, reason="needs `pip install -e .`")
 LR, WARMUP, STEPS = 1e-3, 2, 3
 
 
@@ -35,13 +32,16 @@ def assets(tmp_path_factory) -> Path:
     mirror.write_dataset(root / "data", "ylecun/mnist", 10, {"train": 60, "test": 20})
     base = {
         "model": {
-            "task": "mnist",
-            "model": mirror.TINY,
-            "model_config": str(config),
-            "pretrained": str(weights),
-            "cache_dir": str(root / "cache"),
-            "lr": LR,
-            "warmup_steps": WARMUP,
+            "class_path": "mergelab.finetune.FineTuner",
+            "init_args": {
+                "task": "mnist",
+                "model": mirror.TINY,
+                "model_config": str(config),
+                "pretrained": str(weights),
+                "cache_dir": str(root / "cache"),
+                "lr": LR,
+                "warmup_steps": WARMUP,
+            },
         },
         "data": {
             "tasks": ["mnist"],
@@ -69,13 +69,7 @@ def assets(tmp_path_factory) -> Path:
 
 
 def mergelab(assets: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [MERGELAB, *args], cwd=assets, env=env, capture_output=True, text=True, timeout=300
-    )
-    if expect_ok:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_mergelab(assets, *args, expect_ok=expect_ok)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +131,11 @@ def test_fit_rejects_a_data_module_with_other_tasks(assets):
 @needs_cli
 def test_fit_help(assets):
     result = mergelab(assets, "fit", "--help")
-    assert "--model.warmup_steps" in result.stdout and "--trainer.max_epochs" in result.stdout
-    assert "--model.finetuned" not in result.stdout  # the evaluator's, not fit's
+    assert "--model CONFIG | CLASS_PATH_OR_NAME" in result.stdout  # any fit model, by class
+    assert "--trainer.max_epochs" in result.stdout
+    result = mergelab(assets, "fit", "--model.help", "mergelab.finetune.FineTuner")
+    assert "--model.warmup_steps" in result.stdout
+    assert "--model.finetuned" not in result.stdout  # the evaluator's, not FineTuner's
 
 
 @pytest.mark.parametrize(
@@ -153,7 +150,8 @@ def test_every_finetune_config_parses(config, capsys, monkeypatch):
         run(["fit", "-c", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert load_task(printed["model"]["task"]).name == config.stem
+    assert printed["model"]["class_path"] == "mergelab.finetune.FineTuner"
+    assert load_task(printed["model"]["init_args"]["task"]).name == config.stem
     assert printed["data"]["tasks"] == [config.stem]
     assert printed["data"]["batch_size"] == 128
     assert printed["trainer"]["gradient_clip_val"] == 1.0
