@@ -54,8 +54,8 @@ from mergelab.workspace import BlockWorkers, Workspace
 # The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 FORMAT = "mergelab.tall_masks/1"
-# Retrieval blocks, in ModelPool chunks: a retrieval does little work per element, so
-# larger blocks keep the per-block call overhead small.
+# Retrieval blocks, in ModelPool chunks (so a multiple of 8, as the packed masks need): a
+# retrieval does little work per element, so larger blocks keep the call overhead small.
 RETRIEVE_BLOCKS = 4
 
 
@@ -331,12 +331,11 @@ class TallMasks:
         packed = self.store[mask_key(task, lam, key)]  # 1/32 of τMTL's size: read whole
         name = mtl_key(key)
         dtype = tensor_spec(self.store, name).dtype
-        flat = out.view(-1)
+        flat, direct = out.view(-1), out.dtype == dtype
 
         def fill_block(part: slice) -> None:
             scratch = workers.workspace()
             size = part.stop - part.start
-            direct = out.dtype == dtype
             target = flat[part] if direct else scratch.get("pretrained", (size,), dtype)
             read_into(pretrained, key, target, part.start, part.stop)
             vector = scratch.get("multitask", (size,), dtype)
