@@ -289,7 +289,7 @@ def agent_command(sweep: SweepFile, setting: Mapping[str, Any]) -> list[str]:
 
 def mergelab_args(sweep: SweepFile, command: list[str]) -> list[str]:
     """The arguments of the ``mergelab`` call that ``command`` makes."""
-    program = command[1:] if command[0] == "/usr/bin/env" else command
+    program = command[1:] if command[:1] == ["/usr/bin/env"] else command
     if not program or Path(program[0]).name != "mergelab":
         raise sweep.error(
             f"command: runs locally when it calls mergelab, not {shlex.join(command)}"
@@ -414,32 +414,31 @@ def best_trial(trials: list[Trial], goal: str) -> Trial | None:
 
 
 def write_table(sweep: SweepFile, trials: list[Trial], output: Path) -> str:
-    """results.csv and results.md in ``output``, one row per trial, the best marked;
-    returns the markdown table."""
+    """results.csv (the metric in full) and results.md (to 4 decimals, the best row in
+    bold) in ``output``, one row per trial; returns the markdown table."""
     best = best_trial(trials, sweep.goal)
     header = ["trial", *sweep.parameters, sweep.metric, "status", "run"]
-    rows = [
-        [
-            str(t.number),
-            *(str(t.setting[name]) for name in sweep.parameters),
-            "" if t.metric is None else f"{t.metric:.4f}",
-            "best" if t is best else t.status,
-            str(t.run_dir or t.folder),
+
+    def row(trial: Trial, metric_format: str) -> list[str]:
+        return [
+            str(trial.number),
+            *(str(trial.setting[name]) for name in sweep.parameters),
+            "" if trial.metric is None else format(trial.metric, metric_format),
+            "best" if trial is best else trial.status,
+            str(trial.run_dir or trial.folder),
         ]
-        for t in trials
-    ]
+
     with open(output / "results.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+        csv.writer(f).writerows([header, *(row(t, "") for t in trials)])
     lines = [
         f"sweep {sweep.name} ({sweep.path}): {sweep.method} search, {sweep.goal} {sweep.metric}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
-        *(
-            "| " + " | ".join(f"**{c}**" if row[-2] == "best" else c for c in row) + " |"
-            for row in rows
-        ),
     ]
+    for trial in trials:
+        cells = row(trial, ".4f")
+        lines.append("| " + " | ".join(f"**{c}**" if trial is best else c for c in cells) + " |")
     table = "\n".join(lines) + "\n"
     (output / "results.md").write_text(table)
     return table

@@ -33,20 +33,11 @@ SWEEP_FILES = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 OFFLINE_CONFIG = "configs/vit_b32/task_arithmetic.yaml"
 
 
-@pytest.fixture(scope="session")
-def embedded_test_cache(tmp_path_factory) -> Path:
-    """A cache holding the embedded benchmark's test preset, built once per session."""
-    from mergelab.embedded.build import EmbeddedBenchmark
-
-    cache = tmp_path_factory.mktemp("mergelab_cache")
-    EmbeddedBenchmark("test", str(cache)).ensure()
-    return cache
-
-
 @pytest.fixture
-def embedded(embedded_test_cache, monkeypatch) -> None:
-    """The sweeps' setting: run from the repository, on the embedded test preset."""
-    monkeypatch.setenv("MERGELAB_CACHE", str(embedded_test_cache))
+def embedded(embedded_cache, monkeypatch) -> None:
+    """The sweeps' setting: run from the repository, on the embedded test preset
+    (conftest's embedded_cache), in this process and the trials it starts."""
+    monkeypatch.setenv("MERGELAB_CACHE", str(embedded_cache))
     monkeypatch.setenv("MERGELAB_EMBEDDED_PRESET", "test")
     monkeypatch.chdir(ROOT)
 
@@ -92,6 +83,17 @@ def dotted(config: dict, name: str):
     return config
 
 
+def covering(trial_settings: list[dict]) -> list[dict]:
+    """Trials that together give every parameter each of its values at least once."""
+    seen, chosen = set(), []
+    for setting in trial_settings:
+        values = {(name, repr(value)) for name, value in setting.items()}
+        if values - seen:
+            chosen.append(setting)
+            seen |= values
+    return chosen
+
+
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
 def test_sweep_file_expands_into_agent_commands_the_cli_accepts(path, embedded, tmp_path):
     sweep = load_sweep(path)
@@ -100,14 +102,17 @@ def test_sweep_file_expands_into_agent_commands_the_cli_accepts(path, embedded, 
     if sweep.method == "grid":
         sizes = [len(spec["values"]) for spec in sweep.parameters.values()]
         assert len(trial_settings) == math.prod(sizes)
-    trials = prepare(sweep, trial_settings, tmp_path)  # each parsed by the CLI, metric checked
     fixed = [c for c in sweep.command if c != "${args}"]
-    for trial in trials:
+    for setting in trial_settings:
         # W&B's ${args}: --<name>=<value> for every parameter, in the file's order
-        assert trial.command == [*fixed, *(f"--{k}={v}" for k, v in trial.setting.items())]
+        expected = [*fixed, *(f"--{k}={v}" for k, v in setting.items())]
+        assert agent_command(sweep, setting) == expected
+    # the runner's checks (each command parsed by the CLI, the metric logged), on trials
+    # that use every value of every parameter: the grids' products would take long
+    trials = prepare(sweep, covering(trial_settings), tmp_path)
     config = parsed_config(sweep, trials[-1].command[1:])
     for name, value in trials[-1].setting.items():
-        assert dotted(config, name) == value
+        assert dotted(config, name) == (None if value == "null" else value)
 
 
 # --- the local runner ---------------------------------------------------------------------
