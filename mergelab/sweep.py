@@ -43,7 +43,7 @@ from unittest import mock
 
 import yaml
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mergelab.sweep")  # the same name under python -m mergelab.sweep
 
 # the top-level keys of a W&B sweep file (https://docs.wandb.ai/guides/sweeps/sweep-config-keys)
 SWEEP_KEYS = {
@@ -455,7 +455,10 @@ def run_sweep(sweep: SweepFile, trials: list[Trial]) -> None:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm():
+    # the bar and the log lines share the terminal: the handlers of the root logger and of
+    # the package's (mergelab's console script gives it its own) write through tqdm
+    handled = [lg for lg in (logging.root, logging.getLogger("mergelab")) if lg.handlers]
+    with logging_redirect_tqdm(handled):
         for trial in tqdm(trials, desc=f"sweep {sweep.name}", unit="trial"):
             log.info("trial %d/%d: %s", trial.number, len(trials), trial.describe())
             start = time.monotonic()
@@ -472,8 +475,9 @@ def run_sweep(sweep: SweepFile, trials: list[Trial]) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mergelab.sweep FILE``: 0 if every trial ran, 1 if one failed, 2 on bad input."""
+def main(argv: list[str] | None = None) -> None:
+    """``mergelab sweep FILE`` (or ``python -m mergelab.sweep FILE``); exits with status 1
+    if a trial failed, 2 on bad input."""
     parser = argparse.ArgumentParser(
         prog="mergelab sweep",
         description=__doc__,
@@ -491,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="check the file, print each trial's command"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    if not log.hasHandlers():  # python -m; the console script `mergelab` sets up its own
+        logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.count is not None and args.count <= 0:
         parser.error(f"--count must be positive, got {args.count}")
     try:
@@ -501,12 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("checking the commands of %d trials with the CLI", len(trial_settings))
         trials = prepare(sweep, trial_settings, output)
     except SweepError as err:
-        print(f"mergelab sweep: error: {err}", file=sys.stderr)
-        return 2
+        parser.exit(2, f"mergelab sweep: error: {err}\n")
     if args.dry_run:
         for trial in trials:
             print(shlex.join(trial.command))
-        return 0
+        return
     output.mkdir(parents=True, exist_ok=True)
     log.info("%d trials of %s, each in %s/trial_NNN", len(trials), sweep.path, output)
     run_sweep(sweep, trials)
@@ -518,8 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         test = [("test" if c == "validate" else c) for c in best.command]
         print(f"best: trial {best.number} ({best.describe()}); score it on test once with:")
         print(f"  {shlex.join(test)}")
-    return 0 if all(t.status == "ok" for t in trials) else 1
+    if any(t.status != "ok" for t in trials):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

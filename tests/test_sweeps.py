@@ -169,9 +169,7 @@ def test_agent_command_fills_wandb_macros(tmp_path, monkeypatch):
 
 def test_sweep_file_runs_locally_each_trial_in_its_own_folder(embedded, tmp_path):
     output = tmp_path / "out"
-    assert (
-        main(["configs/sweeps/task_arithmetic.yaml", "--count", "2", "--output", str(output)]) == 0
-    )
+    main(["configs/sweeps/task_arithmetic.yaml", "--count", "2", "--output", str(output)])
 
     with open(output / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -268,7 +266,9 @@ def test_bad_sweep_is_refused_before_the_first_trial(
     monkeypatch.chdir(ROOT)
     path = write_sweep(tmp_path, **overrides)
     output = tmp_path / "out"
-    assert main([str(path), "--output", str(output)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path), "--output", str(output)])
+    assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert str(path) in error and message in error
     assert not output.exists()
