@@ -111,6 +111,30 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(embedded_cache, tmp_path):
     assert not list(tmp_path.glob("embedded/*.discarded-*"))
 
 
+@pytest.mark.skipif(MERGELAB is None, reason="needs `pip install -e .`")
+def test_a_run_builds_what_is_missing_on_first_use(embedded_cache, tmp_path):
+    """A plain `mergelab validate` on a cache without the benchmark builds it (here the
+    last fine-tuning and the accuracy step, the rest staged) inside the CLI, then runs."""
+    built = EmbeddedBenchmark("test", str(embedded_cache)).root
+    benchmark = EmbeddedBenchmark("test", str(tmp_path / "cache"))
+    _interrupted_before_last_step(built, benchmark.staging)
+    (benchmark.staging / ".steps" / "finetuned" / "stripes").unlink()
+    (benchmark.staging / ASSETS["finetuned/stripes"]).unlink()
+    config = Path(__file__).resolve().parents[1] / "configs" / "embedded" / "zero_shot.yaml"
+    result = subprocess.run(
+        [MERGELAB, "validate", "--config", str(config)],
+        env=embedded_env(tmp_path / "cache"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert benchmark.check() is None
+    assert (benchmark.root / ASSETS["finetuned/stripes"]).is_file()
+    assert list((tmp_path / "lightning_logs" / "zero_shot").glob("version_*/results_val.json"))
+
+
 def test_an_unwritable_cache_is_a_clear_error_before_any_work(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")

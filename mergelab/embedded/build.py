@@ -16,6 +16,7 @@ loaders; configs name them as ``embedded:<asset>`` (see :func:`resolve`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import json
@@ -94,7 +95,9 @@ class EmbeddedBenchmark:
         with self._lock():
             if self.check() is not None:  # another process may have finished it meanwhile
                 self._discard(self.root)
-                self.build()
+                # a fresh context: LightningCLI hands its config to save_hyperparameters
+                # through a context variable, which must not reach the build's modules
+                contextvars.Context().run(self.build)
         self._verified.add(self.root)
         return self.root
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 # Bump when the scenes, the captions or the build's recipe change what a preset yields:
 # the cache folder's name changes with it, so old assets are never mixed with new ones.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 PRESET_ENV = "MERGELAB_EMBEDDED_PRESET"
 MODEL_NAME = "mergelab-scenes"
 
@@ -47,7 +47,7 @@ class Preset:
     pretrain_lr: float = 1e-3
     finetune_steps: int = 200
     finetune_batch_size: int = 64
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 5e-4
     finetune_warmup_steps: int = 20
 
     def model_config(self) -> dict:
