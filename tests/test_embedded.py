@@ -14,6 +14,7 @@ import pytest
 from conftest import embedded_env
 
 from mergelab.embedded import resolve
+from mergelab.embedded.benchmark import METHODS
 from mergelab.embedded.build import ASSETS, MANIFEST, EmbeddedBenchmark
 from mergelab.embedded.preset import PRESETS, get_preset
 from mergelab.embedded.scenes import TASKS
@@ -156,12 +157,16 @@ def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads((output / "summary.json").read_text())
-    methods = ["zero_shot", "finetuned", "task_arithmetic", "trust_region", "tall_masks"]
-    assert list(runs) == [*methods, "consensus"]
+    assert list(runs) == list(METHODS)
     for method, document in runs.items():
-        assert document["settings"]["method"] == method
+        expected = "trust_region" if method == "trust_region_gradients" else method
+        assert document["settings"]["method"] == expected
         assert document["picked_on"] == "val"
-        assert (tmp_path / "lightning_logs" / method / "version_0" / "results.json").is_file()
+        assert (tmp_path / "lightning_logs" / expected / "version_0" / "results.json").is_file()
+    # TATR with gradients: the statistics of fit, cached, then scored like zero-shot TATR
+    assert runs["trust_region_gradients"]["settings"]["gradient_stats"]
+    assert runs["trust_region"]["settings"]["gradient_stats"] is None
+    assert list((tmp_path / "lightning_logs" / "gradient_stats").glob("version_0/*.safetensors"))
     table = (output / "summary.md").read_text()
     assert table in result.stdout
     assert all(f"| {m} |" in table for m in runs)

@@ -4,6 +4,9 @@ Builds what is missing (first run: a few minutes, with progress bars), then runs
 ``mergelab test --config configs/embedded/<method>.yaml`` for every method in this
 process, each with its own run folder, and writes one comparison of them all:
 ``<output>/summary.md`` (printed), ``summary.json`` and ``summary.png``.
+``trust_region_gradients`` is two runs: ``mergelab fit`` with
+configs/embedded/trust_region_gradients.yaml (the gradient statistics, cached), then the
+``trust_region`` test run with ``--merge.gradient_stats`` set to them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from mergelab.embedded.preset import PRESET_ENV, PRESETS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("zero_shot", "finetuned", "task_arithmetic", "trust_region", "tall_masks", "consensus")
+METHODS = (
+    "zero_shot",
+    "finetuned",
+    "task_arithmetic",
+    "trust_region",
+    "trust_region_gradients",
+    "tall_masks",
+    "consensus",
+)
 # configs/ sits beside the package in a source checkout (the README installs it editable)
 REPOSITORY_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "embedded"
 
@@ -70,7 +81,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    missing = [m for m in args.methods if not (args.configs / f"{m}.yaml").is_file()]
+    needed = [
+        *args.methods,
+        *(["trust_region"] if "trust_region_gradients" in args.methods else []),
+    ]
+    missing = [m for m in needed if not (args.configs / f"{m}.yaml").is_file()]
     if missing:
         raise SystemExit(f"mergelab embedded: no config {args.configs / missing[0]}.yaml")
     if args.preset:
@@ -92,7 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {}
     for method in args.methods:
         log.info("running %s", method)
-        runs[method] = _test_run(args.configs / f"{method}.yaml")
+        if method == "trust_region_gradients":
+            statistics = _run(["fit", "--config", str(args.configs / f"{method}.yaml")])
+            gradients = f"--merge.gradient_stats={statistics.model.statistics_folder}"
+            cli = _run(["test", "--config", str(args.configs / "trust_region.yaml"), gradients])
+        else:
+            cli = _run(["test", "--config", str(args.configs / f"{method}.yaml")])
+        runs[method] = cli.model.results
     from mergelab.results import write_comparison
 
     paths = write_comparison(runs, args.output)
@@ -103,18 +124,18 @@ def main(argv: list[str] | None = None) -> dict:
     return runs
 
 
-def _test_run(config: Path) -> dict:
-    """One ``mergelab test`` run in this process; its headline results."""
+def _run(args: list[str]):
+    """One ``mergelab`` run in this process (its tables not printed); the finished CLI."""
     from mergelab.cli import run
 
+    quiet = ["--report.print_table=false"] if args[0] == "test" else []
     try:
         with warnings.catch_warnings():
             # LightningCLI warns that sys.argv (`mergelab embedded ...`) is not parsed: right
             warnings.filterwarnings("ignore", message=".*args parameter is intended")
-            cli = run(["test", "--config", str(config), "--report.print_table=false"])
+            return run(args + quiet)
     finally:
         _finish_wandb()
-    return cli.model.results
 
 
 def _finish_wandb() -> None:
