@@ -82,7 +82,7 @@ class MergeEvaluator(L.LightningModule):
         self.clip = load_clip(model, pretrained, cache_dir, model_config)
         self.encoder = self.clip.model.visual
         self.encoder.requires_grad_(False)
-        self.logit_scale = float(self.clip.model.logit_scale.exp())
+        self.logit_scale = float(self.clip.model.logit_scale.detach().exp())
         self.finetuned_sources = dict(finetuned or {})
         self.finetuned_accuracy = _reference_accuracy(finetuned_accuracy)
         self.cache_dir = cache_dir

@@ -83,7 +83,7 @@ class FineTuner(L.LightningModule):
         self.clip.model.requires_grad_(False)
         self.encoder = self.clip.model.visual
         self.encoder.requires_grad_(True)
-        self.logit_scale = float(self.clip.model.logit_scale.exp())
+        self.logit_scale = float(self.clip.model.logit_scale.detach().exp())
         self.cache_dir = cache_dir
         self.output = output
         self.register_buffer("head", torch.empty(0), persistent=False)
@@ -156,6 +156,10 @@ class FineTuner(L.LightningModule):
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+
+    def on_train_start(self) -> None:
+        # load_clip returns the model in eval mode, and Lightning keeps each submodule's mode
+        self.encoder.train()
 
     def on_train_end(self) -> None:
         path = self.output_path()
