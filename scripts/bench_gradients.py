@@ -61,12 +61,32 @@ def fastest(repeat: int, run) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--loop-repeat", type=int, default=1)
-    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="images per batch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=8,
+        help="samples whose per-sample gradients are formed at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="timed runs of the batched step and of ours; the fastest is kept "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--loop-repeat",
+        type=int,
+        default=1,
+        help="timed runs of the per-sample backward loop (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--model", default="ViT-B-32", help="open_clip architecture (default: %(default)s)"
+    )
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
     torch.manual_seed(0)
