@@ -146,3 +146,10 @@ def write_dataset(
     if config:
         declare_config(folder, config, list(sizes))
     return folder
+
+
+def write_three_tasks(root: Path, sizes: dict[str, int]) -> None:
+    """Mirrors of mnist, eurosat and svhn (its ``cropped_digits`` config) under ``root``."""
+    write_dataset(root, "ylecun/mnist", 10, sizes)
+    write_dataset(root, "tanganke/eurosat", 10, sizes, seed=1)
+    write_dataset(root, "ufldl-stanford/svhn", 10, sizes, "cropped_digits", 2)

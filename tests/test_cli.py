@@ -31,9 +31,7 @@ def assets(tmp_path_factory) -> Path:
     config, weights = mirror.write_tiny_clip(root / "clip")
     visual = mirror.pretrained_visual(weights)
     sizes = {"train": 60, "test": 40}
-    mirror.write_dataset(root / "data", "ylecun/mnist", 10, sizes)
-    mirror.write_dataset(root / "data", "tanganke/eurosat", 10, sizes, seed=1)
-    mirror.write_dataset(root / "data", "ufldl-stanford/svhn", 10, sizes, "cropped_digits", 2)
+    mirror.write_three_tasks(root / "data", sizes)
     mirror.write_hub_model(root / "hub", "mergelab-test/tiny_mnist", mirror.finetune(visual, 1))
     save_file(mirror.finetune(visual, 2), root / "eurosat.safetensors")
     mirror.write_hf_vision_model(root / "svhn_hf", mirror.finetune(visual, 3))

@@ -35,9 +35,7 @@ def assets(tmp_path_factory) -> Path:
     config, weights = mirror.write_tiny_clip(root / "clip")
     visual = mirror.pretrained_visual(weights)
     sizes = {"train": 40, "test": 10}
-    mirror.write_dataset(root / "data", "ylecun/mnist", 10, sizes)
-    mirror.write_dataset(root / "data", "tanganke/eurosat", 10, sizes, seed=1)
-    mirror.write_dataset(root / "data", "ufldl-stanford/svhn", 10, sizes, "cropped_digits", 2)
+    mirror.write_three_tasks(root / "data", sizes)
     mirror.write_dataset(root / "data", "tanganke/dtd", 47, {"test": 10}, seed=3)  # no train
     for seed, task in enumerate(TASKS, 1):
         save_file(mirror.finetune(visual, seed), root / f"{task}.safetensors")
