@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help=f"benchmark size (default: ${PRESET_ENV}, else 'default'; 'test' builds in seconds)",
+        help=f"benchmark size (default: ${PRESET_ENV}, else 'default'; 'test' builds in ~20 s)",
     )
     p.add_argument(
         "--cache-dir",

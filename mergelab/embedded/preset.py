@@ -3,7 +3,7 @@
 A preset is data: everything the build produces is a function of it (and of the
 generator's version), so its hash names the cache folder. ``default`` is what
 ``mergelab embedded`` builds; ``test`` is the same generator at a size that builds in
-seconds, for the test suite.
+about 20 seconds, for the test suite.
 """
 
 from __future__ import annotations
