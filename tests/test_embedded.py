@@ -109,6 +109,7 @@ def test_a_corrupt_cache_is_detected_and_rebuilt(embedded_cache, tmp_path):
     _interrupted_before_last_step(built, benchmark.staging)
     benchmark.ensure()
     assert benchmark.check() is None
+    assert target.read_bytes() == (built / ASSETS["finetuned/count"]).read_bytes()
     assert not list(tmp_path.glob("embedded/*.discarded-*"))
 
 
@@ -163,6 +164,11 @@ def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache
         assert document["settings"]["method"] == expected
         assert document["picked_on"] == "val"
         assert (tmp_path / "lightning_logs" / expected / "version_0" / "results.json").is_file()
+    # zero-shot TATR and TATR with gradients: two runs of their own
+    assert (
+        len(list((tmp_path / "lightning_logs" / "trust_region").glob("version_*/results.json")))
+        == 2
+    )
     # TATR with gradients: the statistics of fit, cached, then scored like zero-shot TATR
     assert runs["trust_region_gradients"]["settings"]["gradient_stats"]
     assert runs["trust_region"]["settings"]["gradient_stats"] is None
