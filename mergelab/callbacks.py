@@ -182,12 +182,14 @@ class MergeCallback(L.Callback):
                 pool.pretrained, masks.shapes, masks.consensus_delta_fn(self.k, fixed)
             )
         names = [f"tall_masks@{lam!r}" for lam in lambdas]
+        models: dict[str, dict[str, torch.Tensor]] = {}
 
         def retrieved(task: str) -> dict[str, dict[str, torch.Tensor]]:
-            return {
-                name: masks.retrieve(pool.pretrained, task, lam)
-                for name, lam in zip(names, lambdas, strict=True)
-            }
+            # into the previous task's tensors: the evaluator is done with that task's
+            # models before it asks for the next task's
+            for name, lam in zip(names, lambdas, strict=True):
+                models[name] = masks.retrieve(pool.pretrained, task, lam, reuse=models.get(name))
+            return dict(models)
 
         return Variants(names, per_task=retrieved)
 

@@ -33,7 +33,7 @@ from mergelab.io.checkpoints import (
 from mergelab.merging.quantile import RadixSelect, quantile_rank
 from mergelab.merging.task_arithmetic import apply_task_vector, task_vector_sum
 from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
-from mergelab.pool import CheckpointSource, ModelPool
+from mergelab.pool import CheckpointSource, ModelPool, check_same_layout
 from mergelab.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -147,27 +147,47 @@ def fill_model(
     output: Path | None,
     overwrite: bool = False,
     desc: str = "merge",
+    reuse: StateDict | None = None,
 ) -> StateDict | Path:
     """One model streamed key by key: ``fill(key, out)`` writes each merged parameter into
     ``out`` (θ0's shape and dtype; a new tensor in memory, a reused buffer when streamed
-    to a file); the other keys of θ0 are copied."""
+    to a file); the other keys of θ0 are copied.
+
+    ``reuse``: a state dict of θ0's layout (contiguous CPU tensors, e.g. a model built
+    before) whose tensors the model is written into instead of new ones, in memory only.
+    """
     merged = frozenset(merged_keys)
     specs = {key: tensor_spec(pretrained, key) for key in pretrained}
+    if reuse is not None:
+        _check_reusable(specs, reuse, output)
     workspace = Workspace()
     with _model_sinks([output], specs, None, overwrite) as [sink]:
         for key in progress(list(specs), desc):
             spec = specs[key]
-            if key not in merged:
-                sink[key] = pretrained[key].detach().clone()
-                continue
-            if isinstance(sink, dict):
+            if reuse is not None:
+                out = reuse[key]
+            elif isinstance(sink, dict):
                 out = torch.empty(spec.shape, dtype=spec.dtype)
             else:
                 out = workspace.get("model", spec.shape, spec.dtype)
-            fill(key, out)
+            if key in merged:
+                fill(key, out)
+            else:
+                read_into(pretrained, key, out.view(-1))
             sink[key] = out
         [result] = _closed([sink])
         return result
+
+
+def _check_reusable(specs: Mapping[str, TensorSpec], reuse: StateDict, output) -> None:
+    if output is not None:
+        raise ValueError("reuse writes the model into tensors in memory, not to an output file")
+    check_same_layout(specs, reuse, "the model to reuse")
+    for key, tensor in reuse.items():
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.requires_grad:
+            raise ValueError(
+                f"the model to reuse: {key!r} must be a contiguous CPU tensor without grad"
+            )
 
 
 def single_or_list(results: list, scaling_factor) -> StateDict | list:

@@ -22,7 +22,7 @@ CheckpointSource = str | os.PathLike | Mapping[str, torch.Tensor]
 
 # Columns per block: T + 1 rows of 2**16 float32 values stay in a core's L2 cache while a
 # rule's few elementwise passes run over them, instead of streaming through memory.
-CHUNK = 1 << 16
+CHUNK = 1 << 17
 
 
 def flat_blocks(numel: int, size: int, every: int = 1) -> list[slice]:
@@ -54,7 +54,7 @@ class ModelPool:
             k: tensor_spec(self.pretrained, k) for k in self.pretrained
         }
         for task, checkpoint in self.finetuned.items():
-            _check_same_layout(self.specs, checkpoint, f"fine-tuned model {task!r}")
+            check_same_layout(self.specs, checkpoint, f"fine-tuned model {task!r}")
         self.merged_keys = [k for k, s in self.specs.items() if s.dtype.is_floating_point]
         if not self.merged_keys:
             raise ValueError("the pretrained model has no floating-point parameters to merge")
@@ -90,8 +90,8 @@ class ModelPool:
         """
         sources = [self.pretrained, *self.finetuned.values()]
         size = part.stop - part.start
-        block = workspace.get("models", (len(sources), self.chunk), self.compute_dtype(key))
-        block = block[:, :size]
+        # contiguous, so that the rows of τ are too (compiled kernels vectorise over them)
+        block = workspace.get("models", (len(sources), size), self.compute_dtype(key))
         for row, checkpoint in zip(block, sources, strict=True):
             read_into(checkpoint, key, row, part.start, part.stop)
         rows = block.numpy()
@@ -150,7 +150,9 @@ class ModelPool:
         return digest.hexdigest()[:16]
 
 
-def _check_same_layout(specs: Mapping[str, TensorSpec], checkpoint: Mapping, name: str) -> None:
+def check_same_layout(specs: Mapping[str, TensorSpec], checkpoint: Mapping, name: str) -> None:
+    """Raise, naming ``name`` and the key, unless ``checkpoint`` has exactly the keys,
+    shapes and dtypes of ``specs``."""
     keys = set(checkpoint)
     missing = [k for k in specs if k not in keys]
     if missing:

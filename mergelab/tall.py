@@ -299,8 +299,14 @@ class TallMasks:
         lam: float | None = None,
         output: str | os.PathLike | None = None,
         overwrite: bool = False,
+        reuse: StateDict | None = None,
     ) -> StateDict | Path:
-        """θ̂t = θ0 + mt ⊙ τMTL for one task, without building any other task's model."""
+        """θ̂t = θ0 + mt ⊙ τMTL for one task, without building any other task's model.
+
+        ``output``: a safetensors path to write the model to, else it is returned in memory,
+        in new tensors or in those of ``reuse`` (e.g. the previous task's retrieved model,
+        which is overwritten), so that retrieving task after task allocates one model.
+        """
         lam = self.lambda_for(task, lam)
         pretrained = open_checkpoint(pretrained)
         self._check_pretrained(pretrained)
@@ -314,6 +320,7 @@ class TallMasks:
                 path,
                 overwrite,
                 desc=f"retrieve {task}",
+                reuse=reuse,
             )
 
     def _retrieve_into(

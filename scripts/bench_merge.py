@@ -18,12 +18,14 @@ safetensors files into a work folder. Then, each in a fresh child process, from 
     the merged model in memory;
 ``tall``
     ``TallMasks.build(..., lambdas=[0.4], output=file)`` (every task's mask, streamed
-    into one file), then ``masks.retrieve(θ0, task, 0.4)`` once per task, in memory,
-    each model dropped before the next.
+    into one file), then ``masks.retrieve(θ0, task, 0.4, reuse=model)`` once per task,
+    in memory, each into the tensors of the one before (as the evaluation loop does).
 
 Each child reports the wall time of its work alone (``time.perf_counter`` after the
-imports), its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` at the end) and, for
-information, its RSS right after the imports (torch alone is about 0.5 GB). Peak RSS is
+imports: torch, mergelab and, for ``tall``, the numba kernels of
+``mergelab.merging.tall_kernels``; the import seconds are shown too), its peak RSS
+(``getrusage(RUSAGE_SELF).ru_maxrss`` at the end) and, for information, its RSS right
+after the imports (torch alone is about 0.5 GB). Peak RSS is
 divided by the pretrained checkpoint's tensor bytes ("models"), and times by the floor's.
 The TALL mask file's ``mask/...`` tensors give the storage cost of a mask in bits per
 merged parameter.
@@ -56,6 +58,7 @@ followed by ``key=value`` pairs for scripts to parse.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -85,6 +88,8 @@ TARGETS = (
     ("mask_bits_per_param", 1.01),
 )
 FORBIDDEN_IMPORTS = ("open_clip", "lightning", "pytorch_lightning")
+READY = "ready"  # a child's line once imported; it starts its work on the parent's answer
+WARM_BYTES = 2_000_000_000  # memory filled and freed by a helper before each child's work
 MB = 1e6
 
 log = logging.getLogger("bench_merge")
@@ -239,9 +244,9 @@ def work_tall(w: Workload) -> None:
     masks = TallMasks.build(
         w.pretrained, w.finetuned, lambdas=[TALL_LAMBDA], output=w.output("tall"), overwrite=True
     )
+    model = None
     for task in masks.tasks:
-        model = masks.retrieve(w.pretrained, task, TALL_LAMBDA)
-        del model
+        model = masks.retrieve(w.pretrained, task, TALL_LAMBDA, reuse=model)
 
 
 WORK = {
@@ -307,6 +312,12 @@ def measure(method: str, workdir: Path, threads: int | None, profile: Path | Non
 
     import mergelab
 
+    if method == "tall":
+        # TALL's compiled kernels are a module of their own, imported on first use (numba's
+        # start-up is about 0.5 s and 60 MB, which the other methods should not pay); it is
+        # imported here so that, like torch's, its import is not part of the timed work
+        from mergelab.merging import tall_kernels  # noqa: F401
+
     if threads:
         torch.set_num_threads(threads)
     captured = _ListHandler()
@@ -317,6 +328,8 @@ def measure(method: str, workdir: Path, threads: int | None, profile: Path | Non
     baseline = peak_rss_bytes()
     baseline_now = proc_status_bytes("VmRSS")
     import_seconds = time.perf_counter() - started
+    print(READY, flush=True)
+    sys.stdin.readline()  # the parent answers once it has warmed the free memory
 
     profiler = None
     if profile is not None:
@@ -470,6 +483,20 @@ def warm_page_cache(workdir: Path) -> float:
     return time.perf_counter() - start
 
 
+def warm_free_memory(size: int) -> float:
+    """Have a helper process fill ``size`` bytes and exit; returns the seconds taken.
+
+    Some virtual machines hand memory freed in the guest back to the host a few seconds
+    later (virtio-balloon free page reporting); the next first touch of such a page costs
+    a fault in the hypervisor. On the 2-core VM this was tuned on, filling 440 MB of it took
+    0.8-1.0 s, against 0.05 s for memory freed a moment before. Memory freed here is
+    recent for the child that starts right after, whatever ran (or idled) before.
+    """
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"b'x' * {size}"], check=True)
+    return time.perf_counter() - start
+
+
 def run_method(method: str, workdir: Path, args: argparse.Namespace, profile: bool) -> dict:
     log.debug("  page cache re-read in %.2f s", warm_page_cache(workdir))
     extra = []
@@ -479,12 +506,34 @@ def run_method(method: str, workdir: Path, args: argparse.Namespace, profile: bo
         extra += ["--keep"]
     if profile and args.profile is not None:
         extra += ["--profile", str(args.profile.resolve())]
-    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(
-        child_command(method, workdir, *extra), capture_output=True, text=True, cwd=ROOT
-    )
-    wall = time.perf_counter() - start
-    record = parse_record(method, proc)
+    with tempfile.TemporaryFile("w+") as errors:  # a file: a full stderr pipe would block
+        child = subprocess.Popen(
+            child_command(method, workdir, *extra),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            cwd=ROOT,
+        )
+        output = []
+        for line in child.stdout:  # until the child has imported everything
+            if line.strip() == READY:
+                break
+            output.append(line)
+        if not args.cold_memory:
+            log.debug("  free memory warmed in %.2f s", warm_free_memory(WARM_BYTES))
+        busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+        with contextlib.suppress(BrokenPipeError):  # a child that failed reads nothing
+            child.stdin.write("go\n")
+            child.stdin.close()
+        output.append(child.stdout.read())
+        returncode = child.wait()
+        wall = time.perf_counter() - start
+        errors.seek(0)
+        record = parse_record(
+            method,
+            subprocess.CompletedProcess(child.args, returncode, "".join(output), errors.read()),
+        )
     # CPU that other processes of the machine used meanwhile, in cores on average
     busy_after = busy_cpu_seconds()
     record["other_load"] = (
@@ -558,6 +607,7 @@ def report(results: dict[str, dict], mask: dict, model_bytes: int, args) -> None
                 f"{r['peak_rss'] / model_bytes:.2f}",
                 f"{r['baseline_rss'] / MB:.1f}",
                 f"{(r['peak_rss'] - r['baseline_rss']) / model_bytes:.2f}",
+                f"{r['import_seconds']:.2f}",
             )
         )
     values["mask_bits_per_param"] = mask["mask_bits_per_param"]
@@ -582,6 +632,7 @@ def report(results: dict[str, dict], mask: dict, model_bytes: int, args) -> None
         "RSS/model",
         "after-import MB",
         "(peak-import)/model",
+        "import s",
     )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print(
@@ -707,6 +758,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also run each method once more under cProfile (not timed) and write "
         "DIR/<method>.prof and DIR/<method>.txt",
     )
+    parser.add_argument(
+        "--cold-memory",
+        action="store_true",
+        help="do not have a helper fill and free memory right before each child's work "
+        "(see warm_free_memory): on a VM that hands freed memory back to its host, methods "
+        "that write models or files then pay the host's page faults, the floor does not",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show children's log lines")
     args = parser.parse_args(argv)
     if args.tasks < 2:
@@ -746,8 +804,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("generating %d+1 checkpoints in %s", args.tasks, workdir)
             run_generation(workdir, args)
-        log.info("warm-up: floor run to fill the page cache (discarded)")
+        log.info("warm-up: floor run to fill the page cache, tall run to compile (discarded)")
         first = run_method("floor", workdir, args, profile=False)
+        run_method("tall", workdir, args, profile=False)  # numba caches its kernels on disk
         model_bytes = first["model_bytes"]
         runs: dict[str, list[dict]] = {method: [] for method in METHODS}
         for repeat in range(args.repeat):

@@ -304,6 +304,25 @@ def test_tall_unknown_task_or_lambda(tmp_path):
         masks.choose_lambdas({t: {0.2: 1.0} for t in family.tasks})
 
 
+def test_tall_retrieve_into_an_unfit_model(tmp_path):
+    family = _family()
+    masks = TallMasks.build(family.pretrained, family.finetuned)
+    model = masks.retrieve(family.pretrained, BAD_TASK, 0.2)
+    unfit = {
+        "another shape": {**model, KEY: torch.zeros(7)},
+        "another dtype": {**model, KEY: model[KEY].double()},
+        "a missing key": {k: v for k, v in model.items() if k != KEY},
+        "a strided view": {**model, KEY: model[KEY].repeat(2)[::2]},
+    }
+    for reuse in unfit.values():
+        with pytest.raises((KeyError, ValueError), match=KEY):
+            masks.retrieve(family.pretrained, BAD_TASK, 0.2, reuse=reuse)
+    out = tmp_path / "retrieved.safetensors"
+    with pytest.raises(ValueError, match="output file"):
+        masks.retrieve(family.pretrained, BAD_TASK, 0.2, output=out, reuse=model)
+    assert not out.exists()
+
+
 def test_tall_masks_of_another_model_shape(tmp_path):
     family = _family()
     masks = TallMasks.build(family.pretrained, family.finetuned)

@@ -196,6 +196,13 @@ def test_tall_retrieve_matches_naive(family, ties, data):
     masks.choose_lambdas(scores)
     assert_states_equal(masks.retrieve(family.pretrained, task), expected)
 
+    # retrieved into another task's model, whose tensors are overwritten
+    other = data.draw(st.sampled_from(family.tasks), label="reused task")
+    previous = masks.retrieve(family.pretrained, other, LAMBDA_GRID[0])
+    reused = masks.retrieve(family.pretrained, task, lam, reuse=previous)
+    assert_states_equal(reused, expected)
+    assert all(reused[key] is previous[key] for key in previous)
+
 
 @given(family=families(), alpha=FACTORS, data=st.data())
 def test_consensus_matches_naive(family, alpha, data):

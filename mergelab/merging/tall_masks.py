@@ -4,13 +4,15 @@ Task t keeps a coordinate when its own update is larger than λ times what the o
 tasks add there: mt = 1{|θ0 − θt| > λ·|θmt − θt|} = 1{|τt| > λ·|τMTL − τt|}, with θmt =
 θ0 + τMTL. The retrieved model is θ0 + mt ⊙ τMTL, with no extra scaling.
 
-The block functions run in numpy, single-threaded, so that the caller can run blocks on
-several threads at once (see :class:`~mergelab.workspace.BlockWorkers`).
+The block functions run single-threaded (numpy, or numba kernels that release the GIL),
+so that the caller can run blocks on several threads at once (see
+:class:`~mergelab.workspace.BlockWorkers`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -29,6 +31,15 @@ def sum_in_order(task_vectors: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _kernels() -> ModuleType:
+    """The compiled kernels, imported on first use: numba and loading (or, the first time,
+    compiling) the kernels cost about 60 MB and a fraction of a second, which only TALL
+    masks should pay."""
+    from mergelab.merging import tall_kernels
+
+    return tall_kernels
+
+
 def pack_tall_masks(
     task_vectors: torch.Tensor,
     multitask_vector: torch.Tensor,
@@ -41,25 +52,16 @@ def pack_tall_masks(
     8 coordinates a byte, the first in the highest bit, the last byte zero-padded. Strict
     '>', so a coordinate no task moves is dropped.
 
-    In numpy, in ``workspace`` buffers: |τt| and |τMTL − τt| are computed once for all λ,
-    and numpy's float comparison into bool is several times faster than torch's.
     λ·|τMTL − τt| is rounded to the dtype of τ, as torch computes a tensor times a scalar.
     """
-    taus = task_vectors.numpy()
-    shape = tuple(task_vectors.shape)
-
-    def scratch(name: str, dtype: torch.dtype = task_vectors.dtype) -> np.ndarray:
-        return workspace.get(name, shape, dtype).numpy()
-
-    own = np.abs(taus, out=scratch("own"))
-    others = np.subtract(multitask_vector.numpy(), taus, out=scratch("others"))
-    np.abs(others, out=others)
-    keep = scratch("keep", torch.bool)
-    scaled = others if len(lambdas) == 1 else scratch("scaled")
-    for rows, lam in zip(out.numpy(), lambdas, strict=True):
-        np.multiply(others, taus.dtype.type(lam), out=scaled)
-        np.greater(own, scaled, out=keep)
-        rows[...] = np.packbits(keep, axis=-1)
+    taus = task_vectors.contiguous().numpy()
+    scales = np.asarray(lambdas, dtype=taus.dtype)
+    keep = workspace.get("keep", (taus.shape[1],), torch.uint8).numpy()
+    # the kernel writes contiguous rows; ``out`` is often a block of wider rows
+    packed = out if out.is_contiguous() else workspace.get("packed", out.shape, torch.uint8)
+    _kernels().pack_masks(taus, multitask_vector.contiguous().numpy(), scales, packed.numpy(), keep)
+    if packed is not out:
+        np.copyto(out.numpy(), packed.numpy())  # numpy: torch's copy_ would start threads
 
 
 def add_masked(
@@ -68,14 +70,11 @@ def add_masked(
     """target += m ⊙ v in place, for flat blocks of one dtype and the block's mask packed
     as by :func:`pack_tall_masks`: θ0 + mt ⊙ τMTL, the retrieved model, chunk by chunk.
 
-    The bits are cast to v's dtype before the multiply (a float-by-bool multiply takes a
-    slow, type-promoting loop); m·v is v or ±0 exactly, so the sum rounds once.
+    m·v is v or ±0 exactly (never a skipped addition), so the sum rounds once, as the
+    rule written out in tensors does.
     """
-    bits = np.unpackbits(packed.numpy(), count=target.numel())
-    masked = workspace.get("masked", tuple(target.shape), target.dtype).numpy()
-    np.copyto(masked, bits)
-    np.multiply(masked, vector.numpy(), out=masked)
-    np.add(target.numpy(), masked, out=target.numpy())
+    bits = workspace.get("bits", (8 * packed.numel(),), torch.uint8).numpy()
+    _kernels().add_masked(target.numpy(), vector.numpy(), packed.numpy(), bits)
     return target
 
 
