@@ -34,7 +34,7 @@ from mergelab.merging.quantile import RadixSelect, quantile_rank
 from mergelab.merging.task_arithmetic import apply_task_vector, task_vector_sum
 from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
 from mergelab.pool import CheckpointSource, ModelPool, check_same_layout
-from mergelab.workspace import Workspace
+from mergelab.workspace import Workspace, empty
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def fill_model(
             if reuse is not None:
                 out = reuse[key]
             elif isinstance(sink, dict):
-                out = torch.empty(spec.shape, dtype=spec.dtype)
+                out = empty(spec.shape, spec.dtype)
             else:
                 out = workspace.get("model", spec.shape, spec.dtype)
             if key in merged:
@@ -199,7 +199,7 @@ def single_or_list(results: list, scaling_factor) -> StateDict | list:
 
 def task_arithmetic_delta(pool: ModelPool, key: str, workspace: Workspace) -> torch.Tensor:
     """δ = Σt τt of one merged parameter (a new tensor)."""
-    delta = torch.empty(pool.specs[key].numel, dtype=pool.compute_dtype(key))
+    delta = empty((pool.specs[key].numel,), pool.compute_dtype(key))
     for part, taus in pool.task_vector_chunks(key, workspace):
         pool.check_finite(key, taus, task_vector_sum(taus, out=delta[part]))
     return delta.view(pool.specs[key].shape)
@@ -440,8 +440,7 @@ def trust_region_vector(
     # δ is allocated before any transient tensor so that the allocator does not interleave
     # them: freed transients would otherwise leave the heap fragmented around δ
     delta: StateDict = {
-        key: torch.empty(pool.specs[key].shape, dtype=pool.compute_dtype(key))
-        for key in pool.merged_keys
+        key: empty(pool.specs[key].shape, pool.compute_dtype(key)) for key in pool.merged_keys
     }
     floor = _conflict_floor(pool, gradients, threshold_quantile, workspace)
     found = _one_pass_trust_region(pool, gradients, rank, floor, delta, workspace)

@@ -49,7 +49,7 @@ from mergelab.merging.tall_masks import (
 )
 from mergelab.merging.ties import ties_rank, ties_vector
 from mergelab.pool import CheckpointSource, ModelPool, flat_blocks
-from mergelab.workspace import BlockWorkers, Workspace
+from mergelab.workspace import BlockWorkers, Workspace, empty
 
 # The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -188,8 +188,8 @@ class TallMasks:
                     mtl_shape = (spec.numel,)
                     packed_shape = (len(lambdas), len(pool.tasks), (spec.numel + 7) // 8)
                     if in_memory:
-                        mtl = torch.empty(mtl_shape, dtype=pool.compute_dtype(key))
-                        packed = torch.empty(packed_shape, dtype=torch.uint8)
+                        mtl = empty(mtl_shape, pool.compute_dtype(key))
+                        packed = empty(packed_shape, torch.uint8)
                     else:
                         mtl = workspace.get(f"multitask{slot}", mtl_shape, pool.compute_dtype(key))
                         packed = workspace.get(f"packed{slot}", packed_shape, torch.uint8)

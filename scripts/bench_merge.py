@@ -45,6 +45,12 @@ Why it is run this way
   measured child; the "disk MB" column (``ru_inblock``) shows what a child still had
   to read from storage. ``--repeat K`` runs the whole sequence K times and keeps each
   method's fastest time (and its largest peak RSS).
+* Some virtual machines hand memory freed in the guest back to their host, and touching
+  it again costs a hypervisor fault per page (on the VM this was tuned on, a 440 MB file
+  took 0.6-1.0 s to write into such memory instead of 0.1 s). Reading into reused
+  buffers, the floor never pays this; TALL, which writes a 440 MB file and a model, would
+  pay it at random. So each child fills and frees 2 GB right before its work and resets
+  its peak RSS (see ``warm_free_memory``); ``--cold-memory`` measures without this.
 * Wall time is what the targets are about, but it is only meaningful on an otherwise
   idle machine: the table also gives each method's CPU time, and the parent measures,
   from /proc/stat, how many cores other processes kept busy meanwhile (``max_other_load``
@@ -58,7 +64,6 @@ followed by ``key=value`` pairs for scripts to parse.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -88,8 +93,7 @@ TARGETS = (
     ("mask_bits_per_param", 1.01),
 )
 FORBIDDEN_IMPORTS = ("open_clip", "lightning", "pytorch_lightning")
-READY = "ready"  # a child's line once imported; it starts its work on the parent's answer
-WARM_BYTES = 2_000_000_000  # memory filled and freed by a helper before each child's work
+WARM_BYTES = 2_000_000_000  # memory each child fills and frees before its work
 MB = 1e6
 
 log = logging.getLogger("bench_merge")
@@ -210,7 +214,7 @@ class Workload:
         return self.outdir / f"{method}.safetensors"
 
 
-def work_floor(w: Workload) -> None:
+def work_floor(w: Workload) -> dict:
     from mergelab import SafetensorsCheckpoint
 
     pretrained = SafetensorsCheckpoint(w.pretrained)
@@ -220,33 +224,42 @@ def work_floor(w: Workload) -> None:
         for checkpoint in finetuned:
             total.add_(checkpoint[key])
         del total
+    return {}
 
 
-def work_task_arithmetic(w: Workload) -> None:
+def work_task_arithmetic(w: Workload) -> dict:
     import mergelab
 
     merged = mergelab.task_arithmetic(w.pretrained, w.finetuned, SCALING)
     del merged
+    return {}
 
 
-def work_tatr(w: Workload) -> None:
+def work_tatr(w: Workload) -> dict:
     import mergelab
 
     merged = mergelab.trust_region(
         w.pretrained, w.finetuned, SCALING, threshold_quantile=TATR_QUANTILE
     )
     del merged
+    return {}
 
 
-def work_tall(w: Workload) -> None:
+def work_tall(w: Workload) -> dict:
+    """The masks, then every task's model; returns the seconds of each phase."""
     from mergelab import TallMasks
 
+    start = time.perf_counter()
     masks = TallMasks.build(
         w.pretrained, w.finetuned, lambdas=[TALL_LAMBDA], output=w.output("tall"), overwrite=True
     )
+    phases = {"build": time.perf_counter() - start}
     model = None
     for task in masks.tasks:
+        start = time.perf_counter()
         model = masks.retrieve(w.pretrained, task, TALL_LAMBDA, reuse=model)
+        phases[f"retrieve {task}"] = time.perf_counter() - start
+    return phases
 
 
 WORK = {
@@ -304,7 +317,14 @@ class _ListHandler(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def measure(method: str, workdir: Path, threads: int | None, profile: Path | None, keep: bool):
+def measure(
+    method: str,
+    workdir: Path,
+    threads: int | None,
+    profile: Path | None,
+    keep: bool,
+    cold_memory: bool,
+):
     """Body of a measurement child: imports, then the timed work, then the report."""
     started = time.perf_counter()
     sys.path.insert(1, str(ROOT))  # this checkout's mergelab, installed or not
@@ -328,8 +348,8 @@ def measure(method: str, workdir: Path, threads: int | None, profile: Path | Non
     baseline = peak_rss_bytes()
     baseline_now = proc_status_bytes("VmRSS")
     import_seconds = time.perf_counter() - started
-    print(READY, flush=True)
-    sys.stdin.readline()  # the parent answers once it has warmed the free memory
+    if not cold_memory:
+        warm_free_memory(WARM_BYTES)
 
     profiler = None
     if profile is not None:
@@ -339,7 +359,7 @@ def measure(method: str, workdir: Path, threads: int | None, profile: Path | Non
         profiler.enable()
     before = usage()
     start = time.perf_counter()
-    WORK[method](w)
+    phases = WORK[method](w)
     seconds = time.perf_counter() - start
     after = usage()
     if profiler is not None:
@@ -362,6 +382,7 @@ def measure(method: str, workdir: Path, threads: int | None, profile: Path | Non
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "mergelab": getattr(mergelab, "__file__", "?"),
+        "phases": phases,
         "forbidden_imports": sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN_IMPORTS),
         "log": captured.messages,
     }
@@ -382,6 +403,30 @@ def measure(method: str, workdir: Path, threads: int | None, profile: Path | Non
     emit(record)
 
 
+def warm_free_memory(size: int) -> None:
+    """Fill ``size`` bytes, free them, then reset this process's peak RSS.
+
+    Some virtual machines hand memory freed in the guest back to their host a few seconds
+    later (virtio-balloon free page reporting), and the next first touch of such a page
+    costs a fault in the hypervisor. On the 2-core VM this script was tuned on, writing a
+    440 MB file took 0.6-1.0 s into such memory, 0.1 s into memory the writing process
+    had just freed (and memory freed by another process that had just exited did not
+    help as much: 0.6 s). The floor reads into buffers it keeps reusing and never pays
+    this; a method that writes a file or builds a model would pay it at random, depending
+    on what ran or idled before. So each child fills and frees ``size`` bytes right before
+    its work, and resets its peak RSS (/proc/self/clear_refs, "5") so that the filling is
+    not counted; ``--cold-memory`` skips this.
+    """
+    import numpy as np
+
+    np.ones(size // 8)  # every page written, then freed at once
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError as err:
+        raise BenchError(f"cannot reset the peak RSS ({err}); rerun with --cold-memory") from err
+
+
 def child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"{SCRIPT.name} {CHILD}")
     parser.add_argument("method", choices=("generate", *METHODS))
@@ -389,6 +434,7 @@ def child_main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--cold-memory", action="store_true")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--noise", type=float, default=1e-3)
@@ -400,7 +446,7 @@ def child_main(argv: list[str]) -> int:
         log.setLevel(logging.INFO)
         emit(generate(args.workdir, args.model, args.tasks, args.noise, args.seed))
     else:
-        measure(args.method, args.workdir, args.threads, args.profile, args.keep)
+        measure(args.method, args.workdir, args.threads, args.profile, args.keep, args.cold_memory)
     return 0
 
 
@@ -483,20 +529,6 @@ def warm_page_cache(workdir: Path) -> float:
     return time.perf_counter() - start
 
 
-def warm_free_memory(size: int) -> float:
-    """Have a helper process fill ``size`` bytes and exit; returns the seconds taken.
-
-    Some virtual machines hand memory freed in the guest back to the host a few seconds
-    later (virtio-balloon free page reporting); the next first touch of such a page costs
-    a fault in the hypervisor. On the 2-core VM this was tuned on, filling 440 MB of it took
-    0.8-1.0 s, against 0.05 s for memory freed a moment before. Memory freed here is
-    recent for the child that starts right after, whatever ran (or idled) before.
-    """
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"b'x' * {size}"], check=True)
-    return time.perf_counter() - start
-
-
 def run_method(method: str, workdir: Path, args: argparse.Namespace, profile: bool) -> dict:
     log.debug("  page cache re-read in %.2f s", warm_page_cache(workdir))
     extra = []
@@ -506,34 +538,14 @@ def run_method(method: str, workdir: Path, args: argparse.Namespace, profile: bo
         extra += ["--keep"]
     if profile and args.profile is not None:
         extra += ["--profile", str(args.profile.resolve())]
-    with tempfile.TemporaryFile("w+") as errors:  # a file: a full stderr pipe would block
-        child = subprocess.Popen(
-            child_command(method, workdir, *extra),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=errors,
-            text=True,
-            cwd=ROOT,
-        )
-        output = []
-        for line in child.stdout:  # until the child has imported everything
-            if line.strip() == READY:
-                break
-            output.append(line)
-        if not args.cold_memory:
-            log.debug("  free memory warmed in %.2f s", warm_free_memory(WARM_BYTES))
-        busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        with contextlib.suppress(BrokenPipeError):  # a child that failed reads nothing
-            child.stdin.write("go\n")
-            child.stdin.close()
-        output.append(child.stdout.read())
-        returncode = child.wait()
-        wall = time.perf_counter() - start
-        errors.seek(0)
-        record = parse_record(
-            method,
-            subprocess.CompletedProcess(child.args, returncode, "".join(output), errors.read()),
-        )
+    if args.cold_memory:
+        extra += ["--cold-memory"]
+    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    proc = subprocess.run(
+        child_command(method, workdir, *extra), capture_output=True, text=True, cwd=ROOT
+    )
+    wall = time.perf_counter() - start
+    record = parse_record(method, proc)
     # CPU that other processes of the machine used meanwhile, in cores on average
     busy_after = busy_cpu_seconds()
     record["other_load"] = (
@@ -660,6 +672,10 @@ def report(results: dict[str, dict], mask: dict, model_bytes: int, args) -> None
     for method in ("tatr",):
         for message in results[method]["log"]:
             print(f"{method}: {message}")
+    for method in METHODS:
+        if results[method]["phases"]:
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in results[method]["phases"].items())
+            print(f"{method} phases (s): {phases}")
     if args.repeat > 1:
         for method in METHODS:
             times = ", ".join(f"{s:.2f}" for s in results[method]["all_seconds"])
@@ -761,8 +777,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--cold-memory",
         action="store_true",
-        help="do not have a helper fill and free memory right before each child's work "
-        "(see warm_free_memory): on a VM that hands freed memory back to its host, methods "
+        help="do not fill and free memory in each child right before its work (see "
+        "warm_free_memory): on a VM that hands freed memory back to its host, methods "
         "that write models or files then pay the host's page faults, the floor does not",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show children's log lines")

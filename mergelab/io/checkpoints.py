@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
+from mergelab.workspace import empty
+
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec).
 _DTYPE_CODES = {
     torch.float64: "F64",
@@ -128,7 +130,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         spec = self._spec_of(key)
-        return self.read_into(key, torch.empty(spec.shape, dtype=spec.dtype))
+        return self.read_into(key, empty(spec.shape, spec.dtype))
 
     def __contains__(self, key: object) -> bool:
         return key in self._specs
