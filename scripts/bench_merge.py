@@ -49,8 +49,9 @@ Why it is run this way
   it again costs a hypervisor fault per page (on the VM this was tuned on, a 440 MB file
   took 0.6-1.0 s to write into such memory instead of 0.1 s). Reading into reused
   buffers, the floor never pays this; TALL, which writes a 440 MB file and a model, would
-  pay it at random. So each child fills and frees 2 GB right before its work and resets
-  its peak RSS (see ``warm_free_memory``); ``--cold-memory`` measures without this.
+  pay it at random. So each child fills and frees 6 models' worth of memory (at most
+  2 GB) right before its work and resets its peak RSS (see ``warm_free_memory``);
+  ``--cold-memory`` measures without this.
 * Wall time is what the targets are about, but it is only meaningful on an otherwise
   idle machine: the table also gives each method's CPU time, and the parent measures,
   from /proc/stat, how many cores other processes kept busy meanwhile (``max_other_load``
@@ -93,7 +94,10 @@ TARGETS = (
     ("mask_bits_per_param", 1.01),
 )
 FORBIDDEN_IMPORTS = ("open_clip", "lightning", "pytorch_lightning")
-WARM_BYTES = 2_000_000_000  # memory each child fills and frees before its work
+# memory each child fills and frees before its work, in models (TALL touches about 2.5
+# models of new memory: its file and a retrieved model), at most WARM_MAX_BYTES
+WARM_MODELS = 6
+WARM_MAX_BYTES = 2_000_000_000
 MB = 1e6
 
 log = logging.getLogger("bench_merge")
@@ -349,7 +353,7 @@ def measure(
     baseline_now = proc_status_bytes("VmRSS")
     import_seconds = time.perf_counter() - started
     if not cold_memory:
-        warm_free_memory(WARM_BYTES)
+        warm_free_memory(min(WARM_MODELS * checkpoint_stats(w)["model_bytes"], WARM_MAX_BYTES))
 
     profiler = None
     if profile is not None:
