@@ -10,6 +10,7 @@ computed otherwise (TALL retrieval: θ0 + mt ⊙ τMTL) is streamed by :func:`fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import numbers
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -34,7 +36,7 @@ from mergelab.merging.quantile import RadixSelect, quantile_rank
 from mergelab.merging.task_arithmetic import apply_task_vector, task_vector_sum
 from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
 from mergelab.pool import CheckpointSource, ModelPool, check_same_layout
-from mergelab.workspace import Workspace, empty
+from mergelab.workspace import BlockWorkers, Workspace, empty
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +199,22 @@ def single_or_list(results: list, scaling_factor) -> StateDict | list:
 # --- Task Arithmetic -------------------------------------------------------------------
 
 
-def task_arithmetic_delta(pool: ModelPool, key: str, workspace: Workspace) -> torch.Tensor:
-    """δ = Σt τt of one merged parameter (a new tensor)."""
+def task_arithmetic_delta(pool: ModelPool, key: str, workers: BlockWorkers) -> torch.Tensor:
+    """δ = Σt τt of one merged parameter (a new tensor), its blocks spread over ``workers``."""
     delta = empty((pool.specs[key].numel,), pool.compute_dtype(key))
-    for part, taus in pool.task_vector_chunks(key, workspace):
+
+    def sum_block(part: slice) -> None:
+        taus = pool.read_task_vectors(key, part, workers.workspace())
         pool.check_finite(key, taus, task_vector_sum(taus, out=delta[part]))
+
+    workers.run(sum_block, pool.blocks(key))
     return delta.view(pool.specs[key].shape)
 
 
 def task_arithmetic_vector(pool: ModelPool) -> StateDict:
     """δ = Σt τt for every merged parameter (the merged model is θ0 + λ·δ)."""
-    workspace = Workspace()
-    return {key: task_arithmetic_delta(pool, key, workspace) for key in pool.merged_keys}
+    with BlockWorkers() as workers:
+        return {key: task_arithmetic_delta(pool, key, workers) for key in pool.merged_keys}
 
 
 def task_arithmetic(
@@ -226,17 +232,17 @@ def task_arithmetic(
     pool = ModelPool(pretrained, finetuned)
     factors = as_factor_list(scaling_factor, "scaling_factor")
     outputs = output_paths(output, len(factors), overwrite)
-    workspace = Workspace()
-    results = build_models(
-        pool.pretrained,
-        pool.merged_keys,
-        lambda key: task_arithmetic_delta(pool, key, workspace),
-        factors,
-        outputs,
-        overwrite,
-        desc="task arithmetic",
-        consume=True,
-    )
+    with BlockWorkers() as workers:
+        results = build_models(
+            pool.pretrained,
+            pool.merged_keys,
+            functools.partial(task_arithmetic_delta, pool, workers=workers),
+            factors,
+            outputs,
+            overwrite,
+            desc="task arithmetic",
+            consume=True,
+        )
     return single_or_list(results, scaling_factor)
 
 
@@ -268,25 +274,34 @@ def _gradient_checkpoints(pool: ModelPool, gradient_stats) -> dict[str, Mapping]
     return stats
 
 
-def _conflict_chunks(
-    pool: ModelPool, key: str, gradients, workspace: Workspace, every: int = 1
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """(flat slice, τ block, Ω in float32) over one parameter, chunk by chunk (every
-    ``every``-th chunk only, for a sample)."""
-    for part, taus in pool.task_vector_chunks(key, workspace, every):
-        scratch = workspace.get("scratch", taus.shape, taus.dtype)
-        if gradients is None:
-            omega = zero_shot_conflict(taus, scratch)
-        else:
-            grads = workspace.get("gradients", taus.shape, taus.dtype)
-            for task, row in zip(pool.tasks, grads, strict=True):
-                read_into(gradients[task], key, row, part.start, part.stop)
-                if not torch.isfinite(row.sum()) and not torch.isfinite(row).all():
+def _conflict_block(
+    pool: ModelPool, key: str, gradients, part: slice, workspace: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(τ block, Ω in float32) of the flat slice ``part`` of one parameter; τ is a view of
+    ``workspace``. In numpy, so that BlockWorkers threads can run blocks side by side."""
+    taus = pool.read_task_vectors(key, part, workspace)
+    scratch = workspace.get("scratch", taus.shape, taus.dtype)
+    if gradients is None:
+        omega = zero_shot_conflict(taus, scratch)
+    else:
+        grads = workspace.get("gradients", taus.shape, taus.dtype)
+        for task, row in zip(pool.tasks, grads, strict=True):
+            read_into(gradients[task], key, row, part.start, part.stop)
+            with np.errstate(all="ignore"):
+                if not np.isfinite(row.numpy().sum()) and not np.isfinite(row.numpy()).all():
                     raise ValueError(f"gradient statistics of {task!r} have NaN or Inf at {key!r}")
-            omega = conflict(grads, taus, scratch)
-        omega = omega.to(torch.float32)
-        pool.check_finite(key, taus, omega)
-        yield part, taus, omega
+        omega = conflict(grads, taus, scratch)
+    omega = torch.from_numpy(omega.numpy().astype(np.float32, copy=False))
+    pool.check_finite(key, taus, omega)
+    return taus, omega
+
+
+def _conflict_chunks(
+    pool: ModelPool, key: str, gradients, workspace: Workspace
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(flat slice, τ block, Ω in float32) over one parameter, block by block."""
+    for part in pool.blocks(key):
+        yield part, *_conflict_block(pool, key, gradients, part, workspace)
 
 
 def _select(values: torch.Tensor, rank: int) -> float:
@@ -305,25 +320,28 @@ def _select(values: torch.Tensor, rank: int) -> float:
 SAMPLE_EVERY = 16
 
 
-def _conflict_floor(pool: ModelPool, gradients, q: float, workspace: Workspace) -> float:
+def _conflict_floor(pool: ModelPool, gradients, q: float, workers: BlockWorkers) -> float:
     """A value of Ω that the threshold is all but certain to exceed: the sample quantile
     at 1 − 3(1 − q), so that about 3(1 − q) of all coordinates lie at or above it."""
-    size = sum(
-        min(pool.chunk, pool.specs[key].numel - start)
-        for key in pool.merged_keys
-        for start in range(0, pool.specs[key].numel, pool.chunk * SAMPLE_EVERY)
-    )
-    values, filled = torch.empty(size), 0
+    sample, size = [], 0  # (key, block, where its Ω goes in the sample)
     for key in pool.merged_keys:
-        for _, _, omega in _conflict_chunks(pool, key, gradients, workspace, SAMPLE_EVERY):
-            values[filled : filled + omega.numel()] = omega
-            filled += omega.numel()
+        for part in pool.blocks(key, SAMPLE_EVERY):
+            sample.append((key, part, slice(size, size + part.stop - part.start)))
+            size += part.stop - part.start
+    values = torch.empty(size)
+
+    def observe(item: tuple[str, slice, slice]) -> None:
+        key, part, where = item
+        omega = _conflict_block(pool, key, gradients, part, workers.workspace())[1]
+        values.numpy()[where] = omega.numpy()  # numpy: torch's copy would start threads
+
+    workers.run(observe, sample)
     low = max(0.0, 1 - 3 * (1 - q))
     return _select(values, min(quantile_rank(low, size), size - 1))
 
 
 def _one_pass_trust_region(
-    pool: ModelPool, gradients, rank: int, floor: float, delta: StateDict, workspace: Workspace
+    pool: ModelPool, gradients, rank: int, floor: float, delta: StateDict, workers: BlockWorkers
 ) -> tuple[float, dict[str, int]] | None:
     """δ and the exact threshold from one pass, or None if that needs a second one.
 
@@ -338,16 +356,22 @@ def _one_pass_trust_region(
     omegas = torch.empty(budget, dtype=torch.float32)
     ranges: dict[str, tuple[int, int]] = {}
     count = 0
+
+    def merge_block(key: str, part: slice) -> tuple[np.ndarray, np.ndarray]:
+        """δ of the block, and the positions and Ω of its coordinates at or above the floor."""
+        taus, omega = _conflict_block(pool, key, gradients, part, workers.workspace())
+        task_vector_sum(taus, out=delta[key].view(-1)[part])
+        above = np.flatnonzero(omega.numpy() >= floor)
+        return above + part.start, omega.numpy()[above]
+
     for key in progress(pool.merged_keys, "trust region: merge"):
-        flat, first = delta[key].view(-1), count
-        for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
-            task_vector_sum(taus, out=flat[part])
-            index = (omega >= floor).nonzero().squeeze(1)
-            if count + index.numel() > budget:
+        first = count
+        for index, values in workers.run(functools.partial(merge_block, key), pool.blocks(key)):
+            if count + index.size > budget:
                 return None
-            torch.add(index, part.start, out=positions[count : count + index.numel()])
-            torch.index_select(omega, 0, index, out=omegas[count : count + index.numel()])
-            count += index.numel()
+            positions[count : count + index.size] = torch.from_numpy(index)
+            omegas[count : count + index.size] = torch.from_numpy(values)
+            count += index.size
         ranges[key] = (first, count)
     below = total - count
     if rank < below:
@@ -432,7 +456,6 @@ def trust_region_vector(
     gradients = _gradient_checkpoints(pool, gradient_stats)
     total = pool.num_merged_params
     rank = quantile_rank(threshold_quantile, total)
-    workspace = Workspace()
     if rank >= total:
         delta = task_arithmetic_vector(pool)
         return TrustRegionVector(delta, math.inf, {k: d.numel() for k, d in delta.items()})
@@ -442,11 +465,12 @@ def trust_region_vector(
     delta: StateDict = {
         key: empty(pool.specs[key].shape, pool.compute_dtype(key)) for key in pool.merged_keys
     }
-    floor = _conflict_floor(pool, gradients, threshold_quantile, workspace)
-    found = _one_pass_trust_region(pool, gradients, rank, floor, delta, workspace)
+    with BlockWorkers() as workers:
+        floor = _conflict_floor(pool, gradients, threshold_quantile, workers)
+        found = _one_pass_trust_region(pool, gradients, rank, floor, delta, workers)
     if found is None:
         log.info("trust region: the sampled floor missed; selecting in two passes")
-        found = _two_pass_trust_region(pool, gradients, rank, delta, workspace)
+        found = _two_pass_trust_region(pool, gradients, rank, delta, Workspace())
     threshold, kept = found
     result = TrustRegionVector(delta, threshold, kept)
     log.info(

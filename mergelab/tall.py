@@ -44,9 +44,9 @@ from mergelab.merging.tall_masks import (
     add_masked,
     apply_mask,
     pack_tall_masks,
-    sum_in_order,
     unpack_mask,
 )
+from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.ties import ties_rank, ties_vector
 from mergelab.pool import CheckpointSource, ModelPool, flat_blocks
 from mergelab.workspace import BlockWorkers, Workspace, empty
@@ -162,7 +162,7 @@ class TallMasks:
         ) -> None:
             scratch = workers.workspace()
             taus = pool.read_task_vectors(key, part, scratch)
-            block = sum_in_order(taus, mtl[part])
+            block = task_vector_sum(taus, out=mtl[part])
             pool.check_finite(key, taus, block)
             if thresholds is not None:
                 block.copy_(ties_vector(taus, thresholds))

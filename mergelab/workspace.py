@@ -18,9 +18,13 @@ import math
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 # numpy integer types by width, to allocate any torch dtype's memory through numpy
 _NUMPY_OF_WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -75,30 +79,30 @@ class BlockWorkers:
             workspace = self._local.workspace = Workspace()
         return workspace
 
-    def run(self, work: Callable[[slice], None], blocks: Iterable[slice]) -> None:
-        """``work(block)`` for every block; re-raises the first error once all have ended.
+    def run(self, work: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
+        """``work(item)`` for every item (a block, or a parameter and a block), the results
+        in the items' order; re-raises the first error once all have ended.
 
-        The blocks are cut into one run of neighbours per thread (one hand-over per
-        thread rather than per block, which costs as much as a small block's work).
+        The items are cut into one run of neighbours per thread (one hand-over per
+        thread rather than per item, which costs as much as a small block's work).
         """
-        blocks = list(blocks)
-        share = -(-len(blocks) // self.threads)
-        runs = [blocks[i : i + share] for i in range(0, len(blocks), share)]
+        items = list(items)
+        share = -(-len(items) // self.threads)
+        runs = [items[i : i + share] for i in range(0, len(items), share)]
 
-        def run_blocks(run: list[slice]) -> None:
-            for block in run:
-                work(block)
+        def run_items(run: list[Item]) -> list[Result]:
+            return [work(item) for item in run]
 
-        if self._executor is None or len(runs) == 1:
-            run_blocks(blocks)
-            return
-        others = [self._executor.submit(run_blocks, run) for run in runs[1:]]
+        if self._executor is None or len(runs) <= 1:
+            return run_items(items)
+        others = [self._executor.submit(run_items, run) for run in runs[1:]]
         try:
-            run_blocks(runs[0])
+            results = run_items(runs[0])
         finally:
             wait(others)
         for future in others:
-            future.result()
+            results += future.result()
+        return results
 
     def close(self) -> None:
         if self._executor is not None:

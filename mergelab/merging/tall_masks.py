@@ -20,17 +20,6 @@ import torch
 from mergelab.workspace import Workspace
 
 
-def sum_in_order(task_vectors: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """τMTL = Σt τt of one block of τ stacked as [T, n], added task by task into ``out``:
-    the order the rule is written in (``torch.sum`` over dim 0 regroups the additions
-    for some widths, so its last bits can differ)."""
-    taus, total = task_vectors.numpy(), out.numpy()
-    np.copyto(total, taus[0])
-    for tau in taus[1:]:
-        np.add(total, tau, out=total)
-    return out
-
-
 def _kernels() -> ModuleType:
     """The compiled kernels, imported on first use: numba and loading (or, the first time,
     compiling) the kernels cost about 60 MB and a fraction of a second, which only TALL

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 def task_vector_sum(task_vectors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Σt τt from task vectors stacked as [T, *shape] (into ``out`` if given)."""
-    return torch.sum(task_vectors, 0, out=out)
+    """Σt τt from task vectors stacked as [T, *shape] (into ``out`` if given), added task
+    by task in the order the rule is written (``torch.sum`` over dim 0 may regroup the
+    additions for some widths, so its last bits could differ between the methods that
+    share this sum). In numpy, which starts no threads of its own, so that
+    :class:`~mergelab.workspace.BlockWorkers` threads can sum blocks side by side."""
+    taus = task_vectors.numpy()
+    total = np.empty(taus.shape[1:], taus.dtype) if out is None else out.numpy()
+    np.copyto(total, taus[0])
+    for tau in taus[1:]:
+        np.add(total, tau, out=total)
+    return torch.from_numpy(total) if out is None else out
 
 
 def apply_task_vector(

@@ -6,39 +6,49 @@ the tasks instead of T² products; with ḡi = |τi| (zero-shot) it is (Σ|τ|)�
 Coordinates with Ω at or above the threshold (a quantile over the whole model) are
 dropped from every task vector before summing.
 
-Inputs are stacked over tasks, [T, *shape]. ``scratch``, a tensor of the same shape, is
-used for the intermediate |τ| instead of allocating one.
+Inputs are stacked over tasks, [T, *shape], on the CPU. ``scratch``, a tensor of the
+same shape, is used for the intermediate |τ| instead of allocating one. The arithmetic
+runs in numpy, which starts no threads of its own, so that
+:class:`~mergelab.workspace.BlockWorkers` threads can compute blocks side by side.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def _abs(task_vectors: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
-    return task_vectors.abs() if scratch is None else torch.abs(task_vectors, out=scratch)
+def _magnitude(task_vectors: torch.Tensor, scratch: torch.Tensor | None) -> np.ndarray:
+    return np.abs(task_vectors.numpy(), out=None if scratch is None else scratch.numpy())
 
 
 def conflict(
     gradients: torch.Tensor, task_vectors: torch.Tensor, scratch: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Ω of one parameter from ḡ and τ, both [T, *shape].
+    """Ω of one parameter from ḡ and τ, both [T, *shape] (a new tensor).
 
     Clamped at 0: Ω is a sum of non-negative products, and the subtraction can only
     undershoot by rounding.
     """
-    magnitude = _abs(task_vectors, scratch)
-    total = gradients.sum(0).mul_(magnitude.sum(0))
-    return total.sub_(magnitude.mul_(gradients).sum(0)).clamp_(min=0)
+    magnitude = _magnitude(task_vectors, scratch)
+    grads = gradients.numpy()
+    with np.errstate(invalid="ignore", over="ignore"):  # callers check Ω is finite
+        total = np.asarray(grads.sum(0))  # an array even where Ω is a single value
+        total *= magnitude.sum(0)
+        total -= np.multiply(magnitude, grads, out=magnitude).sum(0)
+    return torch.from_numpy(np.maximum(total, 0, out=total))
 
 
 def zero_shot_conflict(
     task_vectors: torch.Tensor, scratch: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Ω of one parameter with ḡi = |τi|: (Σ|τ|)² − Σ τ², from τ [T, *shape]."""
-    magnitude = _abs(task_vectors, scratch)
-    l1 = magnitude.sum(0)
-    return l1.mul_(l1).sub_(magnitude.mul_(magnitude).sum(0)).clamp_(min=0)
+    """Ω of one parameter with ḡi = |τi|: (Σ|τ|)² − Σ τ², from τ [T, *shape] (a new tensor)."""
+    magnitude = _magnitude(task_vectors, scratch)
+    with np.errstate(invalid="ignore", over="ignore"):  # callers check Ω is finite
+        total = np.asarray(magnitude.sum(0))  # an array even where Ω is a single value
+        total *= total
+        total -= np.multiply(magnitude, magnitude, out=magnitude).sum(0)
+    return torch.from_numpy(np.maximum(total, 0, out=total))
 
 
 def trust_region_mask(omega: torch.Tensor, threshold: float) -> torch.Tensor:
