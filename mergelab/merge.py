@@ -35,7 +35,7 @@ from mergelab.io.checkpoints import (
 from mergelab.merging.quantile import RadixSelect, quantile_rank
 from mergelab.merging.task_arithmetic import apply_task_vector, task_vector_sum
 from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
-from mergelab.pool import CheckpointSource, ModelPool, check_same_layout
+from mergelab.pool import CheckpointSource, ModelPool, check_same_layout, flat_blocks
 from mergelab.workspace import BlockWorkers, Workspace, empty
 
 log = logging.getLogger(__name__)
@@ -145,38 +145,56 @@ def build_models(
 def fill_model(
     pretrained: Mapping[str, torch.Tensor],
     merged_keys: Iterable[str],
-    fill: Callable[[str, torch.Tensor], None],
+    fill_block: Callable[[str, torch.Tensor, slice, Workspace], None],
+    block_size: int,
     output: Path | None,
     overwrite: bool = False,
     desc: str = "merge",
     reuse: StateDict | None = None,
 ) -> StateDict | Path:
-    """One model streamed key by key: ``fill(key, out)`` writes each merged parameter into
-    ``out`` (θ0's shape and dtype; a new tensor in memory, a reused buffer when streamed
-    to a file); the other keys of θ0 are copied.
+    """One model, block by block: ``fill_block(key, out, part, workspace)`` writes the flat
+    elements ``part`` (``block_size`` of them, a multiple of 8, the last block shorter) of
+    a merged parameter into ``out``, the parameter flat in θ0's dtype, using ``workspace``
+    for its scratch; the other keys of θ0 are copied.
 
-    ``reuse``: a state dict of θ0's layout (contiguous CPU tensors, e.g. a model built
-    before) whose tensors the model is written into instead of new ones, in memory only.
+    In memory, the blocks of all parameters are shared out among BlockWorkers threads at
+    once (one hand-over per thread instead of one per parameter), into new tensors or
+    those of ``reuse``: a state dict of θ0's layout (contiguous CPU tensors, e.g. a model
+    built before). To a file, parameter by parameter into one reused buffer, in the order
+    the writer takes them.
     """
     merged = frozenset(merged_keys)
     specs = {key: tensor_spec(pretrained, key) for key in pretrained}
     if reuse is not None:
         _check_reusable(specs, reuse, output)
-    workspace = Workspace()
-    with _model_sinks([output], specs, None, overwrite) as [sink]:
-        for key in progress(list(specs), desc):
-            spec = specs[key]
-            if reuse is not None:
-                out = reuse[key]
-            elif isinstance(sink, dict):
-                out = empty(spec.shape, spec.dtype)
-            else:
-                out = workspace.get("model", spec.shape, spec.dtype)
-            if key in merged:
-                fill(key, out)
-            else:
-                read_into(pretrained, key, out.view(-1))
-            sink[key] = out
+
+    def fill(item: tuple[str, torch.Tensor, slice]) -> None:
+        key, flat, part = item
+        fill_block(key, flat, part, workers.workspace())
+
+    with BlockWorkers() as workers, _model_sinks([output], specs, None, overwrite) as [sink]:
+        if isinstance(sink, dict):
+            for key, spec in specs.items():
+                sink[key] = reuse[key] if reuse is not None else empty(spec.shape, spec.dtype)
+                if key not in merged:
+                    read_into(pretrained, key, sink[key].view(-1))
+            items = [
+                (key, sink[key].view(-1), part)
+                for key in specs
+                if key in merged
+                for part in flat_blocks(specs[key].numel, block_size)
+            ]
+            workers.run(fill, items)
+        else:
+            workspace = Workspace()
+            for key in progress(list(specs), desc):
+                out = workspace.get("model", specs[key].shape, specs[key].dtype)
+                if key in merged:
+                    parts = flat_blocks(specs[key].numel, block_size)
+                    workers.run(fill, [(key, out.view(-1), part) for part in parts])
+                else:
+                    read_into(pretrained, key, out.view(-1))
+                sink[key] = out
         [result] = _closed([sink])
         return result
 

@@ -48,7 +48,7 @@ from mergelab.merging.tall_masks import (
 )
 from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.ties import ties_rank, ties_vector
-from mergelab.pool import CheckpointSource, ModelPool, flat_blocks
+from mergelab.pool import CheckpointSource, ModelPool
 from mergelab.workspace import BlockWorkers, Workspace, empty
 
 # The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
@@ -312,46 +312,45 @@ class TallMasks:
         self._check_pretrained(pretrained)
         [path] = output_paths(output, 1, overwrite)
 
-        with BlockWorkers() as workers:
-            return fill_model(
-                pretrained,
-                self.shapes,
-                functools.partial(self._retrieve_into, pretrained, task, lam, workers),
-                path,
-                overwrite,
-                desc=f"retrieve {task}",
-                reuse=reuse,
-            )
+        return fill_model(
+            pretrained,
+            self.shapes,
+            functools.partial(self._retrieve_block, pretrained, task, lam),
+            RETRIEVE_BLOCKS * ModelPool.chunk,
+            path,
+            overwrite,
+            desc=f"retrieve {task}",
+            reuse=reuse,
+        )
 
-    def _retrieve_into(
+    def _retrieve_block(
         self,
         pretrained: Mapping[str, torch.Tensor],
         task: str,
         lam: float,
-        workers: BlockWorkers,
         key: str,
         out: torch.Tensor,
+        part: slice,
+        scratch: Workspace,
     ) -> None:
-        """θ0 + mt ⊙ τMTL of one parameter into ``out``, in blocks spread over ``workers``:
+        """θ0 + mt ⊙ τMTL of the flat elements ``part`` of one parameter into ``out`` (flat):
         θ0 is read straight into ``out`` (into a buffer first where its dtype is not τMTL's,
         the one computed in) and the masked τMTL added in place."""
-        packed = self.store[mask_key(task, lam, key)]  # 1/32 of τMTL's size: read whole
         name = mtl_key(key)
         dtype = tensor_spec(self.store, name).dtype
-        flat, direct = out.view(-1), out.dtype == dtype
-
-        def fill_block(part: slice) -> None:
-            scratch = workers.workspace()
-            size = part.stop - part.start
-            target = flat[part] if direct else scratch.get("pretrained", (size,), dtype)
-            read_into(pretrained, key, target, part.start, part.stop)
-            vector = scratch.get("multitask", (size,), dtype)
-            read_into(self.store, name, vector, part.start, part.stop)
-            add_masked(target, vector, packed[part.start // 8 : (part.stop + 7) // 8], scratch)
-            if not direct:
-                flat[part] = target
-
-        workers.run(fill_block, flat_blocks(out.numel(), RETRIEVE_BLOCKS * ModelPool.chunk))
+        size = part.stop - part.start
+        direct = out.dtype == dtype
+        target = out[part] if direct else scratch.get("pretrained", (size,), dtype)
+        read_into(pretrained, key, target, part.start, part.stop)
+        vector = scratch.get("multitask", (size,), dtype)
+        read_into(self.store, name, vector, part.start, part.stop)
+        # blocks start at multiples of 8, so each has whole bytes of the packed mask
+        start, stop = part.start // 8, (part.stop + 7) // 8
+        packed = scratch.get("packed", (stop - start,), torch.uint8)
+        read_into(self.store, mask_key(task, lam, key), packed, start, stop)
+        add_masked(target, vector, packed, scratch)
+        if not direct:
+            out[part] = target
 
     def choose_lambdas(self, scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
         """Each task's λ with the best validation score (the smallest λ on a tie)."""

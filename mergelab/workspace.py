@@ -95,7 +95,15 @@ class BlockWorkers:
 
         if self._executor is None or len(runs) <= 1:
             return run_items(items)
-        others = [self._executor.submit(run_items, run) for run in runs[1:]]
+        # autograd modes are per thread: the others run in the caller's (under a Lightning
+        # test loop, inference mode, whose tensors only it may update in place)
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run_in_callers_mode(run: list[Item]) -> list[Result]:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return run_items(run)
+
+        others = [self._executor.submit(run_in_callers_mode, run) for run in runs[1:]]
         try:
             results = run_items(runs[0])
         finally:

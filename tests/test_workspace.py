@@ -1,12 +1,16 @@
-"""mergelab.workspace.empty: torch.empty's contract, with numpy-allocated memory."""
+"""mergelab.workspace: empty keeps torch.empty's contract; BlockWorkers keep the caller's
+autograd mode."""
 
+import naive
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load, save
+from strategies import assert_states_equal, make_family
 
-from mergelab.workspace import empty
+from mergelab import ModelPool, TallMasks
+from mergelab.workspace import BlockWorkers, empty
 
 DTYPES = [
     torch.float32,
@@ -34,3 +38,31 @@ def test_empty_is_an_own_writable_tensor_of_the_shape_and_dtype(dtype, shape):
     if dtype != torch.complex128:  # (safetensors has no complex128)
         # safetensors refuses to save tensors that share memory
         assert torch.equal(load(save({"a": first, "b": second}))["a"], values)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_block_workers_run_in_the_callers_autograd_mode(inference):
+    """Inference tensors made by the caller (a Lightning test loop runs in inference
+    mode) can be updated in place from every worker thread."""
+    with BlockWorkers(threads=3) as workers, torch.inference_mode(inference):
+        target = torch.zeros(12)
+        modes = workers.run(
+            lambda part: (target[part].add_(1), torch.is_inference_mode_enabled())[1],
+            [slice(i, i + 3) for i in range(0, 12, 3)],
+        )
+    assert modes == [inference] * 4
+    assert torch.equal(target, torch.ones(12))
+
+
+def test_tall_retrieval_of_many_blocks_under_inference_mode(monkeypatch):
+    """Retrieval into a reused model inside a test loop, with parameters of several
+    blocks, so that worker threads write into the caller's inference tensors."""
+    monkeypatch.setattr(ModelPool, "chunk", 8)
+    family = make_family(3, [(9, 13), (70,)], num_tasks=3, integer=True)
+    masks = TallMasks.build(family.pretrained, family.finetuned, lambdas=[0.4])
+    with torch.inference_mode():
+        first = masks.retrieve(family.pretrained, "task0", 0.4)
+        second = masks.retrieve(family.pretrained, "task1", 0.4, reuse=first)
+    mtl = naive.multitask_vector(family.pretrained, family.finetuned)
+    expected = naive.tall_masks(family.pretrained, family.finetuned, [0.4], mtl)
+    assert_states_equal(second, naive.retrieve(family.pretrained, mtl, expected["task1"][0.4]))
