@@ -41,7 +41,7 @@ class ModelPool:
     parameter of each model at a time.
     """
 
-    chunk = CHUNK  # columns per block of task_vector_chunks; a multiple of 8
+    chunk = CHUNK  # columns per block of blocks(); a multiple of 8
 
     def __init__(
         self,
@@ -101,11 +101,11 @@ class ModelPool:
         return block[1:]
 
     def task_vector_chunks(
-        self, key: str, workspace: Workspace, every: int = 1
+        self, key: str, workspace: Workspace
     ) -> Iterator[tuple[slice, torch.Tensor]]:
         """(flat slice, τ[:, slice]) over one parameter, block by block (see
-        :meth:`read_task_vectors`); only every ``every``-th block when sampling."""
-        for part in self.blocks(key, every):
+        :meth:`read_task_vectors`)."""
+        for part in self.blocks(key):
             yield part, self.read_task_vectors(key, part, workspace)
 
     def check_finite(self, key: str, taus: torch.Tensor, summary: torch.Tensor) -> None:

@@ -37,10 +37,9 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     variable THP_MEM_ALLOC_ENABLE was set before it started. Filling a new ViT-B/32 model
     then takes one page fault per 2 MiB instead of per 4 KiB of its large tensors.
     """
-    width = torch.empty((), dtype=dtype).element_size()
-    if width not in _NUMPY_OF_WIDTH:
+    if dtype.itemsize not in _NUMPY_OF_WIDTH:
         return torch.empty(shape, dtype=dtype)
-    memory = np.empty(math.prod(shape), dtype=_NUMPY_OF_WIDTH[width])
+    memory = np.empty(math.prod(shape), dtype=_NUMPY_OF_WIDTH[dtype.itemsize])
     return torch.from_numpy(memory).view(dtype).view(shape)
 
 

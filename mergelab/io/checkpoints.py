@@ -228,7 +228,7 @@ class SafetensorsWriter:
         self._specs = dict(specs)
         offset = 0
         for key, spec in specs.items():
-            nbytes = spec.numel * torch.empty((), dtype=spec.dtype).element_size()
+            nbytes = spec.numel * spec.dtype.itemsize
             header[key] = {
                 "dtype": _DTYPE_CODES[spec.dtype],
                 "shape": list(spec.shape),

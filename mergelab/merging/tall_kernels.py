@@ -6,7 +6,7 @@ two instead of four (about 4x). Both release the GIL, so that
 :class:`~mergelab.workspace.BlockWorkers` threads run them side by side.
 
 The signatures are given (float32 and float64, C-contiguous arrays, so that loops over
-them vectorise: the same code over arrays of unknown strides runs about 8x slower), so
+them vectorise: the same code over arrays of unknown strides ran about 7x slower), so
 each kernel is compiled once and a caller passing anything else gets a TypeError instead
 of a silent recompilation; ``cache=True`` keeps the machine
 code on disk (numba's cache, beside this file or in the user's cache folder), so only the

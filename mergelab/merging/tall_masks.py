@@ -22,8 +22,8 @@ from mergelab.workspace import Workspace
 
 def _kernels() -> ModuleType:
     """The compiled kernels, imported on first use: numba and loading (or, the first time,
-    compiling) the kernels cost about 60 MB and a fraction of a second, which only TALL
-    masks should pay."""
+    compiling) the kernels cost about 125 MB and half a second, which only TALL masks
+    should pay."""
     from mergelab.merging import tall_kernels
 
     return tall_kernels
