@@ -338,7 +338,7 @@ def measure(
 
     if method == "tall":
         # TALL's compiled kernels are a module of their own, imported on first use (numba's
-        # start-up is about 0.5 s and 60 MB, which the other methods should not pay); it is
+        # start-up is about 0.5 s and 125 MB, which the other methods should not pay); it is
         # imported here so that, like torch's, its import is not part of the timed work
         from mergelab.merging import tall_kernels  # noqa: F401
 
@@ -352,8 +352,9 @@ def measure(
     baseline = peak_rss_bytes()
     baseline_now = proc_status_bytes("VmRSS")
     import_seconds = time.perf_counter() - started
+    sizes = checkpoint_stats(w)
     if not cold_memory:
-        warm_free_memory(min(WARM_MODELS * checkpoint_stats(w)["model_bytes"], WARM_MAX_BYTES))
+        warm_free_memory(min(WARM_MODELS * sizes["model_bytes"], WARM_MAX_BYTES))
 
     profiler = None
     if profile is not None:
@@ -390,7 +391,7 @@ def measure(
         "forbidden_imports": sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN_IMPORTS),
         "log": captured.messages,
     }
-    record.update(checkpoint_stats(w))
+    record.update(sizes)
     if method == "tall":
         record.update(mask_stats(w.output("tall"), record["merged_params"]))
     if profiler is not None:
