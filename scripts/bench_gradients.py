@@ -5,7 +5,7 @@ and labels and a random zero-shot head, times in one run:
 
 - batched: one forward and backward pass of the summed loss (a training step's cost);
 - ours: Σ over the batch of |per-sample gradient| for every parameter
-  (``mergelab.per_sample_gradients.accumulate_abs_gradients``);
+  (``mergelab.models.per_sample_gradients.accumulate_abs_gradients``);
 - loop: one backward pass per sample through the batched graph (retain_graph), the
   |gradient| added after each — what FusionBench 0.2.33 does (REFERENCE §2, pitfall 4).
 
@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import time
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
-from mergelab.per_sample_gradients import accumulate_abs_gradients
+from mergelab.models.logits import zero_shot_logits
+from mergelab.models.per_sample_gradients import accumulate_abs_gradients
+
+from harness import fastest, load_average, print_result
+from synthetic_checkpoints import random_encoder
 
 
 def loss_of(encoder, head, scale, images, labels):
-    logits = scale * F.normalize(encoder(images).float(), dim=-1) @ head.T
+    logits = zero_shot_logits(encoder(images), head, scale)
     return F.cross_entropy(logits, labels, reduction="none")
 
 
@@ -48,15 +49,6 @@ def loop(encoder, head, scale, images, labels, sums) -> None:
         grads = torch.autograd.grad(losses[i], list(params.values()), retain_graph=True)
         for name, grad in zip(params, grads, strict=True):
             sums[name].add_(grad.abs())
-
-
-def fastest(repeat: int, run) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -89,9 +81,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    encoder = open_clip.create_model(args.model).visual.to(device).eval()
+    encoder = random_encoder(args.model, seed=0).to(device).eval()
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
     classes = 10
     labels = torch.randint(0, classes, (args.batch_size,), device=device)
@@ -135,14 +126,17 @@ def main() -> None:
         float((ours_sums[n] - loop_sums[n]).abs().max() / loop_sums[n].abs().max().clamp_min(1e-30))
         for n in loop_sums
     )
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    load = load_average()
     print(
         f"device {device}, batch {args.batch_size}, chunk {args.chunk_size}, "
         f"{torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
-    print(
-        f"RESULT ours_vs_batched={t_ours / t_batched:.3f} loop_vs_ours={t_loop / t_ours:.2f} "
-        f"max_rel_err={err:.2e}"
+    print_result(
+        [
+            ("ours_vs_batched", t_ours / t_batched, ".3f"),
+            ("loop_vs_ours", t_loop / t_ours, ".2f"),
+            ("max_rel_err", err, ".2e"),
+        ]
     )
 
 

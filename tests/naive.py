@@ -199,11 +199,12 @@ def consensus(
 def choose_lambdas(
     scores: Mapping[str, Mapping[float, float]], lambdas: Sequence[float]
 ) -> dict[str, float]:
-    """Per task, the λ of the best score; the smallest λ among equal best scores."""
+    """Per task, the λ of the best score; the first of the grid among equal best scores
+    (the TALL reference code's strict ``>`` scan over its grid, find_optimal_mask)."""
     chosen = {}
     for task, by_lambda in scores.items():
         best = None
-        for lam in sorted(lambdas):
+        for lam in lambdas:
             if best is None or by_lambda[lam] > by_lambda[best]:
                 best = lam
         chosen[task] = best

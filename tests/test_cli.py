@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +69,20 @@ def run_dir(assets: Path, method: str) -> Path:
     return versions[-1]
 
 
+# each method's class (what --merge.method names) and its run folder's name
+METHODS = {
+    "zero_shot": "ZeroShot",
+    "finetuned": "Finetuned",
+    "task_arithmetic": "TaskArithmetic",
+    "trust_region": "TrustRegion",
+    "tall_masks": "TallMasks",
+    "consensus": "Consensus",
+}
+
+
 def scored(assets: Path, method: str, *args: str) -> tuple[Path, dict]:
     """``mergelab test`` with a method: the run's folder and its results.json."""
-    mergelab(assets, "test", "-c", "base.yaml", f"--merge.method={method}", *args)
+    mergelab(assets, "test", "-c", "base.yaml", f"--merge.method={METHODS[method]}", *args)
     folder = run_dir(assets, method)
     return folder, json.loads((folder / "results.json").read_text())
 
@@ -79,7 +91,7 @@ def test_task_arithmetic_picks_on_validation_and_writes_every_output(assets):
     folder, results = scored(
         assets,
         "task_arithmetic",
-        "--merge.scaling_factor=[0.3, 0.6]",
+        "--merge.method.scaling_factor=[0.3, 0.6]",
         "--data.test_splits=[val, test]",
     )
     assert results["schema"] == "mergelab.results/1"
@@ -138,7 +150,7 @@ def test_zero_shot_accuracy_matches_a_direct_computation(assets):
 
 def test_tall_masks_pick_lambda_per_task(assets):
     folder, results = scored(
-        assets, "tall_masks", "--merge.lambdas=[0.2, 0.6]", "--data.test_splits=[val, test]"
+        assets, "tall_masks", "--merge.method.lambdas=[0.2, 0.6]", "--data.test_splits=[val, test]"
     )
     for task in TASKS:
         val = {n: results["accuracy"][n]["val"][task] for n in results["accuracy"]}
@@ -150,7 +162,7 @@ def test_tall_masks_pick_lambda_per_task(assets):
 
 
 def test_finetuned_then_consensus_normalized_by_it(assets):
-    mergelab(assets, "test", "-c", "base.yaml", "--merge.method=finetuned")
+    mergelab(assets, "test", "-c", "base.yaml", "--merge.method=Finetuned")
     reference = run_dir(assets, "finetuned") / "results.json"
     # a random tiny model may score 0 on a task, which cannot normalise anything
     document = json.loads(reference.read_text())
@@ -158,7 +170,7 @@ def test_finetuned_then_consensus_normalized_by_it(assets):
         document["headline"]["accuracy"][task] = value or 0.5
     reference.write_text(json.dumps(document))
     mergelab(
-        assets, "test", "-c", "base.yaml", "--merge.method=consensus", "--merge.k=2",
+        assets, "test", "-c", "base.yaml", "--merge.method=Consensus", "--merge.method.k=2",
         f"--model.finetuned_accuracy={reference}",
     )  # fmt: skip
     results = json.loads((run_dir(assets, "consensus") / "results.json").read_text())
@@ -171,7 +183,7 @@ def test_finetuned_then_consensus_normalized_by_it(assets):
 
 
 def test_validate_scores_validation_splits(assets):
-    mergelab(assets, "validate", "-c", "base.yaml", "--merge.method=trust_region")
+    mergelab(assets, "validate", "-c", "base.yaml", "--merge.method=TrustRegion")
     folder = run_dir(assets, "trust_region")
     results = json.loads((folder / "results_val.json").read_text())
     assert results["stage"] == "val"
@@ -180,20 +192,22 @@ def test_validate_scores_validation_splits(assets):
 
 def test_bad_setting_stops_the_cli_with_its_name(assets):
     result = mergelab(
-        assets, "test", "-c", "base.yaml", "--merge.threshold_quantile=1.5", expect_ok=False
-    )
+        assets, "test", "-c", "base.yaml", "--merge.method=TrustRegion",
+        "--merge.method.threshold_quantile=1.5", expect_ok=False,
+    )  # fmt: skip
     assert result.returncode != 0
     assert "threshold_quantile" in result.stderr
 
 
-def test_unknown_task_and_method_are_refused():
-    from mergelab.callbacks import MergeCallback
-    from mergelab.data import TaskDataModule
+def test_unknown_task_and_method_are_refused(assets):
+    from mergelab.lightning.data import TaskDataModule
 
     with pytest.raises(KeyError, match="no_such_task"):
         TaskDataModule(tasks=["mnist", "no_such_task"])
-    with pytest.raises(ValueError, match="merge_all_the_things"):
-        MergeCallback(method="merge_all_the_things")
+    result = mergelab(
+        assets, "test", "-c", "base.yaml", "--merge.method=MergeAllTheThings", expect_ok=False
+    )
+    assert result.returncode != 0 and "MergeAllTheThings" in result.stderr
 
 
 def test_unreachable_hub_id_is_named(assets):
@@ -217,7 +231,7 @@ def test_checkpoint_of_another_architecture_is_refused(assets, tmp_path):
 
 
 def test_dataset_without_label_column_and_labels_outside_classes(tmp_path):
-    from mergelab.data import load_split
+    from mergelab.lightning.data import load_split
     from mergelab.tasks import load_task
 
     mirror.write_dataset(tmp_path, "ylecun/mnist", 10, {"train": 20}, label_column="y")
@@ -232,10 +246,9 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("vit_*/*.yaml"))
 GRADIENT_CONFIGS = [c for c in CONFIGS if c.stem == "trust_region_gradients"]
 
 
-def printed_config(subcommand: str, config: Path, capsys, monkeypatch) -> dict:
+def printed_config(subcommand: str, config: Path, capsys) -> dict:
     from mergelab.cli import run
 
-    monkeypatch.setattr(sys, "argv", ["mergelab"])  # run() parses its own args only
     with pytest.raises(SystemExit) as exit_:
         run([subcommand, "-c", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
@@ -243,16 +256,86 @@ def printed_config(subcommand: str, config: Path, capsys, monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c not in GRADIENT_CONFIGS], ids=str)
-def test_every_shipped_config_parses(config, capsys, monkeypatch):
-    printed = printed_config("test", config, capsys, monkeypatch)
-    assert printed["merge"]["method"] == config.stem
+def test_every_shipped_config_parses(config, capsys):
+    printed = printed_config("test", config, capsys)
+    assert printed["merge"]["method"]["class_path"] == f"mergelab.methods.{METHODS[config.stem]}"
     assert len(printed["model"]["finetuned"]) == 8
 
 
 @pytest.mark.parametrize("config", GRADIENT_CONFIGS, ids=str)
-def test_every_gradient_statistics_config_parses(config, capsys, monkeypatch):
-    printed = printed_config("fit", config, capsys, monkeypatch)
-    assert printed["model"]["class_path"] == "mergelab.gradient_stats.GradientStatistics"
+def test_every_gradient_statistics_config_parses(config, capsys):
+    printed = printed_config("fit", config, capsys)
+    assert printed["model"]["class_path"] == "mergelab.lightning.gradient_stats.GradientStatistics"
     assert len(printed["model"]["init_args"]["finetuned"]) == 8
     assert printed["data"]["max_samples"] == 128  # TATR's setting
-    assert printed["merge"]["method"] == "trust_region"
+    assert printed["merge"]["method"]["class_path"] == "mergelab.methods.TrustRegion"
+
+
+USER_METHOD = '''
+from mergelab.methods import MergeMethod, Variants
+
+
+class WeightAverage(MergeMethod):
+    """The fine-tuned models' mean, θ = Σt θt / T (a user's method, outside mergelab).
+
+    Args:
+        shrink: the share of the average's task vector kept.
+    """
+
+    min_tasks = 2
+
+    def __init__(self, shrink: float = 1.0):
+        if not 0 < shrink <= 1:
+            raise ValueError(f"shrink must be in (0, 1], got {shrink}")
+        self.shrink = shrink
+
+    def variants(self, context):
+        pool = context.pool()
+        model = {}
+        for key, theta0 in pool.pretrained.items():
+            if key in pool.merged_keys:
+                mean = sum(pool.finetuned[t][key] for t in pool.tasks) / len(pool.tasks)
+                model[key] = theta0 + self.shrink * (mean - theta0)
+            else:
+                model[key] = theta0.clone()
+        return Variants([self.name], shared={self.name: model})
+'''
+
+
+def test_a_users_own_method_plugs_in_by_class_path(assets):
+    (assets / "user_methods.py").write_text(USER_METHOD)
+    path = {"PYTHONPATH": str(assets)}
+    method = "--merge.method=user_methods.WeightAverage"
+    help_text = run_mergelab(assets, "test", "--merge.method.help", "user_methods.WeightAverage",
+                             **path).stdout  # fmt: skip
+    assert "--merge.method.shrink" in help_text and "scaling_factor" not in help_text
+    refused = run_mergelab(assets, "test", "-c", "base.yaml", method, "--merge.method.shrink=2",
+                           expect_ok=False, **path)  # fmt: skip
+    assert refused.returncode != 0 and "shrink must be in (0, 1], got 2" in refused.stderr
+    run_mergelab(assets, "test", "-c", "base.yaml", method, "--merge.method.shrink=0.5",
+                 HF_HUB_CACHE=str(assets / "hub"), **path)  # fmt: skip
+    results = json.loads((run_dir(assets, "weight_average") / "results.json").read_text())
+    assert results["settings"] == {"method": "weight_average", "shrink": 0.5}
+    assert set(results["accuracy"]) == {"weight_average"}
+
+
+@pytest.mark.parametrize(
+    "method, own, others",
+    [
+        ("TaskArithmetic", ["scaling_factor"], ["threshold_quantile", "lambdas", "k"]),
+        (
+            "TrustRegion",
+            ["scaling_factor", "threshold_quantile", "gradient_stats"],
+            ["lambdas", "k"],
+        ),
+        ("TallMasks", ["lambdas", "ties"], ["scaling_factor", "k"]),
+        ("Consensus", ["k", "tall_lambda", "scaling_factor", "ties"], ["lambdas"]),
+    ],
+)
+def test_help_of_a_method_lists_exactly_its_settings(method, own, others, capsys):
+    from mergelab.cli import run
+
+    with pytest.raises(SystemExit):
+        run(["test", "--merge.method.help", method])
+    options = set(re.findall(r"--merge\.method\.(\w+)", capsys.readouterr().out)) - {"help"}
+    assert options == set(own) and not options & set(others)

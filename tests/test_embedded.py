@@ -18,7 +18,7 @@ from mergelab.embedded.benchmark import METHODS
 from mergelab.embedded.build import ASSETS, MANIFEST, EmbeddedBenchmark
 from mergelab.embedded.preset import PRESETS, get_preset
 from mergelab.embedded.scenes import TASKS
-from mergelab.io.checkpoints import SafetensorsCheckpoint
+from mergelab.engine.checkpoints import SafetensorsCheckpoint
 from mergelab.tasks import load_task
 
 MERGELAB = shutil.which("mergelab")
@@ -50,7 +50,7 @@ def test_built_assets_are_the_real_layouts(embedded_cache, monkeypatch):
     assert resolve("embedded:pretrained") == str(benchmark.root / "pretrained.safetensors")
     assert resolve("/some/other/path") == "/some/other/path"
     for task in TASKS:
-        spec = load_task(f"embedded:tasks/{task}")  # its dataset is relative to the file
+        spec = load_task(resolve(f"embedded:tasks/{task}"))  # its dataset is relative to it
         assert spec.name == task and Path(spec.dataset).is_dir()
         encoder = SafetensorsCheckpoint(resolve(f"embedded:finetuned/{task}"))
         assert "conv1.weight" in encoder

@@ -4,7 +4,6 @@ as the real tasks."""
 import numpy as np
 import torch
 
-from mergelab.data import TaskDataModule
 from mergelab.embedded.scenes import (
     DOMAINS,
     FACTORS,
@@ -15,6 +14,7 @@ from mergelab.embedded.scenes import (
     sample_factors,
     write_tasks,
 )
+from mergelab.lightning.data import TaskDataModule
 from mergelab.tasks import load_task
 
 

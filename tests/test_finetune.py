@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 from console import needs_cli, run_mergelab
 
-from mergelab.finetune import warmup_cosine
-from mergelab.io.checkpoints import SafetensorsCheckpoint
+from mergelab.engine.checkpoints import SafetensorsCheckpoint
+from mergelab.lightning.finetune import warmup_cosine
 from mergelab.models.clip import load_image_encoder
 
 LR, WARMUP, STEPS = 1e-3, 2, 3
@@ -32,7 +32,7 @@ def assets(tmp_path_factory) -> Path:
     mirror.write_dataset(root / "data", "ylecun/mnist", 10, {"train": 60, "test": 20})
     base = {
         "model": {
-            "class_path": "mergelab.finetune.FineTuner",
+            "class_path": "mergelab.lightning.finetune.FineTuner",
             "init_args": {
                 "task": "mnist",
                 "model": mirror.TINY,
@@ -133,7 +133,7 @@ def test_fit_help(assets):
     result = mergelab(assets, "fit", "--help")
     assert "--model CONFIG | CLASS_PATH_OR_NAME" in result.stdout  # any fit model, by class
     assert "--trainer.max_epochs" in result.stdout
-    result = mergelab(assets, "fit", "--model.help", "mergelab.finetune.FineTuner")
+    result = mergelab(assets, "fit", "--model.help", "mergelab.lightning.finetune.FineTuner")
     assert "--model.warmup_steps" in result.stdout
     assert "--model.finetuned" not in result.stdout  # the evaluator's, not FineTuner's
 
@@ -150,7 +150,7 @@ def test_every_finetune_config_parses(config, capsys, monkeypatch):
         run(["fit", "-c", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] == "mergelab.finetune.FineTuner"
+    assert printed["model"]["class_path"] == "mergelab.lightning.finetune.FineTuner"
     assert load_task(printed["model"]["init_args"]["task"]).name == config.stem
     assert printed["data"]["tasks"] == [config.stem]
     assert printed["data"]["batch_size"] == 128

@@ -1,7 +1,8 @@
 """``mergelab fit`` with GradientStatistics end to end, through the installed console
 script, on a tiny registered open_clip model and local dataset mirrors (tests/mirror.py):
 statistics against a naive per-sample loop, two CPU processes (DDP, gloo) against one,
-reuse of saved statistics, the merge at the end of fit and ``test --merge.gradient_stats``."""
+reuse of saved statistics, the merge at the end of fit and
+``test --merge.method.gradient_stats``."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 from console import needs_cli, run_mergelab
 
-from mergelab.gradient_stats import load_task_statistics, read_statistics, statistics_file
-from mergelab.io.checkpoints import SafetensorsCheckpoint
+from mergelab.engine.checkpoints import SafetensorsCheckpoint
+from mergelab.io.gradient_statistics import load_task_statistics, read_statistics, statistics_file
 
 TASKS = ["mnist", "eurosat", "svhn"]
 MAX_SAMPLES = 9
@@ -54,11 +55,16 @@ def assets(tmp_path_factory) -> Path:
     }
     fit = {
         "model": {
-            "class_path": "mergelab.gradient_stats.GradientStatistics",
+            "class_path": "mergelab.lightning.gradient_stats.GradientStatistics",
             "init_args": model | {"statistics": "stats", "chunk_size": 3},
         },
         "data": data | {"max_samples": MAX_SAMPLES},
-        "merge": {"method": "trust_region", "threshold_quantile": 0.9},
+        "merge": {
+            "method": {
+                "class_path": "mergelab.methods.TrustRegion",
+                "init_args": {"threshold_quantile": 0.9},
+            }
+        },
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1},
     }
     (root / "fit.yaml").write_text(yaml.safe_dump(fit))
@@ -84,7 +90,7 @@ def fitted(assets) -> Path:
 
 def naive_statistics(assets: Path, task: str) -> dict[str, torch.Tensor]:
     """Mean over the run's samples of |∇| from one forward and backward pass per sample."""
-    from mergelab.data import TaskDataModule
+    from mergelab.lightning.data import TaskDataModule
     from mergelab.models.clip import load_clip
     from mergelab.models.heads import zero_shot_head
 
@@ -165,8 +171,8 @@ def test_a_later_run_loads_the_statistics_and_test_scores_the_merge(assets, fitt
     assert all(torch.equal(first[k], second[k]) for k in first)
 
     mergelab(
-        assets, "test", "-c", "test.yaml", "--merge.method=trust_region",
-        "--merge.threshold_quantile=0.9", "--merge.gradient_stats=stats",
+        assets, "test", "-c", "test.yaml", "--merge.method=TrustRegion",
+        "--merge.method.threshold_quantile=0.9", "--merge.method.gradient_stats=stats",
     )  # fmt: skip
     scored = latest_run(assets, "trust_region")
     results = json.loads((scored / "results.json").read_text())
@@ -198,7 +204,7 @@ def test_bad_input_stops_before_any_work(assets):
     )  # fmt: skip
     assert "task 'dtd': cannot load split 'train'" in result.stderr
     assert not (assets / "stats_dtd").exists()
-    from mergelab.data import TaskDataModule
+    from mergelab.lightning.data import TaskDataModule
 
     with pytest.raises(ValueError, match="max_samples must be positive, got 0"):
         TaskDataModule(TASKS, max_samples=0)

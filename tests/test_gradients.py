@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 
-from mergelab.per_sample_gradients import accumulate_abs_gradients
+from mergelab.models.per_sample_gradients import accumulate_abs_gradients
 
 CLASSES, SCALE = 7, 30.0
 

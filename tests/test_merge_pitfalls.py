@@ -502,9 +502,9 @@ def test_block_boundaries_do_not_change_results(monkeypatch, quantile):
 def test_two_pass_selection_takes_over_when_the_sampled_floor_misses(monkeypatch):
     """A floor above the true threshold (as a misleading sample would give) still ends in
     the exact result, through the two-pass radix select."""
-    import mergelab.merge as merge_module
+    import mergelab.engine.trust_region as trust_region_module
 
-    monkeypatch.setattr(merge_module, "_conflict_floor", lambda *args: float("inf"))
+    monkeypatch.setattr(trust_region_module, "conflict_floor", lambda *args: float("inf"))
     fam = make_family(8, [(40, 30), (25,)], num_tasks=4, integer=True)
     merged = trust_region(fam.pretrained, fam.finetuned, 0.3, threshold_quantile=0.9)
     expected = naive.trust_region(fam.pretrained, fam.finetuned, 0.3, 0.9)

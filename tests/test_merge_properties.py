@@ -251,7 +251,7 @@ def test_consensus_merge_matches_naive(family, alpha, tall_lambda, data):
     ),
     data=st.data(),
 )
-def test_choose_lambdas_best_score_smallest_lambda_on_ties(num_tasks, lambdas, data):
+def test_choose_lambdas_best_score_first_of_the_grid_on_ties(num_tasks, lambdas, data):
     pretrained = {"w": torch.zeros(3)}
     finetuned = {f"t{i}": {"w": torch.full((3,), float(i + 1))} for i in range(num_tasks)}
     masks = TallMasks.build(pretrained, finetuned, lambdas=lambdas)

@@ -1,6 +1,6 @@
 """Hyper-parameter search: picking on validation within one run (evaluation.summarize), the
 W&B sweep files in configs/sweeps expanded into the exact commands W&B's agent runs, and the
-local sweep runner (mergelab/sweep.py) end to end and on bad input."""
+local sweep runner (mergelab/sweep/) end to end and on bad input."""
 
 from __future__ import annotations
 
@@ -13,19 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergelab.evaluation import flat_metrics, summarize
-from mergelab.sweep import (
-    SweepError,
-    Trial,
-    agent_command,
-    load_sweep,
-    main,
-    parsed_config,
-    prepare,
-    run_sweep,
-    settings,
-    write_table,
-)
+from mergelab.lightning.evaluation import flat_metrics, summarize
+from mergelab.sweep.runner import main, run_sweep, write_table
+from mergelab.sweep.sweep_file import SweepError, load_sweep, settings
+from mergelab.sweep.trials import Trial, agent_command, parsed_config, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILES = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -78,8 +69,9 @@ def test_without_validation_scores_nothing_is_picked():
 
 
 def dotted(config: dict, name: str):
+    """A dotted option's value in a printed config (a class's settings under init_args)."""
     for part in name.split("."):
-        config = config[part]
+        config = config[part] if part in config else config["init_args"][part]
     return config
 
 
@@ -122,7 +114,7 @@ def write_sweep(folder: Path, **overrides) -> Path:
     sweep = {
         "method": "grid",
         "metric": {"name": "val/avg_acc", "goal": "maximize"},
-        "parameters": {"merge.scaling_factor": {"values": [0.3, 0.6]}},
+        "parameters": {"merge.method.scaling_factor": {"values": [0.3, 0.6]}},
         "command": ["mergelab", "validate", "--config", OFFLINE_CONFIG, "${args}"],
     } | overrides
     path = folder / "sweep.yaml"
@@ -132,27 +124,32 @@ def write_sweep(folder: Path, **overrides) -> Path:
 
 def test_random_search_is_seeded_and_draws_inside_each_distribution(tmp_path):
     parameters = {
-        "merge.scaling_factor": {"distribution": "uniform", "min": 0.1, "max": 1.0},
-        "merge.k": {"min": 1, "max": 4},
-        "merge.tall_lambda": {"distribution": "log_uniform_values", "min": 0.2, "max": 0.8},
-        "merge.threshold_quantile": {"values": [0.9, 0.99], "probabilities": [0.5, 0.5]},
-        "merge.method": {"value": "consensus"},
+        "merge.method.scaling_factor": {"distribution": "uniform", "min": 0.1, "max": 1.0},
+        "merge.method.k": {"min": 1, "max": 4},
+        "merge.method.tall_lambda": {"distribution": "log_uniform_values", "min": 0.2, "max": 0.8},
+        "merge.method.threshold_quantile": {"values": [0.9, 0.99], "probabilities": [0.5, 0.5]},
+        "merge.method": {"value": "Consensus"},
     }
     sweep = load_sweep(write_sweep(tmp_path, method="random", parameters=parameters))
     drawn = settings(sweep, count=20, seed=1)
     assert drawn == settings(sweep, count=20, seed=1) != settings(sweep, count=20, seed=2)
     for setting in drawn:
-        assert 0.1 <= setting["merge.scaling_factor"] <= 1.0
-        assert setting["merge.k"] in {1, 2, 3, 4}
-        assert 0.2 <= setting["merge.tall_lambda"] <= 0.8
-        assert setting["merge.threshold_quantile"] in {0.9, 0.99}
-        assert setting["merge.method"] == "consensus"
+        assert 0.1 <= setting["merge.method.scaling_factor"] <= 1.0
+        assert setting["merge.method.k"] in {1, 2, 3, 4}
+        assert 0.2 <= setting["merge.method.tall_lambda"] <= 0.8
+        assert setting["merge.method.threshold_quantile"] in {0.9, 0.99}
+        assert setting["merge.method"] == "Consensus"
 
 
 def test_grid_is_every_combination_and_count_or_run_cap_cut_it(tmp_path):
-    parameters = {"merge.k": {"min": 1, "max": 3}, "merge.scaling_factor": {"values": [0.3, 1]}}
+    parameters = {
+        "merge.method.k": {"min": 1, "max": 3},
+        "merge.method.scaling_factor": {"values": [0.3, 1]},
+    }
     sweep = load_sweep(write_sweep(tmp_path, parameters=parameters, run_cap=5))
-    grid = [{"merge.k": k, "merge.scaling_factor": f} for k in (1, 2, 3) for f in (0.3, 1)]
+    grid = [
+        {"merge.method.k": k, "merge.method.scaling_factor": f} for k in (1, 2, 3) for f in (0.3, 1)
+    ]
     assert settings(sweep) == grid[:5]
     assert len(settings(sweep, count=2)) == 2
 
@@ -161,9 +158,9 @@ def test_agent_command_fills_wandb_macros(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGELAB_SWEEP_TEST_CONFIG", OFFLINE_CONFIG)
     command = ["${env}", "mergelab", "validate", "-c", "${envvar:MERGELAB_SWEEP_TEST_CONFIG}"]
     sweep = load_sweep(write_sweep(tmp_path, command=[*command, "${args}"]))
-    assert agent_command(sweep, {"merge.k": 3, "merge.ties": 0.2}) == [
+    assert agent_command(sweep, {"merge.method.k": 3, "merge.method.ties": 0.2}) == [
         "/usr/bin/env", "mergelab", "validate", "-c", OFFLINE_CONFIG,
-        "--merge.k=3", "--merge.ties=0.2",
+        "--merge.method.k=3", "--merge.method.ties=0.2",
     ]  # fmt: skip
 
 
@@ -173,13 +170,13 @@ def test_sweep_file_runs_locally_each_trial_in_its_own_folder(embedded, tmp_path
 
     with open(output / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [row["merge.scaling_factor"] for row in rows] == ["0.1", "0.2"]
+    assert [row["merge.method.scaling_factor"] for row in rows] == ["0.1", "0.2"]
     for row in rows:
         trial = output / f"trial_{int(row['trial']):03d}"
         run = Path(row["run"])
         assert run.is_relative_to(trial)
         results = json.loads((run / "results_val.json").read_text())
-        assert results["settings"]["scaling_factor"] == [float(row["merge.scaling_factor"])]
+        assert results["settings"]["scaling_factor"] == [float(row["merge.method.scaling_factor"])]
         assert float(row["val/avg_acc"]) == pytest.approx(results["headline"]["avg_acc"], 1e-4)
         assert list(trial.glob("wandb/offline-run-*"))  # W&B's run is in the trial too
     best = max(rows, key=lambda row: float(row["val/avg_acc"]))
@@ -195,9 +192,9 @@ def test_failed_trial_is_reported_and_the_next_still_runs(tmp_path):
         "(run / 'metrics.csv').write_text('val/avg_acc,step\\n0.25,0\\n')"
     )
     trials = [
-        Trial(1, {"merge.scaling_factor": 0.3}, [sys.executable, "-c", "exit(3)"],
+        Trial(1, {"merge.method.scaling_factor": 0.3}, [sys.executable, "-c", "exit(3)"],
               tmp_path / "trial_001", ""),
-        Trial(2, {"merge.scaling_factor": 0.6}, [sys.executable, "-c", writes_metrics],
+        Trial(2, {"merge.method.scaling_factor": 0.6}, [sys.executable, "-c", writes_metrics],
               tmp_path / "trial_002", ""),
     ]  # fmt: skip
     run_sweep(sweep, trials)
@@ -209,9 +206,9 @@ def test_failed_trial_is_reported_and_the_next_still_runs(tmp_path):
 def test_table_marks_the_best_finished_trial_for_the_goal(goal, best, tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, metric={"name": "val/avg_acc", "goal": goal}))
     trials = [
-        Trial(1, {"merge.scaling_factor": 0.3}, [], tmp_path, "", 0.5, "ok"),
-        Trial(2, {"merge.scaling_factor": 0.6}, [], tmp_path, "", 0.7, "ok"),
-        Trial(3, {"merge.scaling_factor": 0.9}, [], tmp_path, "", 0.9, "failed (exit 1)"),
+        Trial(1, {"merge.method.scaling_factor": 0.3}, [], tmp_path, "", 0.5, "ok"),
+        Trial(2, {"merge.method.scaling_factor": 0.6}, [], tmp_path, "", 0.7, "ok"),
+        Trial(3, {"merge.method.scaling_factor": 0.9}, [], tmp_path, "", 0.9, "failed (exit 1)"),
     ]
     table = write_table(sweep, trials, tmp_path)
     with open(tmp_path / "results.csv", newline="") as f:
@@ -224,10 +221,13 @@ def test_table_marks_the_best_finished_trial_for_the_goal(goal, best, tmp_path):
 
 BAD_SWEEPS = {
     "unknown parameter": (
-        {"parameters": {"merge.scaling_factr": {"values": [0.3]}}},
-        "merge.scaling_factr",
+        {"parameters": {"merge.method.scaling_factr": {"values": [0.3]}}},
+        "merge.method.scaling_factr",
     ),
-    "value the CLI refuses": ({"parameters": {"merge.k": {"values": ["two"]}}}, "merge.k"),
+    "value the CLI refuses": (
+        {"parameters": {"merge.method.scaling_factor": {"values": ["two"]}}},
+        "merge.method.scaling_factor",
+    ),
     "metric never logged": ({"metric": {"name": "val/avg_accuracy"}}, "val/avg_accuracy"),
     "metric of another stage": ({"metric": {"name": "train/avg_acc"}}, "train/avg_acc"),
     "test metric": ({"metric": {"name": "test/avg_acc"}}, "ranks trials on test data"),
@@ -235,14 +235,17 @@ BAD_SWEEPS = {
     "bayes": ({"method": "bayes"}, "method 'bayes'"),
     "no metric": ({"metric": None}, "metric.name is missing"),
     "bad goal": ({"metric": {"name": "val/avg_acc", "goal": "max"}}, "metric.goal 'max'"),
-    "empty values": ({"parameters": {"merge.k": {"values": []}}}, "parameters.merge.k"),
-    "min above max": (
-        {"parameters": {"merge.k": {"min": 4, "max": 1}}},
-        "parameters.merge.k: min < max",
+    "empty values": (
+        {"parameters": {"merge.method.k": {"values": []}}},
+        "parameters.merge.method.k",
     ),
-    "null value": ({"parameters": {"merge.ties": {"values": [None, 0.2]}}}, "'null'"),
+    "min above max": (
+        {"parameters": {"merge.method.k": {"min": 4, "max": 1}}},
+        "parameters.merge.method.k: min < max",
+    ),
+    "null value": ({"parameters": {"merge.method.ties": {"values": [None, 0.2]}}}, "'null'"),
     "unknown distribution": (
-        {"parameters": {"merge.k": {"distribution": "zipf", "min": 1, "max": 4}}},
+        {"parameters": {"merge.method.k": {"distribution": "zipf", "min": 1, "max": 4}}},
         "distribution 'zipf'",
     ),
     "nested parameters": (
@@ -250,7 +253,7 @@ BAD_SWEEPS = {
         "nested parameters",
     ),
     "grid over a continuous range": (
-        {"parameters": {"merge.scaling_factor": {"min": 0.1, "max": 1.0}}},
+        {"parameters": {"merge.method.scaling_factor": {"min": 0.1, "max": 1.0}}},
         "grid search needs values",
     ),
     "random without count": ({"method": "random"}, "--count"),

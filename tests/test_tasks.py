@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from mergelab.data import TaskDataModule, protocol_split
+from mergelab.lightning.data import TaskDataModule, protocol_split
 from mergelab.tasks import EIGHT_TASKS, builtin_tasks, load_task
 
 # class and template counts of the task_vectors protocol (REFERENCE §3)

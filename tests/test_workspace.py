@@ -1,4 +1,4 @@
-"""mergelab.workspace: empty keeps torch.empty's contract; BlockWorkers keep the caller's
+"""mergelab.engine.workspace: empty keeps torch.empty's contract; BlockWorkers keep the caller's
 autograd mode."""
 
 import naive
@@ -10,7 +10,7 @@ from safetensors.torch import load, save
 from strategies import assert_states_equal, make_family
 
 from mergelab import ModelPool, TallMasks
-from mergelab.workspace import BlockWorkers, empty
+from mergelab.engine.workspace import BlockWorkers, empty
 
 DTYPES = [
     torch.float32,

@@ -6,7 +6,7 @@ process, each with its own run folder, and writes one comparison of them all:
 ``<output>/summary.md`` (printed), ``summary.json`` and ``summary.png``.
 ``trust_region_gradients`` is two runs: ``mergelab fit`` with
 configs/embedded/trust_region_gradients.yaml (the gradient statistics, cached), then the
-``trust_region`` test run with ``--merge.gradient_stats`` set to them.
+``trust_region`` test run with ``--merge.method.gradient_stats`` set to them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 from mergelab.embedded.preset import PRESET_ENV, PRESETS
@@ -109,12 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("running %s", method)
         if method == "trust_region_gradients":
             statistics = _run(["fit", "--config", str(args.configs / f"{method}.yaml")])
-            gradients = f"--merge.gradient_stats={statistics.model.statistics_folder}"
+            gradients = f"--merge.method.gradient_stats={statistics.model.statistics_folder}"
             cli = _run(["test", "--config", str(args.configs / "trust_region.yaml"), gradients])
         else:
             cli = _run(["test", "--config", str(args.configs / f"{method}.yaml")])
         runs[method] = cli.model.results
-    from mergelab.results import write_comparison
+    from mergelab.lightning.results import write_comparison
 
     paths = write_comparison(runs, args.output)
     print(f"\nembedded benchmark ({benchmark.preset.name} preset), test top-1 accuracy (%):\n")
@@ -130,10 +129,7 @@ def _run(args: list[str]):
 
     quiet = ["--report.print_table=false"] if args[0] == "test" else []
     try:
-        with warnings.catch_warnings():
-            # LightningCLI warns that sys.argv (`mergelab embedded ...`) is not parsed: right
-            warnings.filterwarnings("ignore", message=".*args parameter is intended")
-            return run(args + quiet)
+        return run(args + quiet)
     finally:
         _finish_wandb()
 

@@ -64,7 +64,7 @@ class EmbeddedBenchmark:
     _verified: ClassVar[set[Path]] = set()  # folders checked against their manifest here
 
     def __init__(self, preset: Preset | str | None = None, cache_dir: str | None = None):
-        from mergelab.models.clip import cache_root
+        from mergelab.io.cache import cache_root
 
         self.preset = preset if isinstance(preset, Preset) else get_preset(preset)
         self.cache_dir = cache_root(cache_dir)
@@ -201,7 +201,7 @@ class EmbeddedBenchmark:
         from torch.utils.data import DataLoader
 
         from mergelab.embedded.pretrain import CaptionedScenes, ContrastivePretrainer
-        from mergelab.io.checkpoints import save_state_dict
+        from mergelab.engine.checkpoints import save_state_dict
 
         preset = self.preset
         L.seed_everything(preset.seed, verbose=False)
@@ -221,8 +221,8 @@ class EmbeddedBenchmark:
         def finetune(folder: Path) -> None:
             import lightning as L
 
-            from mergelab.data import TaskDataModule
-            from mergelab.finetune import FineTuner
+            from mergelab.lightning.data import TaskDataModule
+            from mergelab.lightning.finetune import FineTuner
 
             preset = self.preset
             L.seed_everything(preset.seed, verbose=False)
@@ -246,10 +246,11 @@ class EmbeddedBenchmark:
     def _finetuned_accuracy(self, folder: Path) -> None:
         """Each fine-tuned model's test accuracy, through the test loop (the reference of
         the normalised accuracy)."""
-        from mergelab.callbacks import MergeCallback
-        from mergelab.data import TaskDataModule
-        from mergelab.evaluation import MergeEvaluator
-        from mergelab.results import write_report
+        from mergelab.lightning.callbacks import MergeCallback
+        from mergelab.lightning.data import TaskDataModule
+        from mergelab.lightning.evaluation import MergeEvaluator
+        from mergelab.lightning.results import write_report
+        from mergelab.methods import Finetuned
 
         module = MergeEvaluator(
             model=MODEL_NAME,
@@ -261,7 +262,7 @@ class EmbeddedBenchmark:
         data = TaskDataModule(
             tasks=[str(folder / ASSETS[f"tasks/{t}"]) for t in TASKS], batch_size=256, num_workers=0
         )
-        trainer = _trainer(None, callbacks=[MergeCallback("finetuned", save_artifact=False)])
+        trainer = _trainer(None, callbacks=[MergeCallback(Finetuned(), save_artifact=False)])
         trainer.test(module, datamodule=data, verbose=False)
         write_report(module.results, (folder / ASSETS["finetuned_accuracy"]).parent)
 

@@ -1,1 +1,1 @@
-"""File I/O: lazy checkpoint reading and atomic, streamed safetensors writing."""
+"""File I/O above the engine: cache folders, hub-layout datasets, gradient statistics files."""

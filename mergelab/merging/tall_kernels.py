@@ -3,7 +3,7 @@
 :func:`pack_masks` computes and packs every task's mask in two passes over a block
 instead of six (about 5x faster), :func:`add_masked` unpacks a mask and adds m ⊙ τMTL in
 two instead of four (about 4x). Both release the GIL, so that
-:class:`~mergelab.workspace.BlockWorkers` threads run them side by side.
+:class:`~mergelab.engine.workspace.BlockWorkers` threads run them side by side.
 
 The signatures are given (float32 and float64, C-contiguous arrays, so that loops over
 them vectorise: the same code over arrays of unknown strides ran about 7x slower), so

@@ -6,18 +6,24 @@ tasks add there: mt = 1{|θ0 − θt| > λ·|θmt − θt|} = 1{|τt| > λ·|τM
 
 The block functions run single-threaded (numpy, or numba kernels that release the GIL),
 so that the caller can run blocks on several threads at once (see
-:class:`~mergelab.workspace.BlockWorkers`).
+:class:`~mergelab.engine.workspace.BlockWorkers`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from mergelab.workspace import Workspace
+
+class Scratch(Protocol):
+    """Reused scratch buffers by name (the engine's Workspace): a view of a buffer is
+    valid until the next request of its name."""
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
 
 
 def _kernels() -> ModuleType:
@@ -34,7 +40,7 @@ def pack_tall_masks(
     multitask_vector: torch.Tensor,
     lambdas: Sequence[float],
     out: torch.Tensor,
-    workspace: Workspace,
+    workspace: Scratch,
 ) -> None:
     """Every task's mask at every λ for one block of columns, from τ stacked as [T, n]
     and τMTL [n], into ``out`` ([len(λ), T, ⌈n/8⌉] uint8) packed as numpy.packbits does:
@@ -54,7 +60,7 @@ def pack_tall_masks(
 
 
 def add_masked(
-    target: torch.Tensor, vector: torch.Tensor, packed: torch.Tensor, workspace: Workspace
+    target: torch.Tensor, vector: torch.Tensor, packed: torch.Tensor, workspace: Scratch
 ) -> torch.Tensor:
     """target += m ⊙ v in place, for flat blocks of one dtype and the block's mask packed
     as by :func:`pack_tall_masks`: θ0 + mt ⊙ τMTL, the retrieved model, chunk by chunk.

@@ -11,7 +11,7 @@ def task_vector_sum(task_vectors: torch.Tensor, out: torch.Tensor | None = None)
     by task in the order the rule is written (``torch.sum`` over dim 0 may regroup the
     additions for some widths, so its last bits could differ between the methods that
     share this sum). In numpy, which starts no threads of its own, so that
-    :class:`~mergelab.workspace.BlockWorkers` threads can sum blocks side by side."""
+    :class:`~mergelab.engine.workspace.BlockWorkers` threads can sum blocks side by side."""
     taus = task_vectors.numpy()
     total = np.empty(taus.shape[1:], taus.dtype) if out is None else out.numpy()
     np.copyto(total, taus[0])

@@ -9,7 +9,7 @@ dropped from every task vector before summing.
 Inputs are stacked over tasks, [T, *shape], on the CPU. ``scratch``, a tensor of the
 same shape, is used for the intermediate |τ| instead of allocating one. The arithmetic
 runs in numpy, which starts no threads of its own, so that
-:class:`~mergelab.workspace.BlockWorkers` threads can compute blocks side by side.
+:class:`~mergelab.engine.workspace.BlockWorkers` threads can compute blocks side by side.
 """
 
 from __future__ import annotations

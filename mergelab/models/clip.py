@@ -20,16 +20,9 @@ from pathlib import Path
 import open_clip
 import torch
 
-from mergelab.embedded import resolve
-from mergelab.io.checkpoints import SafetensorsCheckpoint, open_checkpoint, save_state_dict
+from mergelab.engine.checkpoints import SafetensorsCheckpoint, open_checkpoint, save_state_dict
+from mergelab.io.cache import cache_root
 from mergelab.models.hf_clip import convert_clip_vision_state_dict, is_clip_vision_state_dict
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else $MERGELAB_CACHE, else ~/.cache/mergelab."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab"))
 
 
 @dataclass
@@ -67,9 +60,8 @@ def load_clip(
     ``model_config``: an open_clip model config JSON to register first; its file stem is
     the architecture name.
     """
-    pretrained = resolve(pretrained)
     if model_config is not None:
-        path = Path(resolve(str(model_config)))
+        path = Path(model_config)
         if not path.is_file():
             raise FileNotFoundError(f"open_clip model config not found: {path}")
         open_clip.add_model_config(path)
@@ -145,7 +137,7 @@ def load_image_encoder(
     ``pretrained_visual`` gives the expected keys and the projection that Hugging Face
     vision models lack. Converted checkpoints are cached under ``<cache>/encoders``.
     """
-    path = Path(resolve(str(source)))
+    path = Path(source)
     if not path.exists():
         path = _hub_snapshot(str(source))
     if path.suffix == ".safetensors":

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mergelab.io.checkpoints import SafetensorsCheckpoint, save_state_dict
-from mergelab.models.clip import CLIPBundle, cache_root
+from mergelab.engine.checkpoints import SafetensorsCheckpoint, save_state_dict
+from mergelab.io.cache import cache_root
+from mergelab.models.clip import CLIPBundle
 from mergelab.tasks import TaskSpec
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import yaml
 
-from mergelab.embedded import resolve
-
 BUILTIN = Path(__file__).with_name("builtin")
 
 # The eight vision tasks of Ilharco et al. (2023) in the protocol's order.
@@ -51,11 +49,11 @@ def builtin_tasks() -> list[str]:
 
 
 def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
-    """A built-in task by name, or a task from a YAML file path (or ``embedded:tasks/<task>``).
+    """A built-in task by name, or a task from a YAML file path.
 
     A ``dataset`` that starts with ``./`` or ``../`` is a folder relative to the file.
     """
-    path = Path(resolve(str(name_or_path)))
+    path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = BUILTIN / f"{name_or_path}.yaml"
         if not path.is_file():

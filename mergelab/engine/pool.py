@@ -9,14 +9,14 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from mergelab.io.checkpoints import (
+from mergelab.engine.checkpoints import (
     SafetensorsCheckpoint,
     TensorSpec,
     open_checkpoint,
     read_into,
     tensor_spec,
 )
-from mergelab.workspace import Workspace
+from mergelab.engine.workspace import Workspace
 
 CheckpointSource = str | os.PathLike | Mapping[str, torch.Tensor]
 
@@ -88,7 +88,7 @@ class ModelPool:
         :meth:`check_finite`.
 
         The subtraction runs in numpy (the same IEEE result as torch), single-threaded, so
-        that :class:`~mergelab.workspace.BlockWorkers` threads can call it side by side.
+        that :class:`~mergelab.engine.workspace.BlockWorkers` threads can call it side by side.
         """
         sources = [self.pretrained, *self.finetuned.values()]
         size = part.stop - part.start

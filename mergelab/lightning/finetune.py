@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from mergelab.evaluation import top1
-from mergelab.io.checkpoints import check_writable, save_state_dict
+from mergelab.engine.checkpoints import check_writable, save_state_dict
+from mergelab.lightning.evaluation import top1
 from mergelab.models.clip import load_clip
 from mergelab.models.heads import zero_shot_head
+from mergelab.models.logits import zero_shot_logits
 from mergelab.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class FineTuner(L.LightningModule):
         output: where the fine-tuned image encoder is written (safetensors); default
             ``<log dir>/<task>.safetensors``.
     """
+
+    run_name = "finetune"  # lightning_logs/finetune/version_N
 
     def __init__(
         self,
@@ -117,8 +120,7 @@ class FineTuner(L.LightningModule):
         return log_dir / f"{self.task}.safetensors"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(images)
-        return self.logit_scale * F.normalize(features.float(), dim=-1) @ self.head.T
+        return zero_shot_logits(self.encoder(images), self.head, self.logit_scale)
 
     @staticmethod
     def _unwrap(batch):

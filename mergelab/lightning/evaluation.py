@@ -1,8 +1,7 @@
 """The Lightning evaluation loop: every weight variant of the image encoder on every task.
 
-A *variant* is one set of image-encoder weights: a merged model for one scaling factor,
-a task's TALL-retrieved model for one λ, the pretrained or a fine-tuned model. The
-:class:`~mergelab.callbacks.MergeCallback` attaches a :class:`Variants` provider before
+A *variant* is one set of image-encoder weights (:class:`~mergelab.methods.Variants`). The
+:class:`~mergelab.lightning.callbacks.MergeCallback` attaches a merge method's variants before
 the loop starts; the module holds one encoder structure and runs each batch through
 every variant's weights with ``torch.func.functional_call``, so several settings are
 scored in one pass over the data. Variants that depend on the task (TALL, fine-tuned)
@@ -12,43 +11,22 @@ are built when that task's first batch arrives and dropped after its last.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
-from mergelab.embedded import resolve
+from mergelab.engine.pool import ModelPool
+from mergelab.merging.selection import pick_best
+from mergelab.methods.base import Variants
 from mergelab.models.clip import load_clip, load_image_encoder
 from mergelab.models.heads import zero_shot_head
-from mergelab.pool import ModelPool
+from mergelab.models.logits import zero_shot_logits
 
 StateDict = Mapping[str, torch.Tensor]
-
-
-@dataclass
-class Variants:
-    """Named encoder weights per task.
-
-    ``shared``: the same models for every task (chosen by average validation accuracy);
-    otherwise ``per_task(task)`` builds that task's models (chosen per task).
-    """
-
-    names: list[str]
-    shared: dict[str, StateDict] | None = None
-    per_task: Callable[[str], dict[str, StateDict]] | None = None
-    description: dict = field(default_factory=dict)
-
-    def for_task(self, task: str) -> dict[str, StateDict]:
-        return self.shared if self.shared is not None else self.per_task(task)
-
-    @property
-    def choose_per_task(self) -> bool:
-        return self.shared is None
 
 
 class MergeEvaluator(L.LightningModule):
@@ -159,7 +137,7 @@ class MergeEvaluator(L.LightningModule):
         head = self._heads[task]
         for name, weights in self._weights_for(task).items():
             features = functional_call(self.encoder, weights, (images,))
-            logits = self.logit_scale * F.normalize(features.float(), dim=-1) @ head.T
+            logits = zero_shot_logits(features, head, self.logit_scale)
             self._accuracy[name, task, split].update(logits, labels)
 
     def on_test_start(self) -> None:
@@ -210,7 +188,7 @@ def _reference_accuracy(value: dict[str, float] | str | None) -> dict[str, float
     """Fine-tuned accuracies given directly or read from a results.json."""
     if value is None or isinstance(value, Mapping):
         return dict(value) if value else None
-    path = Path(resolve(value))
+    path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"finetuned_accuracy: {path} not found")
     data = json.loads(path.read_text())
@@ -236,9 +214,9 @@ def summarize(
     names = list(accuracy)
     has_val = stage == "test" and all("val" in accuracy[n] for n in names)
     if has_val and choose_per_task:
-        picked = {t: max(names, key=lambda n: accuracy[n]["val"][t]) for t in tasks}
+        picked = {t: pick_best(names, lambda n, t=t: accuracy[n]["val"][t]) for t in tasks}
     elif has_val:
-        best = max(names, key=lambda n: sum(accuracy[n]["val"].values()))
+        best = pick_best(names, lambda n: sum(accuracy[n]["val"].values()))
         picked = dict.fromkeys(tasks, best)
     else:
         picked = dict.fromkeys(tasks, names[0])

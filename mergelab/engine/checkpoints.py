@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from mergelab.workspace import empty
+from mergelab.engine.workspace import empty
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec).
 _DTYPE_CODES = {

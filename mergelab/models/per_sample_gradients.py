@@ -27,10 +27,14 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+# torch has no public pytree module (torch.utils.pytree does not exist in 2.14); _pytree is
+# what torch's own function modes use to find the tensors among a call's arguments
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mergelab.workspace import Workspace
+from mergelab.engine.workspace import Workspace
+from mergelab.models.logits import zero_shot_logits
 
 
 class _Sink:
@@ -261,7 +265,7 @@ class _PerSampleMode(TorchFunctionMode):
         if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
             raise ValueError(
                 f"per-sample gradients: parameter {used[0]!r} is used by {_name_of(func)}, "
-                "which is not supported (see mergelab.per_sample_gradients)"
+                "which is not supported (see mergelab.models.per_sample_gradients)"
             )
         return out  # metadata (dtype, shape, ...), not a computation
 
@@ -390,6 +394,6 @@ def accumulate_abs_gradients(
     with _taking_part(module, list(accumulators)):
         with _PerSampleMode(by_tensor, sink):
             features = module(images)
-        logits = logit_scale * F.normalize(features.float(), dim=-1) @ head.T
+        logits = zero_shot_logits(features, head, logit_scale)
         # summed, not averaged: each sample's gradient is that of its own loss
         F.cross_entropy(logits, labels, reduction="sum").backward()

@@ -3,7 +3,7 @@
 For each task t, ḡt = the mean over the task's train samples (at most ``data.max_samples``,
 a seeded choice; TATR uses 128) of |∇θ CE(logit_scale · normalize(f(x; θ0)) @ headtᵀ, y)|,
 the absolute value taken per sample, the pretrained encoder in eval mode, for every
-merged parameter (mergelab.per_sample_gradients computes it from batched passes).
+merged parameter (mergelab.models.per_sample_gradients computes it from batched passes).
 
     mergelab fit --config configs/vit_b32/trust_region_gradients.yaml
     mergelab test --config configs/vit_b32/trust_region.yaml --merge.gradient_stats=<folder>
@@ -34,55 +34,18 @@ import lightning as L
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from mergelab.evaluation import MergeEvaluator
-from mergelab.io.checkpoints import SafetensorsCheckpoint, check_writable, save_state_dict
-from mergelab.models.clip import cache_root
-from mergelab.per_sample_gradients import accumulate_abs_gradients
+from mergelab.engine.checkpoints import check_writable, save_state_dict
+from mergelab.io.cache import cache_root
+from mergelab.io.gradient_statistics import (
+    KIND,
+    read_statistics,
+    statistics_file,
+    statistics_samples,
+)
+from mergelab.lightning.evaluation import MergeEvaluator
+from mergelab.models.per_sample_gradients import accumulate_abs_gradients
 
 log = logging.getLogger(__name__)
-
-KIND = "tatr_gradient_statistics"
-
-
-def statistics_file(folder: str | Path, task: str) -> Path:
-    return Path(folder) / f"{task}.safetensors"
-
-
-def read_statistics(path: Path, task: str, fingerprint: str) -> SafetensorsCheckpoint:
-    """A task's saved statistics, checked to be for this task and this pretrained model."""
-    checkpoint = SafetensorsCheckpoint(path)
-    try:
-        meta = json.loads(checkpoint.metadata["mergelab"])
-        found_kind, found_task, found_model = meta["kind"], meta["task"], meta["model"]
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"{path}: not gradient statistics saved by mergelab fit") from err
-    if found_kind != KIND:
-        raise ValueError(f"{path}: holds {found_kind!r}, not gradient statistics")
-    if found_task != task:
-        raise ValueError(f"{path}: gradient statistics of task {found_task!r}, not {task!r}")
-    if found_model != fingerprint:
-        raise ValueError(
-            f"{path}: gradient statistics of another pretrained model (fingerprint "
-            f"{found_model}, this model {fingerprint}); recompute them with mergelab fit"
-        )
-    return checkpoint
-
-
-def statistics_samples(checkpoint: SafetensorsCheckpoint) -> int:
-    return json.loads(checkpoint.metadata["mergelab"])["samples"]
-
-
-def load_task_statistics(
-    folder: str | Path, tasks: list[str], fingerprint: str
-) -> dict[str, SafetensorsCheckpoint]:
-    """Every task's saved statistics from ``folder``, checked; a missing task is named."""
-    missing = [t for t in tasks if not statistics_file(folder, t).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"no gradient statistics of task {missing[0]!r} in {folder} "
-            f"(expected {statistics_file(folder, missing[0])}; mergelab fit writes them)"
-        )
-    return {t: read_statistics(statistics_file(folder, t), t, fingerprint) for t in tasks}
 
 
 class GradientStatistics(MergeEvaluator):
@@ -101,6 +64,7 @@ class GradientStatistics(MergeEvaluator):
         chunk_size: samples whose per-sample gradients of one parameter are held at once.
     """
 
+    run_name = "gradient_stats"  # lightning_logs/gradient_stats/version_N
     # statistics only: no validation loop during fit
     validation_step = L.LightningModule.validation_step
 
@@ -121,7 +85,6 @@ class GradientStatistics(MergeEvaluator):
         self.encoder.requires_grad_(True)  # the parameters whose gradients are taken
         self.statistics = statistics
         self.chunk_size = chunk_size
-        self.statistics_files: dict[str, Path] = {}
         self._todo: list[str] = []
         self.statistics_folder: Path | None = None
 
@@ -154,7 +117,6 @@ class GradientStatistics(MergeEvaluator):
                         f"{task!r} has {count} (data.max_samples); delete the file or "
                         "choose another model.statistics folder"
                     )
-                self.statistics_files[task] = path
                 log.info("gradient statistics of %s loaded from %s", task, path)
             else:
                 check_writable(path, overwrite=False)
@@ -213,7 +175,6 @@ class GradientStatistics(MergeEvaluator):
             path = statistics_file(self.statistics_folder, task)
             if self.trainer.is_global_zero:
                 self._save(task, mean, expected, path)
-            self.statistics_files[task] = path
             metrics[f"gradients/{task}/seconds"] = self._seconds[task]
             metrics[f"gradients/{task}/samples"] = float(count)
         self.trainer.strategy.barrier()  # the files exist for every rank from here on

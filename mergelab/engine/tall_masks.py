@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab.io.checkpoints import (
+from mergelab.engine.checkpoints import (
     SafetensorsCheckpoint,
     SafetensorsWriter,
     TensorSpec,
@@ -29,7 +29,8 @@ from mergelab.io.checkpoints import (
     save_state_dict,
     tensor_spec,
 )
-from mergelab.merge import (
+from mergelab.engine.pool import CheckpointSource, ModelPool
+from mergelab.engine.streaming import (
     StateDict,
     as_factor_list,
     build_models,
@@ -38,8 +39,10 @@ from mergelab.merge import (
     progress,
     single_or_list,
 )
+from mergelab.engine.ties import ties_thresholds
+from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.merging.consensus import consensus_mask
-from mergelab.merging.quantile import RadixSelect
+from mergelab.merging.selection import pick_best
 from mergelab.merging.tall_masks import (
     add_masked,
     apply_mask,
@@ -47,9 +50,7 @@ from mergelab.merging.tall_masks import (
     unpack_mask,
 )
 from mergelab.merging.task_arithmetic import task_vector_sum
-from mergelab.merging.ties import ties_rank, ties_vector
-from mergelab.pool import CheckpointSource, ModelPool
-from mergelab.workspace import BlockWorkers, Workspace, empty
+from mergelab.merging.ties import ties_vector
 
 # The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -72,24 +73,25 @@ def mask_key(task: str, lam: float, key: str) -> str:
     return f"mask/{task}/{_lambda_name(lam)}/{key}"
 
 
-def _ties_thresholds(pool: ModelPool, keep_fraction: float) -> list[float]:
-    """Each task's smallest kept magnitude when it keeps its top share over the whole model."""
-    total = pool.num_merged_params
-    rank = ties_rank(keep_fraction, total)
-    if rank < 0:
-        return [-math.inf] * len(pool.tasks)
-    selects = [RadixSelect(rank, total) for _ in pool.tasks]
-    workspace = Workspace()
-    for desc in ("TIES: magnitudes", "TIES: thresholds"):
-        for key in progress(pool.merged_keys, desc):
-            for _, taus in pool.task_vector_chunks(key, workspace):
-                pool.check_finite(key, taus, taus.sum(0))
-                for select, tau in zip(selects, taus, strict=True):
-                    select.observe(tau.abs())
-        if selects[0].bucket is None:
-            for select in selects:
-                select.next_pass()
-    return [select.value for select in selects]
+def checked_lambdas(lambdas: Sequence[float]) -> list[float]:
+    """A TALL λ grid as floats, refused if empty, not positive or with a value twice."""
+    lambdas = as_factor_list(lambdas, "lambdas")
+    for lam in lambdas:
+        if not lam > 0:
+            raise ValueError(f"TALL mask λ must be > 0, got {lam}")
+    if len(set(lambdas)) != len(lambdas):
+        raise ValueError(f"a TALL λ is listed twice: {lambdas}")
+    return lambdas
+
+
+def check_ties(ties: float | None) -> None:
+    if ties is not None and not 0 < ties <= 1:
+        raise ValueError(f"ties (share of each task vector kept) must be in (0, 1], got {ties}")
+
+
+def check_consensus_k(k: int) -> None:
+    if k < 0:
+        raise ValueError(f"consensus k must be ≥ 0, got {k}")
 
 
 class TallMasks:
@@ -124,14 +126,8 @@ class TallMasks:
         """
         pool = ModelPool(pretrained, finetuned)
         pool.require_tasks(2, "TALL masks")
-        lambdas = as_factor_list(lambdas, "lambdas")
-        for lam in lambdas:
-            if lam <= 0:
-                raise ValueError(f"TALL mask λ must be > 0, got {lam}")
-        if len(set(lambdas)) != len(lambdas):
-            raise ValueError(f"a TALL λ is listed twice: {lambdas}")
-        if ties is not None and not 0 < ties <= 1:
-            raise ValueError(f"ties (share of each task vector kept) must be in (0, 1], got {ties}")
+        lambdas = checked_lambdas(lambdas)
+        check_ties(ties)
         if output is not None:
             check_writable(output, overwrite)
         info = {
@@ -150,7 +146,7 @@ class TallMasks:
             for task in pool.tasks:
                 for lam in lambdas:
                     specs[mask_key(task, lam, key)] = packed
-        thresholds = None if ties is None else _ties_thresholds(pool, ties)
+        thresholds = None if ties is None else ties_thresholds(pool, ties)
 
         in_memory = output is None
         metadata = {"mergelab": json.dumps(info)}
@@ -353,7 +349,8 @@ class TallMasks:
             out[part] = target
 
     def choose_lambdas(self, scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
-        """Each task's λ with the best validation score (the smallest λ on a tie)."""
+        """Each task's λ with the best validation score (on a tie the first of the grid, as
+        :func:`~mergelab.merging.selection.pick_best` picks every setting)."""
         chosen = {}
         for task in self.tasks:
             if task not in scores:
@@ -362,7 +359,8 @@ class TallMasks:
             missing = [lam for lam in self.lambdas if _lambda_name(lam) not in by_name]
             if missing:
                 raise KeyError(f"no validation score for task {task!r} at λ={missing[0]}")
-            chosen[task] = max(self.lambdas, key=lambda lam: (by_name[_lambda_name(lam)], -lam))
+            score = {lam: by_name[_lambda_name(lam)] for lam in self.lambdas}
+            chosen[task] = pick_best(self.lambdas, score.__getitem__)
         self.chosen = chosen
         return chosen
 
@@ -370,8 +368,7 @@ class TallMasks:
         self, k: int, lambdas: Mapping[str, float] | None = None
     ) -> Callable[[str], torch.Tensor]:
         """key ↦ mcons ⊙ τMTL, from each task's mask at its chosen (or given) λ."""
-        if k < 0:
-            raise ValueError(f"consensus k must be ≥ 0, got {k}")
+        check_consensus_k(k)
         per_task = {task: self.lambda_for(task, (lambdas or {}).get(task)) for task in self.tasks}
         workspace = Workspace()
 
@@ -406,25 +403,3 @@ class TallMasks:
             desc="consensus",
         )
         return single_or_list(results, scaling_factor)
-
-
-def consensus_merge(
-    pretrained: CheckpointSource,
-    finetuned: Mapping[str, CheckpointSource],
-    k: int = 2,
-    scaling_factor: float | Sequence[float] = 0.3,
-    tall_lambda: float = 0.6,
-    output=None,
-    overwrite: bool = False,
-):
-    """Consensus merging with every task's mask at one λ, without validation data.
-
-    The default λ = 0.6 is FusionBench's default ``tall_mask_lambda``; choose per-task λ
-    on validation with :meth:`TallMasks.choose_lambdas` and :meth:`TallMasks.consensus`
-    where data is available.
-    """
-    if k < 0:
-        raise ValueError(f"consensus k must be ≥ 0, got {k}")
-    masks = TallMasks.build(pretrained, finetuned, lambdas=[tall_lambda])
-    fixed = dict.fromkeys(masks.tasks, tall_lambda)
-    return masks.consensus(pretrained, k, scaling_factor, fixed, output, overwrite)

@@ -1,0 +1,77 @@
+"""Trust-region merging, TATR ("Task Arithmetic in Trust Region", openreview q3ztjJRQuJ):
+θ = θ0 + λ Σi τi ⊙ 1{Ω < threshold}, the most conflicting coordinates dropped."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from mergelab.engine.pool import ModelPool
+from mergelab.engine.streaming import StateDict, as_factor_list
+from mergelab.engine.trust_region import check_threshold_quantile, trust_region_vector
+from mergelab.io.gradient_statistics import load_task_statistics
+from mergelab.methods.base import (
+    MergeContext,
+    MergeMethod,
+    Variants,
+    save_task_vector,
+    scaled_variants,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrustRegion(MergeMethod):
+    """TATR: θ = θ0 + λ Σi τi ⊙ 1{Ω < threshold}; zero-shot (Ω from |τ|) without statistics.
+
+    Args:
+        scaling_factor: λ; a list scores every value and picks on validation when the data
+            module's test_splits has ``val``.
+        threshold_quantile: the quantile q of the conflict Ω; the top 1 − q is dropped.
+        gradient_stats: the folder of per-task gradient statistics that ``mergelab fit`` with
+            mergelab.lightning.gradient_stats.GradientStatistics wrote (checked against the
+            pretrained model); null for zero-shot TATR (conflicts from |τ|, no data). Under
+            that fit, TATR is built with the statistics just computed when fit ends.
+    """
+
+    min_tasks = 2
+
+    def __init__(
+        self,
+        scaling_factor: float | list[float] = 0.3,
+        threshold_quantile: float = 0.99,
+        gradient_stats: str | None = None,
+    ):
+        check_threshold_quantile(threshold_quantile)
+        if gradient_stats is not None and not Path(gradient_stats).is_dir():
+            raise FileNotFoundError(
+                f"gradient_stats: no folder {gradient_stats} (mergelab fit with "
+                "GradientStatistics writes it)"
+            )
+        self.scaling_factor = as_factor_list(scaling_factor, "scaling_factor")
+        self.threshold_quantile = threshold_quantile
+        self.gradient_stats = gradient_stats
+
+    def merged_task_vector(self, pool: ModelPool, context: MergeContext) -> StateDict:
+        """δ = mask ⊙ Σ τt, saved as the artifact; the threshold and each parameter's
+        mask density logged."""
+        gradients: Mapping | None = None
+        if self.gradient_stats is not None:
+            gradients = load_task_statistics(self.gradient_stats, pool.tasks, pool.fingerprint())
+        merged = trust_region_vector(pool, self.threshold_quantile, gradients)
+        log.info("TATR kept %.4f%% of coordinates", 100 * merged.kept_fraction)
+        metrics = {"trust_region/threshold": merged.threshold}
+        metrics |= {f"trust_region/density/{k}": v for k, v in merged.density().items()}
+        context.log_metrics(metrics)
+        save_task_vector(
+            merged.delta, pool, context, self.describe() | {"threshold": merged.threshold}
+        )
+        return merged.delta
+
+    def variants(self, context: MergeContext) -> Variants:
+        pool = context.pool()
+        delta = self.merged_task_vector(pool, context)
+        return scaled_variants(
+            self.name, pool.pretrained, pool.merged_keys, delta.__getitem__, self.scaling_factor
+        )
