@@ -35,30 +35,19 @@ import importlib
 import os
 import sys
 import warnings
-from argparse import RawDescriptionHelpFormatter
+from argparse import Namespace, RawDescriptionHelpFormatter
 
 import lightning as L
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
 from mergelab.embedded import expand
 from mergelab.lightning.callbacks import MergeCallback, ResultsReport
 from mergelab.lightning.data import TaskDataModule
 from mergelab.lightning.evaluation import MergeEvaluator
+from mergelab.lightning.loggers import check_wandb_mode
 from mergelab.methods.base import snake_case
-
-
-def wandb_logged_in() -> bool:
-    """True if W&B has credentials (env or netrc), without contacting the server."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-
-    try:
-        hosts = netrc.netrc().hosts
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-    return any("wandb" in host for host in hosts)
 
 
 class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -79,20 +68,60 @@ class MergelabCLI(LightningCLI):
         parser.add_lightning_class_args(ResultsReport, "report")
         parser.set_defaults({"merge.method": {"class_path": "mergelab.methods.TaskArithmetic"}})
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self.command_line = list(sys.argv[1:] if args is None else args)
+
     def run_name(self, config) -> str:
         raise NotImplementedError
 
+    def check(self, config) -> None:
+        """Bad input found before any model is loaded."""
+        check_wandb_mode()
+
     def before_instantiate_classes(self) -> None:
-        """Name the run folder (lightning_logs/<name>/version_N) and replace every
-        ``embedded:`` reference with its path (building the benchmark on first use)."""
+        """Check the settings, replace every ``embedded:`` reference with its path
+        (building the benchmark on first use) and name the run: its folder
+        lightning_logs/<name>/version_N, its W&B run <name> and the settings given on
+        the command line."""
         os.environ.setdefault("WANDB_SILENT", "true")
         config = self.config[self.subcommand]
+        self.check(config)
         expand(config)
+        name = self.run_name(config)
+        given = changed_settings(self.command_line, config.merge.method)
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init_args = getattr(logger, "init_args", None)
-            if init_args is not None and "name" in init_args and init_args.get("name") is None:
-                init_args.name = self.run_name(config)
+            if init_args is None or "name" not in init_args or init_args.get("name") is not None:
+                continue
+            wandb = class_of(logger.class_path).__name__ == "WandbLogger"
+            init_args.name = " ".join([name, *given]) if wandb else name
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Lightning's config.yaml in the run folder, and the merge settings and the model and
+    data sources handed to the run's loggers as hyper-parameters (W&B's run config)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.as_dict()
+        sections = {key: config[key] for key in ("merge", "model", "data") if key in config}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(sections)
+
+
+def changed_settings(command_line: list[str], method) -> list[str]:
+    """``<setting>=<value>`` for each setting of the merge method that the command line
+    sets over the config (a sweep trial's parameters, say), with its parsed value."""
+    prefix = "--merge.method."
+    keys = []
+    for word in command_line:
+        if word.startswith(prefix):
+            key = word[len(prefix) :].split("=", 1)[0].removeprefix("init_args.")
+            if key != "help" and key not in keys:
+                keys.append(key)
+    values = getattr(method, "init_args", None) or {}
+    return [f"{key}={values[key]}" for key in keys if key in values]
 
 
 class EvaluateCLI(MergelabCLI):
@@ -104,6 +133,20 @@ class EvaluateCLI(MergelabCLI):
 
     def run_name(self, config) -> str:
         return class_of(config.merge.method.class_path).name
+
+    def check(self, config) -> None:
+        """Also the merge settings (the method is constructed, checking each) and the
+        strategy, before the models are loaded."""
+        super().check(config)
+        check_strategy(config.trainer.strategy)
+        method = config.merge.method
+        settings = method.get("init_args") or {}
+        settings = vars(settings) if isinstance(settings, Namespace) else dict(settings)
+        callback = MergeCallback(
+            class_of(method.class_path)(**settings),
+            report_without_pick=config.merge.report_without_pick,
+        )
+        callback.check(self.subcommand, config.data.test_splits)
 
 
 class FitCLI(MergelabCLI):
@@ -117,6 +160,37 @@ class FitCLI(MergelabCLI):
         model = class_of(config.model.class_path)
         return getattr(model, "run_name", snake_case(model.__name__))
 
+    def check(self, config) -> None:
+        super().check(config)
+        if issubclass(class_of(config.model.class_path), MergeEvaluator):
+            check_strategy(config.trainer.strategy)  # statistics over samples: exact sums
+
+
+# strategies under which every rank holds whole models and scores a disjoint share of the
+# samples (DDP, in all its launchers, or one device): the sums over ranks are exact
+EXACT_STRATEGIES = (DDPStrategy, SingleDeviceStrategy)
+
+
+def check_strategy(strategy) -> None:
+    """Refuse a strategy under which the scores could not be exact (sharded models)."""
+    if isinstance(strategy, str):
+        if strategy == "auto" or (
+            strategy in StrategyRegistry
+            and issubclass(StrategyRegistry[strategy]["strategy"], EXACT_STRATEGIES)
+        ):
+            return
+        found = strategy
+    else:
+        cls = class_of(strategy.class_path) if hasattr(strategy, "class_path") else type(strategy)
+        if issubclass(cls, EXACT_STRATEGIES):
+            return
+        found = cls.__name__
+    raise ValueError(
+        f"trainer.strategy {found!r}: mergelab scores merged models exactly under auto, ddp "
+        "(ddp_spawn, ddp_fork) or one device, where each rank holds whole models and a "
+        "disjoint share of the samples"
+    )
+
 
 CLIS = {"fit": FitCLI, "validate": EvaluateCLI, "test": EvaluateCLI}
 
@@ -129,12 +203,8 @@ def trainer_defaults() -> dict:
                 "init_args": {"save_dir": "lightning_logs", "name": None},
             },
             {
-                "class_path": "lightning.pytorch.loggers.WandbLogger",
-                "init_args": {
-                    "project": "mergelab",
-                    "save_dir": "lightning_logs",
-                    "offline": not wandb_logged_in(),
-                },
+                "class_path": "mergelab.lightning.loggers.WandbLogger",
+                "init_args": {"save_dir": "lightning_logs", "name": None},
             },
         ],
         "enable_checkpointing": False,
@@ -165,6 +235,7 @@ def run(args: list[str] | None = None) -> MergelabCLI:
             subclass_mode_model=fit,
             trainer_defaults=trainer_defaults(),
             args=args,
+            save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
         )

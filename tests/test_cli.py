@@ -170,7 +170,7 @@ def test_finetuned_then_consensus_normalized_by_it(assets):
         document["headline"]["accuracy"][task] = value or 0.5
     reference.write_text(json.dumps(document))
     mergelab(
-        assets, "test", "-c", "base.yaml", "--merge.method=Consensus", "--merge.method.k=2",
+        assets, "test", "-c", "base.yaml", "--merge.method=Consensus", "--merge.method.k=2", "--merge.method.tall_lambda=0.6",
         f"--model.finetuned_accuracy={reference}",
     )  # fmt: skip
     results = json.loads((run_dir(assets, "consensus") / "results.json").read_text())
@@ -329,7 +329,7 @@ def test_a_users_own_method_plugs_in_by_class_path(assets):
             ["lambdas", "k"],
         ),
         ("TallMasks", ["lambdas", "ties"], ["scaling_factor", "k"]),
-        ("Consensus", ["k", "tall_lambda", "scaling_factor", "ties"], ["lambdas"]),
+        ("Consensus", ["k", "tall_lambda", "tall_results", "scaling_factor", "ties"], ["lambdas"]),
     ],
 )
 def test_help_of_a_method_lists_exactly_its_settings(method, own, others, capsys):

@@ -10,7 +10,8 @@ either complete or absent. On first use in a process the manifest is checked aga
 cache that no longer matches it is moved aside and rebuilt, never used in part.
 
 The assets are ordinary files in the layouts the real benchmark uses, read by the same
-loaders; configs name them as ``embedded:<asset>`` (see :func:`resolve`).
+loaders; configs name them as ``embedded:<asset>``, which the applications expand into
+paths (:func:`mergelab.embedded.expand`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +14,7 @@ from mergelab.lightning.evaluation import MergeEvaluator
 from mergelab.lightning.gradient_stats import GradientStatistics
 from mergelab.lightning.results import write_report
 from mergelab.methods import MergeContext, MergeMethod, TrustRegion
+from mergelab.methods.base import TASK_VECTOR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +23,10 @@ class MergeCallback(L.Callback):
     """Builds the merge method's variants before evaluation, and TATR with the statistics
     that GradientStatistics computed when its fit ends.
 
+    On several processes (DDP, any number of devices and nodes) rank 0 loads the models,
+    builds the merge and writes its artifact; the other ranks wait and read the artifact,
+    so the merge is built once and every rank scores the same weights.
+
     Args:
         method: the merge method, a class of mergelab.methods (ZeroShot, Finetuned,
             TaskArithmetic, TrustRegion, TallMasks, Consensus) or a MergeMethod subclass
@@ -26,26 +34,55 @@ class MergeCallback(L.Callback):
             (``--merge.method=TrustRegion --merge.method.threshold_quantile=0.95``);
             the CLI's default is TaskArithmetic.
         save_artifact: write the merged task vector or the masks to the run's log folder.
+        report_without_pick: a test run that scores several settings (scaling factors, a
+            λ grid) picks one on validation and so needs ``val`` in data.test_splits;
+            true reports every setting without a pick instead (the first is the headline).
     """
 
-    def __init__(self, method: MergeMethod, save_artifact: bool = True):
+    def __init__(
+        self, method: MergeMethod, save_artifact: bool = True, report_without_pick: bool = False
+    ):
         self.method = method
         self.save_artifact = save_artifact
+        self.report_without_pick = report_without_pick
+        self._shared_dir: Path | None = None
+
+    def check(self, stage: str, test_splits: Sequence[str]) -> None:
+        """Refuse, before any model is loaded, a test run that scores several settings and
+        could pick none on validation."""
+        count = self.method.settings_scored()
+        several = stage == "test" and count > 1 and "val" not in test_splits
+        if several and not self.report_without_pick:
+            raise ValueError(
+                f"{self.method.name} scores {count} settings but data.test_splits "
+                f"{list(test_splits)} has no val to pick one on: add val "
+                "(--data.test_splits=[val, test]), give one setting, or report every "
+                "setting without a pick (--merge.report_without_pick=true)"
+            )
 
     def _context(self, trainer: L.Trainer, module: MergeEvaluator, tasks, pool) -> MergeContext:
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: a broadcast
+        artifact_dir = log_dir if self.save_artifact else None
+        if artifact_dir is None and trainer.world_size > 1:
+            # the ranks share the merge through a file: one in the run folder, removed at
+            # the end (the run folder is where every node already writes)
+            self._shared_dir = artifact_dir = log_dir / ".merge"
 
         def log_metrics(metrics: dict[str, float]) -> None:
             for logger in module.loggers:
                 logger.log_metrics(metrics)
                 logger.save()
 
+        sharing = functools.partial(rank_zero_builds, trainer)
+        pretrained = functools.cache(module.pretrained_state)
+        loaded = functools.cache(lambda: sharing(None, lambda _: pool(pretrained()), None))
         return MergeContext(
             tasks=list(tasks),
-            pretrained=module.pretrained_state,
-            pool=pool,
-            artifact_dir=log_dir if self.save_artifact else None,
+            pretrained=pretrained,
+            pool=loaded,
+            artifact_dir=artifact_dir,
             log_metrics=log_metrics,
+            sharing=sharing,
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -53,27 +90,59 @@ class MergeCallback(L.Callback):
             return  # FineTuner trains; GradientStatistics merges when fit ends
         if pl_module.variants is not None:
             return
-        tasks = trainer.datamodule.task_names
+        datamodule = trainer.datamodule
+        self.check(stage, datamodule.test_splits)
+        tasks = datamodule.task_names
         self.method.check_tasks(tasks)
-        context = self._context(trainer, pl_module, tasks, lambda: pl_module.model_pool(tasks))
-        variants = self.method.variants(context)
+        pool = functools.partial(pl_module.model_pool, tasks)
+        variants = self.method.variants(self._context(trainer, pl_module, tasks, pool))
         variants.description = self.method.describe()
         pl_module.variants = variants
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._shared_dir is not None:
+            trainer.strategy.barrier()  # every rank has read what it needs
+            if trainer.is_global_zero:
+                shutil.rmtree(self._shared_dir, ignore_errors=True)
+            self._shared_dir = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After GradientStatistics: TATR with the statistics, saved to the run's folder."""
         if not isinstance(pl_module, GradientStatistics):
             return
         pool = pl_module.pool
-        context = self._context(trainer, pl_module, pool.tasks, lambda: pool)
+        context = self._context(trainer, pl_module, pool.tasks, lambda _: pool)
         if not trainer.is_global_zero:
             return
         if not isinstance(self.method, TrustRegion):
-            log.info("merge.method is %s: no merge at the end of fit", self.method)
+            log.info("merge.method is %s: no merge at the end of fit", self.method.name)
             return
         folder = str(pl_module.statistics_folder)
         method = type(self.method)(**self.method.init_args() | {"gradient_stats": folder})
-        method.merged_task_vector(pool, context)
+        output = None if context.artifact_dir is None else context.artifact_dir / TASK_VECTOR_FILE
+        method.merged_task_vector(pool, context, output)
+
+
+def rank_zero_builds(trainer: L.Trainer, path: Path | None, build: Callable, load) -> object:
+    """``build(path)`` on rank 0; on the other ranks, once rank 0 is done, ``load(path)``
+    (or ``build(path)`` again with ``load`` None: e.g. loading models that rank 0 has
+    converted into the cache). A failure on rank 0 stops every rank, naming it."""
+    if trainer.world_size == 1:
+        return build(path)
+    result, failure = None, None
+    if trainer.is_global_zero:
+        try:
+            result = build(path)
+        except Exception as error:
+            failure = error
+    message = trainer.strategy.broadcast(None if failure is None else repr(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not build the merge: {message}")
+    if trainer.is_global_zero:
+        return result
+    return build(path) if load is None else load(path)
 
 
 class ResultsReport(L.Callback):
@@ -94,9 +163,9 @@ class ResultsReport(L.Callback):
             self._report(trainer, pl_module)
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: a broadcast
         if not trainer.is_global_zero or not getattr(pl_module, "results", None):
             return
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         paths = write_report(pl_module.results, log_dir)
         if self.print_table:
             print(paths["markdown"].read_text())

@@ -195,12 +195,23 @@ class TaskDataModule(L.LightningDataModule):
             **sampling,
         )
 
+    def _world(self) -> tuple[int, int]:
+        """(number of processes, this one's rank)."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
     def _loaders(self, stage: str) -> list[DataLoader]:
         by_name = {task.name: task for task in self.specs}
-        return [
-            self._loader(self.split(by_name[task], split), shuffle=split == "train")
-            for task, split in self.plan(stage)
-        ]
+        world, rank = self._world()
+        loaders = []
+        for task, split in self.plan(stage):
+            data = self.split(by_name[task], split)
+            if split == "train":
+                loaders.append(self._loader(data, shuffle=True))
+            else:  # scored: each sample exactly once over all ranks, in order
+                loaders.append(self._loader(data, sampler=ShardSampler(data, world, rank)))
+        return loaders
 
     def serve_train_once(self, tasks: Sequence[str]) -> None:
         """Make the train dataloader walk each of ``tasks``' train split exactly once, for
@@ -214,9 +225,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def _loaders_once(self) -> CombinedLoader:
         by_name = {task.name: task for task in self.specs}
-        world, rank = (
-            (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
-        )
+        world, rank = self._world()
         splits = [self.split(by_name[task], "train") for task in self._once]
         loaders = [self._loader(s, sampler=ShardSampler(s, world, rank)) for s in splits]
         # Lightning synchronises the ranks at every training step, so every rank takes as

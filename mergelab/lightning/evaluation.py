@@ -80,12 +80,15 @@ class MergeEvaluator(L.LightningModule):
     def pretrained_state(self) -> dict[str, torch.Tensor]:
         return self.clip.visual_state_dict()
 
-    def model_pool(self, tasks: list[str]) -> ModelPool:
-        """θ0 and the fine-tuned encoders of ``tasks``, converted and checked up front."""
+    def model_pool(
+        self, tasks: list[str], pretrained: dict[str, torch.Tensor] | None = None
+    ) -> ModelPool:
+        """θ0 (``pretrained``, default this model's) and the fine-tuned encoders of
+        ``tasks``, converted and checked up front."""
         missing = [t for t in tasks if t not in self.finetuned_sources]
         if missing:
             raise KeyError(f"no fine-tuned model given for task {missing[0]!r} (model.finetuned)")
-        pretrained = self.pretrained_state()
+        pretrained = self.pretrained_state() if pretrained is None else pretrained
         finetuned = {
             t: load_image_encoder(self.finetuned_sources[t], pretrained, self.cache_dir)
             for t in tasks
@@ -173,6 +176,10 @@ class MergeEvaluator(L.LightningModule):
             reference=self.finetuned_accuracy,
         )
         self.results["variants_description"] = self.variants.description
+        self.results["picked_settings"] = {
+            task: self.variants.settings.get(name, {})
+            for task, name in self.results["picked"].items()
+        }
         # straight to the loggers: self.log would file every metric under each dataloader
         metrics = flat_metrics(self.results, stage)
         for logger in self.loggers:
@@ -207,12 +214,13 @@ def summarize(
 ) -> dict:
     """The headline result: the variant(s) picked on validation, scored on ``stage``.
 
-    With validation scores in a test run, the pick is the variant with the best
-    validation accuracy, per task or on average over tasks; without them (a validation
-    run, or a single variant) every variant is reported and the first is the headline.
+    With validation scores, the pick is the variant with the best validation accuracy,
+    per task or on average over tasks (:func:`~mergelab.merging.selection.pick_best`);
+    without them (a test run that reports every setting) the first is the headline and
+    ``picked_on`` is None.
     """
     names = list(accuracy)
-    has_val = stage == "test" and all("val" in accuracy[n] for n in names)
+    has_val = all("val" in accuracy[n] for n in names)
     if has_val and choose_per_task:
         picked = {t: pick_best(names, lambda n, t=t: accuracy[n]["val"][t]) for t in tasks}
     elif has_val:

@@ -3,7 +3,7 @@
 or ``class_path``/``init_args`` in YAML); a class of your own that subclasses
 :class:`MergeMethod` plugs in the same way, by its class path."""
 
-from mergelab.methods.base import MergeContext, MergeMethod, Variants
+from mergelab.methods.base import MergeContext, MergeMethod, ScaledMethod, Variants
 from mergelab.methods.consensus import Consensus
 from mergelab.methods.finetuned import Finetuned
 from mergelab.methods.tall_masks import TallMasks
@@ -16,6 +16,7 @@ __all__ = [
     "Finetuned",
     "MergeContext",
     "MergeMethod",
+    "ScaledMethod",
     "TallMasks",
     "TaskArithmetic",
     "TrustRegion",

@@ -18,15 +18,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 
-from mergelab.engine.checkpoints import save_state_dict
+from mergelab.engine.checkpoints import SafetensorsCheckpoint, save_state_dict
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import build_models
 
 log = logging.getLogger(__name__)
+
+# the artifact of the methods whose models are θ0 + λ·δ
+TASK_VECTOR_FILE = "merged_task_vector.safetensors"
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -37,12 +40,15 @@ class Variants:
 
     ``shared``: the same models for every task (chosen by average validation accuracy);
     otherwise ``per_task(task)`` builds that task's models (chosen per task).
+    ``settings``: what each name stands for (``{"scaling_factor": 0.3}``), reported for
+    the pick in results.json.
     """
 
     names: list[str]
     shared: dict[str, StateDict] | None = None
     per_task: Callable[[str], dict[str, StateDict]] | None = None
     description: dict = field(default_factory=dict)
+    settings: dict[str, dict] = field(default_factory=dict)
 
     def for_task(self, task: str) -> dict[str, StateDict]:
         return self.shared if self.shared is not None else self.per_task(task)
@@ -52,17 +58,39 @@ class Variants:
         return self.shared is None
 
 
+Built = TypeVar("Built")
+# (output path or None, build, load) -> what build returned, or load(path) in the other
+# processes of a distributed run
+Sharing = Callable[[Path | None, Callable[[Path | None], Built], Callable[[Path], Built]], Built]
+
+
+def build_here(path: Path | None, build: Callable, load: Callable) -> Built:
+    """One process: build it here."""
+    return build(path)
+
+
 @dataclass
 class MergeContext:
     """What a method may use: the tasks, θ0, the pool of θ0 and the fine-tuned models
-    (loaded and checked on first call), where to save its artifact (None: nowhere) and a
-    function that logs metrics to the run's loggers."""
+    (loaded and checked on first call), the folder its artifact goes to (None: kept in
+    memory), a function that logs metrics to the run's loggers, and how a distributed run
+    builds once and shares (see :meth:`build_once`)."""
 
     tasks: list[str]
     pretrained: Callable[[], dict[str, torch.Tensor]]
     pool: Callable[[], ModelPool]
     artifact_dir: Path | None = None
     log_metrics: Callable[[dict[str, float]], None] = lambda metrics: None
+    sharing: Sharing = build_here
+
+    def build_once(
+        self, filename: str, build: Callable[[Path | None], Built], load: Callable[[Path], Built]
+    ) -> Built:
+        """The artifact ``filename``: ``build(path)`` computes it (writing it to ``path``,
+        the artifact folder's file, when there is one) in one process; in a distributed
+        run the others wait, then ``load(path)`` what it wrote, so the merge is built once."""
+        path = None if self.artifact_dir is None else self.artifact_dir / filename
+        return self.sharing(path, build, load)
 
 
 def snake_case(name: str) -> str:
@@ -99,9 +127,40 @@ class MergeMethod:
         if len(tasks) < self.min_tasks:
             raise ValueError(f"{self.name} needs at least {self.min_tasks} tasks, got {tasks}")
 
+    def settings_scored(self) -> int:
+        """How many settings a run scores (a list of scaling factors, a λ grid): with more
+        than one, a test run needs validation data to pick one."""
+        return 1
+
     def variants(self, context: MergeContext) -> Variants:
         """The weights to score; long steps (loading, merging) happen here."""
         raise NotImplementedError
+
+
+class ScaledMethod(MergeMethod):
+    """A method whose models are θ0 + λ·δ, one per scaling factor (``self.scaling_factor``,
+    a list), with δ built once by :meth:`merged_task_vector`."""
+
+    scaling_factor: list[float]
+
+    def settings_scored(self) -> int:
+        return len(self.scaling_factor)
+
+    def merged_task_vector(
+        self, pool: ModelPool, context: MergeContext, output: Path | None
+    ) -> StateDict:
+        """δ, saved to ``output`` when given."""
+        raise NotImplementedError
+
+    def variants(self, context: MergeContext) -> Variants:
+        delta = context.build_once(
+            TASK_VECTOR_FILE,
+            lambda path: self.merged_task_vector(context.pool(), context, path),
+            SafetensorsCheckpoint,
+        )
+        return scaled_variants(
+            self.name, context.pretrained(), list(delta), delta.__getitem__, self.scaling_factor
+        )
 
 
 def scaled_variants(
@@ -115,18 +174,20 @@ def scaled_variants(
     outputs = [None] * len(scaling_factors)
     models = build_models(pretrained, merged_keys, delta_of, scaling_factors, outputs)
     names = [f"{name}@{factor!r}" for factor in scaling_factors]
-    return Variants(names, shared=dict(zip(names, models, strict=True)))
+    return Variants(
+        names,
+        shared=dict(zip(names, models, strict=True)),
+        settings={n: {"scaling_factor": f} for n, f in zip(names, scaling_factors, strict=True)},
+    )
 
 
 def save_task_vector(
-    delta: StateDict, pool: ModelPool, context: MergeContext, settings: Mapping
-) -> Path | None:
-    """δ of θ = θ0 + λ·δ as ``merged_task_vector.safetensors`` in the artifact folder, its
-    settings and θ0's fingerprint in the metadata."""
-    if context.artifact_dir is None:
-        return None
+    delta: StateDict, pool: ModelPool, output: Path | None, settings: Mapping
+) -> None:
+    """δ of θ = θ0 + λ·δ written to ``output`` (if given), its settings and θ0's fingerprint
+    in the metadata."""
+    if output is None:
+        return
     meta = {"mergelab": json.dumps(dict(settings) | {"model": pool.fingerprint()})}
-    path = context.artifact_dir / "merged_task_vector.safetensors"
-    save_state_dict(delta, path, meta, overwrite=True)
-    log.info("merged task vector (θ = θ0 + λ·δ) saved to %s", path)
-    return path
+    save_state_dict(delta, output, meta, overwrite=True)
+    log.info("merged task vector (θ = θ0 + λ·δ) saved to %s", output)

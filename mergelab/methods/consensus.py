@@ -1,12 +1,44 @@
 """Consensus merging (Wang et al., ICML 2024): θ = θ0 + α·(mcons ⊙ τMTL), keeping the
-coordinates that at least k tasks' TALL masks keep."""
+coordinates that at least k tasks' TALL masks keep, each task's mask at the λ picked for
+it on validation (the reference code's ``construct_consensus_mask``, github
+nik-dim/tall_masks, builds it from those per-task optimal masks)."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
 
 from mergelab.engine.streaming import as_factor_list
 from mergelab.engine.tall_masks import check_consensus_k, check_ties, checked_lambdas
 from mergelab.methods.base import MergeContext, MergeMethod, Variants, scaled_variants
-from mergelab.methods.tall_masks import build_masks
+from mergelab.methods.tall_masks import built_masks
+
+
+def picked_lambdas(path: str, ties: float | None) -> dict[str, float]:
+    """Each task's λ picked on validation by the TALL masks run whose results.json (or
+    run folder) is ``path``."""
+    file = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
+    try:
+        results = json.loads(file.read_text())
+        method, picked_on = results["settings"]["method"], results["picked_on"]
+        picked = results["picked_settings"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"tall_results: {file} is not the results.json of a mergelab TALL masks run ({err})"
+        ) from err
+    if method != "tall_masks" or picked_on != "val":
+        raise ValueError(
+            f"tall_results: {file} is a {method} run picked on {picked_on}; consensus needs "
+            "a tall_masks run that picked each task's λ on validation (data.test_splits "
+            "[val, test])"
+        )
+    if results["settings"].get("ties") != ties:
+        raise ValueError(
+            f"tall_results: {file} masks a τMTL with ties={results['settings'].get('ties')}, "
+            f"this consensus ties={ties}"
+        )
+    return {task: float(setting["lambda"]) for task, setting in picked.items()}
 
 
 class Consensus(MergeMethod):
@@ -17,7 +49,11 @@ class Consensus(MergeMethod):
             Arithmetic on τMTL; k > the number of tasks: none, the pretrained model).
         scaling_factor: α; a list scores every value and picks on validation when the data
             module's test_splits has ``val``.
-        tall_lambda: the TALL λ of every task's mask.
+        tall_results: the results.json (or run folder) of a TALL masks run that picked each
+            task's λ on validation: each task's mask is taken at its own λ, as the TALL
+            reference code builds the consensus mask.
+        tall_lambda: instead of tall_results, every task's mask at this one λ (for runs
+            without validation data). Give exactly one of the two.
         ties: the share each task keeps in a TIES-merged τMTL; null for τMTL = Σ τt.
     """
 
@@ -27,22 +63,50 @@ class Consensus(MergeMethod):
         self,
         k: int = 2,
         scaling_factor: float | list[float] = 0.3,
-        tall_lambda: float = 0.6,
+        tall_results: str | None = None,
+        tall_lambda: float | None = None,
         ties: float | None = None,
     ):
         check_consensus_k(k)
-        checked_lambdas([tall_lambda])
         check_ties(ties)
+        if (tall_results is None) == (tall_lambda is None):
+            raise ValueError(
+                "consensus needs each task's TALL λ: give tall_results (a TALL masks run's "
+                "results.json, λ picked per task on validation) or one tall_lambda, not "
+                f"{'both' if tall_results else 'neither'}"
+            )
+        if tall_lambda is not None:
+            checked_lambdas([tall_lambda])
         self.k = k
         self.scaling_factor = as_factor_list(scaling_factor, "scaling_factor")
+        self.tall_results = tall_results
         self.tall_lambda = tall_lambda
         self.ties = ties
+        self._picked = None if tall_results is None else picked_lambdas(tall_results, ties)
+
+    def settings_scored(self) -> int:
+        return len(self.scaling_factor)
+
+    def task_lambdas(self, tasks: Sequence[str]) -> dict[str, float]:
+        """The λ of each task's mask."""
+        if self._picked is None:
+            return dict.fromkeys(tasks, self.tall_lambda)
+        missing = [t for t in tasks if t not in self._picked]
+        if missing:
+            raise ValueError(
+                f"tall_results {self.tall_results} has no λ for task {missing[0]!r} "
+                f"(it picked for {sorted(self._picked)})"
+            )
+        return {t: self._picked[t] for t in tasks}
+
+    def check_tasks(self, tasks: Sequence[str]) -> None:
+        super().check_tasks(tasks)
+        self.task_lambdas(tasks)
 
     def variants(self, context: MergeContext) -> Variants:
-        pool = context.pool()
-        masks = build_masks(pool, [self.tall_lambda], self.ties, context)
-        fixed = dict.fromkeys(masks.tasks, self.tall_lambda)
-        delta_of = masks.consensus_delta_fn(self.k, fixed)
+        lambdas = self.task_lambdas(context.tasks)
+        masks = built_masks(context, sorted(set(lambdas.values())), self.ties)
+        delta_of = masks.consensus_delta_fn(self.k, lambdas)
         return scaled_variants(
-            self.name, pool.pretrained, masks.shapes, delta_of, self.scaling_factor
+            self.name, context.pretrained(), masks.shapes, delta_of, self.scaling_factor
         )

@@ -4,6 +4,7 @@ retrieved as θ̂t = θ0 + mt ⊙ τMTL; each task's λ picked on its own valida
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -11,18 +12,22 @@ from mergelab.engine import tall_masks as masks_file
 from mergelab.engine.pool import ModelPool
 from mergelab.methods.base import MergeContext, MergeMethod, Variants
 
+MASKS_FILE = "tall_masks.safetensors"
 
-def build_masks(
-    pool: ModelPool, lambdas: Sequence[float], ties: float | None, context: MergeContext
+
+def built_masks(
+    context: MergeContext, lambdas: Sequence[float], ties: float | None
 ) -> masks_file.TallMasks:
-    """Every task's masks over ``lambdas``, streamed into the artifact folder's
-    ``tall_masks.safetensors`` when there is one, else kept in memory."""
-    output = (
-        None if context.artifact_dir is None else context.artifact_dir / "tall_masks.safetensors"
-    )
-    return masks_file.TallMasks.build(
-        pool.pretrained, pool.finetuned, lambdas, ties, output=output, overwrite=True
-    )
+    """Every task's masks over ``lambdas``, built once (streamed into the artifact folder's
+    tall_masks.safetensors when there is one, else kept in memory)."""
+
+    def build(path: Path | None) -> masks_file.TallMasks:
+        pool: ModelPool = context.pool()
+        return masks_file.TallMasks.build(
+            pool.pretrained, pool.finetuned, lambdas, ties, output=path, overwrite=True
+        )
+
+    return context.build_once(MASKS_FILE, build, masks_file.TallMasks.load)
 
 
 class TallMasks(MergeMethod):
@@ -43,9 +48,12 @@ class TallMasks(MergeMethod):
         masks_file.check_ties(ties)
         self.ties = ties
 
+    def settings_scored(self) -> int:
+        return len(self.lambdas)
+
     def variants(self, context: MergeContext) -> Variants:
-        pool = context.pool()
-        masks = build_masks(pool, self.lambdas, self.ties, context)
+        masks = built_masks(context, self.lambdas, self.ties)
+        pretrained = context.pretrained()
         names = [f"{self.name}@{lam!r}" for lam in self.lambdas]
         models: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -53,7 +61,8 @@ class TallMasks(MergeMethod):
             # into the previous task's tensors: the evaluator is done with that task's
             # models before it asks for the next task's
             for name, lam in zip(names, self.lambdas, strict=True):
-                models[name] = masks.retrieve(pool.pretrained, task, lam, reuse=models.get(name))
+                models[name] = masks.retrieve(pretrained, task, lam, reuse=models.get(name))
             return dict(models)
 
-        return Variants(names, per_task=retrieved)
+        settings = {n: {"lambda": lam} for n, lam in zip(names, self.lambdas, strict=True)}
+        return Variants(names, per_task=retrieved, settings=settings)

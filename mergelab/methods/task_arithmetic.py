@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from mergelab.engine.streaming import as_factor_list
+from pathlib import Path
+
+from mergelab.engine.pool import ModelPool
+from mergelab.engine.streaming import StateDict, as_factor_list
 from mergelab.engine.task_arithmetic import task_arithmetic_vector
-from mergelab.methods.base import (
-    MergeContext,
-    MergeMethod,
-    Variants,
-    save_task_vector,
-    scaled_variants,
-)
+from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
 
 
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(ScaledMethod):
     """θ = θ0 + λ Σt τt, one model per λ.
 
     Args:
@@ -26,10 +23,9 @@ class TaskArithmetic(MergeMethod):
     def __init__(self, scaling_factor: float | list[float] = 0.3):
         self.scaling_factor = as_factor_list(scaling_factor, "scaling_factor")
 
-    def variants(self, context: MergeContext) -> Variants:
-        pool = context.pool()
+    def merged_task_vector(
+        self, pool: ModelPool, context: MergeContext, output: Path | None
+    ) -> StateDict:
         delta = task_arithmetic_vector(pool)
-        save_task_vector(delta, pool, context, self.describe())
-        return scaled_variants(
-            self.name, pool.pretrained, pool.merged_keys, delta.__getitem__, self.scaling_factor
-        )
+        save_task_vector(delta, pool, output, self.describe())
+        return delta

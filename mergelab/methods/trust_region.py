@@ -11,18 +11,12 @@ from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, as_factor_list
 from mergelab.engine.trust_region import check_threshold_quantile, trust_region_vector
 from mergelab.io.gradient_statistics import load_task_statistics
-from mergelab.methods.base import (
-    MergeContext,
-    MergeMethod,
-    Variants,
-    save_task_vector,
-    scaled_variants,
-)
+from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
 
 log = logging.getLogger(__name__)
 
 
-class TrustRegion(MergeMethod):
+class TrustRegion(ScaledMethod):
     """TATR: θ = θ0 + λ Σi τi ⊙ 1{Ω < threshold}; zero-shot (Ω from |τ|) without statistics.
 
     Args:
@@ -53,9 +47,11 @@ class TrustRegion(MergeMethod):
         self.threshold_quantile = threshold_quantile
         self.gradient_stats = gradient_stats
 
-    def merged_task_vector(self, pool: ModelPool, context: MergeContext) -> StateDict:
-        """δ = mask ⊙ Σ τt, saved as the artifact; the threshold and each parameter's
-        mask density logged."""
+    def merged_task_vector(
+        self, pool: ModelPool, context: MergeContext, output: Path | None
+    ) -> StateDict:
+        """δ = mask ⊙ Σ τt, saved to ``output`` when given; the threshold and each
+        parameter's mask density logged."""
         gradients: Mapping | None = None
         if self.gradient_stats is not None:
             gradients = load_task_statistics(self.gradient_stats, pool.tasks, pool.fingerprint())
@@ -64,14 +60,6 @@ class TrustRegion(MergeMethod):
         metrics = {"trust_region/threshold": merged.threshold}
         metrics |= {f"trust_region/density/{k}": v for k, v in merged.density().items()}
         context.log_metrics(metrics)
-        save_task_vector(
-            merged.delta, pool, context, self.describe() | {"threshold": merged.threshold}
-        )
+        settings = self.describe() | {"threshold": merged.threshold}
+        save_task_vector(merged.delta, pool, output, settings)
         return merged.delta
-
-    def variants(self, context: MergeContext) -> Variants:
-        pool = context.pool()
-        delta = self.merged_task_vector(pool, context)
-        return scaled_variants(
-            self.name, pool.pretrained, pool.merged_keys, delta.__getitem__, self.scaling_factor
-        )
