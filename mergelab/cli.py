@@ -100,12 +100,13 @@ class MergelabCLI(LightningCLI):
 
 
 class LoggedConfig(SaveConfigCallback):
-    """Lightning's config.yaml in the run folder, and the merge settings and the model and
-    data sources handed to the run's loggers as hyper-parameters (W&B's run config)."""
+    """Lightning's config.yaml in the run folder, and the merge settings and the data
+    handed to the run's loggers as hyper-parameters (W&B's run config); Lightning adds the
+    model's own (the CLIP model and the fine-tuned models' sources)."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = self.config.as_dict()
-        sections = {key: config[key] for key in ("merge", "model", "data") if key in config}
+        sections = {key: config[key] for key in ("merge", "data") if key in config}
         for logger in trainer.loggers:
             logger.log_hyperparams(sections)
 

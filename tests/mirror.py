@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from mergelab.io.hub_layout import declare_config, write_image_split
@@ -153,3 +154,42 @@ def write_three_tasks(root: Path, sizes: dict[str, int]) -> None:
     write_dataset(root, "ylecun/mnist", 10, sizes)
     write_dataset(root, "tanganke/eurosat", 10, sizes, seed=1)
     write_dataset(root, "ufldl-stanford/svhn", 10, sizes, "cropped_digits", 2)
+
+
+THREE_TASKS = ["mnist", "eurosat", "svhn"]
+
+
+def write_merge_run(root: Path) -> Path:
+    """A folder for ``mergelab test -c base.yaml``: the tiny CLIP, the three tasks'
+    mirrors and one fine-tuned model per task in each source form (a hub model in a local
+    hub cache: run with HF_HUB_CACHE=<root>/hub; an open_clip safetensors file; a Hugging
+    Face folder)."""
+    config, weights = write_tiny_clip(root / "clip")
+    visual = pretrained_visual(weights)
+    # odd sizes (val 7, test 41): two ranks cannot split them evenly
+    write_three_tasks(root / "data", {"train": 70, "test": 41})
+    write_hub_model(root / "hub", "mergelab-test/tiny_mnist", finetune(visual, 1))
+    save_file(finetune(visual, 2), root / "eurosat.safetensors")
+    write_hf_vision_model(root / "svhn_hf", finetune(visual, 3))
+    base = {
+        "model": {
+            "model": TINY,
+            "model_config": str(config),
+            "pretrained": str(weights),
+            "cache_dir": str(root / "cache"),
+            "finetuned": {
+                "mnist": "mergelab-test/tiny_mnist",
+                "eurosat": str(root / "eurosat.safetensors"),
+                "svhn": str(root / "svhn_hf"),
+            },
+        },
+        "data": {
+            "tasks": THREE_TASKS,
+            "batch_size": 16,
+            "num_workers": 0,
+            "dataset_root": str(root / "data"),
+        },
+        "trainer": {"accelerator": "cpu"},
+    }
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    return root

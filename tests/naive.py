@@ -131,23 +131,28 @@ def ties_threshold(tau: StateDict, share: float) -> float:
 def ties_multitask_vector(
     pretrained: StateDict, finetuned: Mapping[str, StateDict], share: float
 ) -> StateDict:
-    """Trim each τt to |τ| ≥ its threshold, elect signs, sum the agreeing entries."""
+    """Trim each τt to |τ| ≥ its threshold, elect signs (the majority sign where the sum is
+    exactly 0), sum the agreeing entries: the TIES reference code's resolve_sign and
+    disjoint_merge ("dis-sum")."""
     taus = task_vectors(pretrained, finetuned)
     thresholds = {t: ties_threshold(taus[t], share) for t in taus}
-    result = {}
+    trimmed = {}  # key -> one list of trimmed entries per coordinate
     for key in merged_keys(pretrained):
-        shape = taus[next(iter(taus))][key].shape
-        trimmed = {}
+        rows = {}
         for t in taus:
             flat = taus[t][key].reshape(-1).tolist()
-            trimmed[t] = [v if abs(v) >= thresholds[t] else 0.0 for v in flat]
+            rows[t] = [v if abs(v) >= thresholds[t] else 0.0 for v in flat]
+        trimmed[key] = [[rows[t][i] for t in taus] for i in range(len(rows[t]))]
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    majority = sign(sum(sign(sum(entries)) for key in trimmed for entries in trimmed[key]))
+    result = {}
+    for key, coordinates in trimmed.items():
         out = []
-        for index in range(len(next(iter(trimmed.values())))):
-            entries = [trimmed[t][index] for t in taus]
-            elected = 1.0 if sum(entries) >= 0 else -1.0
-            agreeing = [v for v in entries if v != 0 and math.copysign(1.0, v) == elected]
+        for entries in coordinates:
+            elected = sign(sum(entries)) or majority
+            agreeing = [v for v in entries if (v > 0 if elected > 0 else v < 0)]
             out.append(sum(agreeing))
-        dtype = pretrained[key].dtype
+        shape, dtype = pretrained[key].shape, pretrained[key].dtype
         result[key] = torch.tensor(out, dtype=torch.float64).to(dtype).reshape(shape)
     return result
 

@@ -22,42 +22,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 from console import needs_cli, run_mergelab
 
-TASKS = ["mnist", "eurosat", "svhn"]
+TASKS = mirror.THREE_TASKS
 pytestmark = needs_cli
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mirror")
-    config, weights = mirror.write_tiny_clip(root / "clip")
-    visual = mirror.pretrained_visual(weights)
-    sizes = {"train": 60, "test": 40}
-    mirror.write_three_tasks(root / "data", sizes)
-    mirror.write_hub_model(root / "hub", "mergelab-test/tiny_mnist", mirror.finetune(visual, 1))
-    save_file(mirror.finetune(visual, 2), root / "eurosat.safetensors")
-    mirror.write_hf_vision_model(root / "svhn_hf", mirror.finetune(visual, 3))
-    base = {
-        "model": {
-            "model": mirror.TINY,
-            "model_config": str(config),
-            "pretrained": str(weights),
-            "cache_dir": str(root / "cache"),
-            "finetuned": {
-                "mnist": "mergelab-test/tiny_mnist",
-                "eurosat": str(root / "eurosat.safetensors"),
-                "svhn": str(root / "svhn_hf"),
-            },
-        },
-        "data": {
-            "tasks": TASKS,
-            "batch_size": 16,
-            "num_workers": 0,
-            "dataset_root": str(root / "data"),
-        },
-        "trainer": {"accelerator": "cpu"},
-    }
-    (root / "base.yaml").write_text(yaml.safe_dump(base))
-    return root
+    return mirror.write_merge_run(tmp_path_factory.mktemp("mirror"))
 
 
 def mergelab(assets: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
@@ -170,7 +141,8 @@ def test_finetuned_then_consensus_normalized_by_it(assets):
         document["headline"]["accuracy"][task] = value or 0.5
     reference.write_text(json.dumps(document))
     mergelab(
-        assets, "test", "-c", "base.yaml", "--merge.method=Consensus", "--merge.method.k=2", "--merge.method.tall_lambda=0.6",
+        assets, "test", "-c", "base.yaml", "--merge.method=Consensus", "--merge.method.k=2",
+        "--merge.method.tall_lambda=0.6",
         f"--model.finetuned_accuracy={reference}",
     )  # fmt: skip
     results = json.loads((run_dir(assets, "consensus") / "results.json").read_text())

@@ -509,3 +509,23 @@ def test_two_pass_selection_takes_over_when_the_sampled_floor_misses(monkeypatch
     merged = trust_region(fam.pretrained, fam.finetuned, 0.3, threshold_quantile=0.9)
     expected = naive.trust_region(fam.pretrained, fam.finetuned, 0.3, 0.9)
     assert_states_equal(merged, expected)
+
+
+@pytest.mark.parametrize(
+    "extra, majority",
+    [([-1.0, -1.0], -1), ([1.0, 1.0, 1.0], 1)],
+    ids=["negative majority", "positive majority"],
+)
+def test_ties_breaks_a_zero_sign_sum_by_the_majority_sign(extra, majority):
+    """Where the trimmed task vectors sum to exactly 0, the TIES reference code elects the
+    sign of the sum of all elected signs (resolve_zero_signs "majority"), not +."""
+    t0 = [2.0, -3.0, *extra]
+    t1 = [-2.0, 3.0, *extra]
+    pretrained = {"w": torch.zeros(len(t0))}
+    finetuned = {"a": {"w": torch.tensor(t0)}, "b": {"w": torch.tensor(t1)}}
+    masks = TallMasks.build(pretrained, finetuned, lambdas=[0.5], ties=1.0)
+    # the two cancelling coordinates keep the entries of the majority's sign
+    cancelled = [-2.0, -3.0] if majority < 0 else [2.0, 3.0]
+    expected = torch.tensor([*cancelled, *(2 * v for v in extra)])
+    assert torch.equal(masks.multitask_vector("w"), expected)
+    assert torch.equal(naive.ties_multitask_vector(pretrained, finetuned, 1.0)["w"], expected)

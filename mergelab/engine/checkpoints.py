@@ -62,6 +62,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: str | os.PathLike):
+        self._fd: int | None = None  # before any check: __del__ runs after a failed init too
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {self.path}")
@@ -79,7 +80,6 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             raise ValueError(f"{self.path}: not a readable safetensors file ({err})") from err
         self._specs = specs
         self._offsets = {k: 8 + header_size + header[k]["data_offsets"][0] for k in specs}
-        self._fd: int | None = None
 
     def _descriptor(self) -> int:
         """One read-only descriptor, opened on first read (a merge reads each file often)."""

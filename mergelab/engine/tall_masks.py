@@ -39,7 +39,7 @@ from mergelab.engine.streaming import (
     progress,
     single_or_list,
 )
-from mergelab.engine.ties import ties_thresholds
+from mergelab.engine.ties import ties_majority, ties_thresholds
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.merging.consensus import consensus_mask
 from mergelab.merging.selection import pick_best
@@ -147,6 +147,7 @@ class TallMasks:
                 for lam in lambdas:
                     specs[mask_key(task, lam, key)] = packed
         thresholds = None if ties is None else ties_thresholds(pool, ties)
+        majority = None if thresholds is None else ties_majority(pool, thresholds)
 
         in_memory = output is None
         metadata = {"mergelab": json.dumps(info)}
@@ -161,7 +162,7 @@ class TallMasks:
             block = task_vector_sum(taus, out=mtl[part])
             pool.check_finite(key, taus, block)
             if thresholds is not None:
-                block.copy_(ties_vector(taus, thresholds))
+                block.copy_(ties_vector(taus, thresholds, majority))
             # blocks start at multiples of 8, so packed blocks concatenate exactly
             bits = slice(part.start // 8, (part.stop + 7) // 8)
             pack_tall_masks(taus, block, lambdas, packed[:, :, bits], scratch)

@@ -73,16 +73,14 @@ class MergeCallback(L.Callback):
                 logger.log_metrics(metrics)
                 logger.save()
 
-        sharing = functools.partial(rank_zero_builds, trainer)
         pretrained = functools.cache(module.pretrained_state)
-        loaded = functools.cache(lambda: sharing(None, lambda _: pool(pretrained()), None))
         return MergeContext(
             tasks=list(tasks),
             pretrained=pretrained,
-            pool=loaded,
+            pool=functools.cache(lambda: pool(pretrained())),
             artifact_dir=artifact_dir,
             log_metrics=log_metrics,
-            sharing=sharing,
+            sharing=functools.partial(rank_zero_builds, trainer),
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -92,6 +92,11 @@ class MergeContext:
         path = None if self.artifact_dir is None else self.artifact_dir / filename
         return self.sharing(path, build, load)
 
+    def rank_zero_first(self, load: Callable[[], Built]) -> Built:
+        """``load()`` in every process, the first (rank 0) before the others: for what
+        every rank needs whole, such as models that rank 0 converts into the cache."""
+        return self.sharing(None, lambda _: load(), None)
+
 
 def snake_case(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

@@ -16,7 +16,7 @@ class Finetuned(MergeMethod):
         pass
 
     def variants(self, context: MergeContext) -> Variants:
-        pool = context.pool()
+        pool = context.rank_zero_first(context.pool)
         return Variants(
             [self.name], per_task=lambda task: {self.name: dict(pool.finetuned[task].items())}
         )
