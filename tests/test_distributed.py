@@ -42,10 +42,10 @@ def assets(tmp_path_factory) -> Path:
     return mirror.write_merge_run(tmp_path_factory.mktemp("distributed"))
 
 
-def scored(assets: Path, label: str, method: str, *args: str) -> Path:
-    """``mergelab test`` with its own run folder (lightning_logs/<label>/<method>)."""
+def scored(assets: Path, label: str, method: str, *args: str, stage: str = "test") -> Path:
+    """``mergelab <stage>`` with its own run folder (<label>/<method>/version_0)."""
     run_mergelab(
-        assets, "test", "-c", "base.yaml", *args, f"--trainer.default_root_dir={label}",
+        assets, stage, "-c", "base.yaml", *args, f"--trainer.default_root_dir={label}",
         f"--trainer.logger.init_args.save_dir={label}", *logger_dirs(label),
         HF_HUB_CACHE=str(assets / "hub"), WANDB_MODE="disabled",
     )  # fmt: skip
@@ -63,7 +63,8 @@ def logger_dirs(label: str) -> list[str]:
 
 def outcome(folder: Path) -> dict:
     """What a run produced: its results, its logged metrics, its artifact's bytes."""
-    results = json.loads((folder / "results.json").read_text())
+    [results_file] = folder.glob("results*.json")
+    results = json.loads(results_file.read_text())
     with open(folder / "metrics.csv", newline="") as f:
         metrics = {k: v for row in csv.DictReader(f) for k, v in row.items() if v != ""}
     artifacts = {a: (folder / a).read_bytes() for a in ARTIFACTS if (folder / a).exists()}
@@ -86,6 +87,14 @@ def test_two_processes_score_what_one_does(assets, method):
     assert_same(single, several)
     if len(single["results"]["accuracy"]) > 1:
         assert single["results"]["picked_on"] == "val"
+
+
+def test_validate_on_two_processes_scores_what_one_does(assets):
+    args = ["--merge.method=TallMasks", "--merge.method.lambdas=[0.3, 0.5]"]
+    single = scored(assets, "one_validate", "tall_masks", *args, stage="validate")
+    several = scored(assets, "two_validate", "tall_masks", *args, *TWO_PROCESSES, stage="validate")
+    assert_same(outcome(single), outcome(several))
+    assert json.loads((several / "results_val.json").read_text())["stage"] == "val"
 
 
 def test_consensus_with_each_tasks_lambda_on_two_processes(assets):

@@ -7,6 +7,9 @@ process, each with its own run folder, and writes one comparison of them all:
 ``trust_region_gradients`` is two runs: ``mergelab fit`` with
 configs/embedded/trust_region_gradients.yaml (the gradient statistics, cached), then the
 ``trust_region`` test run with ``--merge.method.gradient_stats`` set to them.
+``consensus`` takes each task's mask at the λ that the ``tall_masks`` run picked for it
+on validation (``--merge.method.tall_results``), as the TALL reference code does; it runs
+``tall_masks`` first when that is not among the methods.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     needed = [
         *args.methods,
         *(["trust_region"] if "trust_region_gradients" in args.methods else []),
+        *(["tall_masks"] if "consensus" in args.methods else []),
     ]
     missing = [m for m in needed if not (args.configs / f"{m}.yaml").is_file()]
     if missing:
@@ -103,16 +107,24 @@ def main(argv: list[str] | None = None) -> dict:
         "embedded benchmark ready in %.0f s: %s", time.perf_counter() - started, benchmark.root
     )
 
-    runs = {}
+    runs, folders = {}, {}
     for method in args.methods:
         log.info("running %s", method)
+        config = ["--config", str(args.configs / f"{method}.yaml")]
         if method == "trust_region_gradients":
-            statistics = _run(["fit", "--config", str(args.configs / f"{method}.yaml")])
+            statistics = _run(["fit", *config])
             gradients = f"--merge.method.gradient_stats={statistics.model.statistics_folder}"
             cli = _run(["test", "--config", str(args.configs / "trust_region.yaml"), gradients])
+        elif method == "consensus":
+            if "tall_masks" not in folders:  # each task's λ comes from a TALL masks run
+                log.info("running tall_masks for consensus's per-task λ")
+                tall = _run(["test", "--config", str(args.configs / "tall_masks.yaml")])
+                folders["tall_masks"] = tall.trainer.log_dir
+            picked = f"--merge.method.tall_results={folders['tall_masks']}"
+            cli = _run(["test", *config, picked, "--merge.method.tall_lambda=null"])
         else:
-            cli = _run(["test", "--config", str(args.configs / f"{method}.yaml")])
-        runs[method] = cli.model.results
+            cli = _run(["test", *config])
+        runs[method], folders[method] = cli.model.results, cli.trainer.log_dir
     from mergelab.lightning.results import write_comparison
 
     paths = write_comparison(runs, args.output)
