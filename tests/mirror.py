@@ -193,3 +193,155 @@ def write_merge_run(root: Path) -> Path:
     }
     (root / "base.yaml").write_text(yaml.safe_dump(base))
     return root
+
+
+# --- the TALL suites' datasets in their own hub layouts -------------------------------------
+
+
+class HubLayout:
+    """How a hub image dataset stores its splits and columns, for a tiny mirror of it.
+
+    ``label`` is ``"int"`` (plain integers), ``"bool"`` (a two-class boolean column) or
+    ``"names"`` (a ClassLabel with ``names``); ``extra`` adds columns of other data
+    (``"string"`` or a ClassLabel name list); ``split_files`` declares split names that
+    ``datasets`` would not infer from the file names (as the hub README does)."""
+
+    def __init__(
+        self,
+        hub_id: str,
+        splits: tuple[str, ...],
+        *,
+        image_column: str = "image",
+        label_column: str = "label",
+        label: str = "names",
+        names: tuple[str, ...] = (),
+        config: str | None = None,
+        extra: tuple[tuple[str, object], ...] = (),
+        split_files: bool = False,
+    ):
+        self.hub_id, self.splits, self.config = hub_id, tuple(splits), config
+        self.image_column, self.label_column = image_column, label_column
+        self.label, self.names, self.extra = label, tuple(names), tuple(extra)
+        self.split_files = split_files
+
+
+def write_layout_split(
+    root: Path, layout: HubLayout, split: str, size: int, num_classes: int, seed: int = 0
+) -> Path:
+    """One split of ``layout`` under ``root/<hub id>``: labels cycle through every class
+    first (so each split holds all of them when ``size`` allows), then are random."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.arange(min(size, num_classes)), rng.integers(0, num_classes, size)])
+    labels = labels[:size]
+    if layout.label == "bool":
+        label_feature, label_values = datasets.Value("bool"), [bool(v) for v in labels]
+    elif layout.label == "names":
+        label_feature, label_values = datasets.ClassLabel(names=list(layout.names)), labels.tolist()
+    else:
+        label_feature, label_values = datasets.Value("int64"), labels.tolist()
+    columns = {
+        layout.image_column: _images(labels, num_classes, rng),
+        layout.label_column: label_values,
+    }
+    features = {layout.image_column: datasets.Image(), layout.label_column: label_feature}
+    for name, kind in layout.extra:
+        if kind == "string":
+            features[name] = datasets.Value("string")
+            columns[name] = [f"{split}-{i:05d}" for i in range(size)]
+        else:
+            features[name] = datasets.ClassLabel(names=list(kind))
+            columns[name] = [int(v) % len(kind) for v in labels]
+    table = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    path = root / layout.hub_id / (layout.config or "data") / f"{split}-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(str(path))
+    return path
+
+
+def write_layout(root: Path, layout: HubLayout, size: int, num_classes: int, seed: int = 0) -> Path:
+    """Every split of ``layout`` with ``size`` rows, and the README that declares its config
+    or split names where the hub's does."""
+    for i, split in enumerate(layout.splits):
+        write_layout_split(root, layout, split, size, num_classes, seed + i)
+    folder = root / layout.hub_id
+    if layout.config:
+        declare_config(folder, layout.config, list(layout.splits))
+    elif layout.split_files:
+        files = "\n".join(f"  - split: {s}\n    path: data/{s}-*" for s in layout.splits)
+        readme = f"---\nconfigs:\n- config_name: default\n  data_files:\n{files}\n---\n"
+        (folder / "README.md").write_text(readme)
+    return folder
+
+
+PET_NAMES = (
+    "abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle",
+    "bengal", "birman", "bombay", "boxer", "british_shorthair", "chihuahua", "egyptian_mau",
+    "english_cocker_spaniel", "english_setter", "german_shorthaired", "great_pyrenees",
+    "havanese", "japanese_chin", "keeshond", "leonberger", "maine_coon", "miniature_pinscher",
+    "newfoundland", "persian", "pomeranian", "pug", "ragdoll", "russian_blue", "saint_bernard",
+    "samoyed", "scottish_terrier", "shiba_inu", "siamese", "sphynx",
+    "staffordshire_bull_terrier", "wheaten_terrier", "yorkshire_terrier",
+)  # fmt: skip
+
+
+def tall_layouts() -> dict[str, HubLayout]:
+    """The twelve datasets the TALL suites add to the eight, laid out as their hub copies
+    are (dataset cards of each hub id; FusionBench's dataset configs for which splits are
+    read). Label names the cards list are written out; where a card's names were not
+    checked, the mirror uses the task file's names (FusionBench's food101 names with '_'
+    for ' ', as the hub spells them)."""
+    from mergelab.tasks import load_task
+
+    def names(task: str) -> tuple[str, ...]:
+        return load_task(task).classnames
+
+    return {
+        "oxford_flowers102": HubLayout(
+            "dpdl-benchmark/oxford_flowers102", ("train", "validation", "test"),
+            names=names("oxford_flowers102"),
+        ),
+        # label is a bool; the README names the middle split "valid"
+        "pcam": HubLayout(
+            "1aurent/PatchCamelyon", ("train", "valid", "test"), label="bool", split_files=True
+        ),
+        # a webdataset on the hub: image "jpg", integer label "cls", plus the shard keys
+        "fer2013": HubLayout(
+            "clip-benchmark/wds_fer2013", ("train", "test"), image_column="jpg",
+            label_column="cls", label="int", extra=(("__key__", "string"), ("__url__", "string")),
+        ),
+        "oxford_iiit_pet": HubLayout(
+            "timm/oxford-iiit-pet", ("train", "test"), names=PET_NAMES,
+            extra=(("image_id", "string"), ("label_cat_dog", ("cat", "dog"))),
+        ),
+        "stl10": HubLayout(
+            "tanganke/stl10", ("train", "test"),
+            names=("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
+                   "truck"),
+        ),
+        "cifar100": HubLayout("tanganke/cifar100", ("train", "test"), names=names("cifar100")),
+        "cifar10": HubLayout("tanganke/cifar10", ("train", "test"), names=names("cifar10")),
+        # no test split: FusionBench scores "validation", Food-101's official test set
+        "food101": HubLayout(
+            "ethz/food101", ("train", "validation"),
+            names=tuple(n.replace(" ", "_") for n in names("food101")),
+        ),
+        "fashion_mnist": HubLayout(
+            "zalando-datasets/fashion_mnist", ("train", "test"),
+            names=("T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"),
+        ),
+        "emnist_letters": HubLayout(
+            "tanganke/emnist_letters", ("train", "test"), config="emnist-letters",
+            names=tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+        ),
+        "kmnist": HubLayout(
+            "tanganke/kmnist", ("train", "test"), config="kmnist",
+            names=("お", "き", "す", "つ", "な", "は", "ま", "や", "れ", "を"),
+        ),
+        "rendered_sst2": HubLayout(
+            "nateraw/rendered-sst2", ("train", "validation", "test"),
+            names=("negative", "positive"),
+        ),
+    }  # fmt: skip

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from mergelab.lightning.data import TaskDataModule, protocol_split
-from mergelab.tasks import EIGHT_TASKS, builtin_tasks, load_task
+from mergelab.tasks import EIGHT_TASKS, TALL14_TASKS, TALL20_TASKS, builtin_tasks, load_task
 
 # class and template counts of the task_vectors protocol (REFERENCE §3)
 COUNTS = {
@@ -20,7 +20,8 @@ COUNTS = {
 
 
 def test_builtin_tasks_match_the_protocol():
-    assert sorted(EIGHT_TASKS) == builtin_tasks()
+    assert sorted(TALL20_TASKS) == builtin_tasks()
+    assert TALL20_TASKS[:14] == TALL14_TASKS and TALL14_TASKS[:8] == EIGHT_TASKS
     for name, (classes, templates) in COUNTS.items():
         spec = load_task(name)
         assert (spec.num_classes, len(spec.templates)) == (classes, templates), name

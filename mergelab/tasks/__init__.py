@@ -1,6 +1,7 @@
 """Classification tasks as data: one YAML file per task (hub dataset, columns, class names,
-prompt templates). The eight standard tasks ship in ``builtin/``; a user adds a task by
-writing a file of the same schema and naming its path wherever a task name is accepted.
+prompt templates). The twenty tasks of the TALL suites ship in ``builtin/``; a user adds a
+task by writing a file of the same schema and naming its path wherever a task name is
+accepted.
 """
 
 from __future__ import annotations
@@ -15,11 +16,39 @@ BUILTIN = Path(__file__).with_name("builtin")
 
 # The eight vision tasks of Ilharco et al. (2023) in the protocol's order.
 EIGHT_TASKS = ("sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
+# The 14- and 20-task suites of Wang et al. (2024, TALL masks) in the paper's order: the eight,
+# then six, then six more (FusionBench's TALL14/TALL20 lists; "-" in its names is "_" here).
+TALL14_TASKS = (
+    *EIGHT_TASKS,
+    "oxford_flowers102",
+    "pcam",
+    "fer2013",
+    "oxford_iiit_pet",
+    "stl10",
+    "cifar100",
+)
+TALL20_TASKS = (
+    *TALL14_TASKS,
+    "cifar10",
+    "food101",
+    "fashion_mnist",
+    "emnist_letters",
+    "kmnist",
+    "rendered_sst2",
+)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Everything that defines a task: where its images are and how its classes are named."""
+    """Everything that defines a task: where its images are and how its classes are named.
+
+    ``test_split`` is the hub split scored as test (``validation`` where a dataset has no
+    test split); validation is always carved from ``train_split``. ``image_column`` and
+    ``label_column`` name the columns as the hub dataset has them. Where the label column
+    is a ``ClassLabel``, a load checks that it has as many names as ``classnames``; with
+    ``match_label_names`` it also compares the names themselves, ignoring case and
+    treating ``_`` and ``-`` as spaces (see :func:`label_name_key`).
+    """
 
     name: str
     dataset: str
@@ -30,6 +59,7 @@ class TaskSpec:
     test_split: str = "test"
     image_column: str = "image"
     label_column: str = "label"
+    match_label_names: bool = False
     source: str = ""
 
     @property
@@ -83,9 +113,22 @@ def parse_task(data: object, source: str) -> TaskSpec:
     if len(set(classnames)) != len(classnames):
         duplicate = next(c for c in classnames if classnames.count(c) > 1)
         raise ValueError(f"{source}: class name {duplicate!r} appears twice")
+    for key in ("train_split", "test_split", "image_column", "label_column"):
+        if key in data and not (isinstance(data[key], str) and data[key]):
+            raise ValueError(f"{source}: {key} must be a non-empty string, got {data[key]!r}")
+    if not isinstance(data.get("match_label_names", False), bool):
+        raise ValueError(
+            f"{source}: match_label_names must be true or false, got {data['match_label_names']!r}"
+        )
     templates = tuple(str(t) for t in data["templates"])
     for template in templates:
         if "{c}" not in template:
             raise ValueError(f"{source}: template {template!r} lacks the placeholder {{c}}")
     fields_ = {k: v for k, v in data.items() if k not in ("classnames", "templates")}
     return TaskSpec(**fields_, classnames=classnames, templates=templates, source=source)
+
+
+def label_name_key(name: str) -> str:
+    """A class name as ``match_label_names`` compares it: lower case, ``_`` and ``-`` as
+    spaces, runs of spaces as one (``"Apple_pie"`` and ``"apple pie"`` match)."""
+    return " ".join(name.casefold().replace("_", " ").replace("-", " ").split())
