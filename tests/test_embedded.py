@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,19 @@ def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache
     # the fine-tuned row's normalised accuracy is 100 % by definition
     finetuned = runs["finetuned"]["headline"]
     assert finetuned["avg_normalized_acc"] == pytest.approx(1.0)
+
+
+def test_a_build_in_a_fresh_cache_on_one_core_gives_identical_files(embedded_cache, tmp_path):
+    """The session's build (every core of this machine) against one in another cache folder
+    on a single core: the same files, byte for byte (the manifest's SHA-256 of each)."""
+    code = (
+        "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from mergelab.embedded.build import EmbeddedBenchmark; "
+        "EmbeddedBenchmark('test', sys.argv[1]).ensure()"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=600)
+    manifests = [
+        json.loads((EmbeddedBenchmark("test", str(c)).root / MANIFEST).read_text())["files"]
+        for c in (embedded_cache, tmp_path)
+    ]
+    assert manifests[0] == manifests[1]

@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
         "embedded benchmark ready in %.0f s: %s", time.perf_counter() - started, benchmark.root
     )
 
-    runs, folders = {}, {}
+    runs, folders, seconds = {}, {}, {}
     for method in args.methods:
         log.info("running %s", method)
+        method_started = time.perf_counter()
         config = ["--config", str(args.configs / f"{method}.yaml")]
         if method == "trust_region_gradients":
             statistics = _run(["fit", *config])
@@ -125,11 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             cli = _run(["test", *config])
         runs[method], folders[method] = cli.model.results, cli.trainer.log_dir
+        seconds[method] = time.perf_counter() - method_started
     from mergelab.lightning.results import write_comparison
 
     paths = write_comparison(runs, args.output)
     print(f"\nembedded benchmark ({benchmark.preset.name} preset), test top-1 accuracy (%):\n")
     print(paths["markdown"].read_text())
+    print("seconds per method: " + ", ".join(f"{m} {t:.0f}" for m, t in seconds.items()))
     print(f"written: {paths['markdown']}, {paths['json']}, {paths['plot']}")
     log.info("total %.0f s", time.perf_counter() - started)
     return runs

@@ -28,12 +28,16 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+
 from mergelab.embedded.preset import MODEL_NAME, Preset, get_preset
 from mergelab.embedded.scenes import TASKS
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# torch threads of the build, whatever the machine's cores (see EmbeddedBenchmark.build)
+BUILD_THREADS = 2
 MANIFEST_SCHEMA = "mergelab.embedded/1"
 
 
@@ -169,15 +173,25 @@ class EmbeddedBenchmark:
         steps += [("finetuned_accuracy", self._finetuned_accuracy)]
         log.info("building the embedded benchmark (preset %s) in %s", self.preset.name, staging)
         started = time.perf_counter()
-        for number, (name, step) in enumerate(steps, 1):
-            marker = staging / ".steps" / name
-            if marker.exists():
-                log.info("[%d/%d] %s: done before, kept", number, len(steps), name)
-                continue
-            log.info("[%d/%d] %s", number, len(steps), name)
-            step(staging)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+        threads = torch.get_num_threads()
+        # the same arithmetic on any machine: float reductions split over another number
+        # of threads would round differently, and the build's files would differ
+        torch.set_num_threads(BUILD_THREADS)
+        try:
+            for number, (name, step) in enumerate(steps, 1):
+                marker = staging / ".steps" / name
+                if marker.exists():
+                    log.info("[%d/%d] %s: done before, kept", number, len(steps), name)
+                    continue
+                log.info("[%d/%d] %s", number, len(steps), name)
+                step_started = time.perf_counter()
+                step(staging)
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                seconds = time.perf_counter() - step_started
+                log.info("[%d/%d] %s: %.0f s", number, len(steps), name, seconds)
+        finally:
+            torch.set_num_threads(threads)
         shutil.rmtree(staging / ".steps")
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         manifest = {
@@ -234,6 +248,7 @@ class EmbeddedBenchmark:
                 cache_dir=str(self.cache_dir),
                 model_config=str(folder / ASSETS["model_config"]),
                 lr=preset.finetune_lr,
+                weight_decay=preset.finetune_weight_decay,
                 warmup_steps=preset.finetune_warmup_steps,
                 output=str(folder / ASSETS[f"finetuned/{task}"]),
             )

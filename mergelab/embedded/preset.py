@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 # Bump when the scenes, the captions or the build's recipe change what a preset yields:
 # the cache folder's name changes with it, so old assets are never mixed with new ones.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 PRESET_ENV = "MERGELAB_EMBEDDED_PRESET"
 MODEL_NAME = "mergelab-scenes"
 
@@ -48,6 +48,7 @@ class Preset:
     finetune_steps: int = 200
     finetune_batch_size: int = 64
     finetune_lr: float = 5e-4
+    finetune_weight_decay: float = 0.1
     finetune_warmup_steps: int = 20
 
     def model_config(self) -> dict:

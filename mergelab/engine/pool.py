@@ -137,19 +137,26 @@ class ModelPool:
                     )
 
     def fingerprint(self) -> str:
-        """A short identity of θ0: its layout and a strided sample of every tensor's values."""
-        digest = hashlib.sha256()
-        workspace = Workspace()  # a file's tensors are read into one reused buffer
-        for key, spec in self.specs.items():
-            digest.update(f"{key}:{spec.shape}:{spec.dtype};".encode())
-            if isinstance(self.pretrained, SafetensorsCheckpoint):
-                buffer = workspace.get("fingerprint", (spec.numel,), spec.dtype)
-                flat = self.pretrained.read_into(key, buffer)
-            else:
-                flat = self.pretrained[key].detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 1024)].contiguous()
-            digest.update(sample.view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """A short identity of θ0 (see :func:`fingerprint`)."""
+        return fingerprint(self.pretrained)
+
+
+def fingerprint(checkpoint: Mapping[str, torch.Tensor]) -> str:
+    """A short identity of a state dict: its layout and a strided sample of every tensor's
+    values (a file's tensors read into one reused buffer)."""
+    digest = hashlib.sha256()
+    workspace = Workspace()
+    for key in checkpoint:
+        spec = tensor_spec(checkpoint, key)
+        digest.update(f"{key}:{spec.shape}:{spec.dtype};".encode())
+        if isinstance(checkpoint, SafetensorsCheckpoint):
+            buffer = workspace.get("fingerprint", (spec.numel,), spec.dtype)
+            flat = checkpoint.read_into(key, buffer)
+        else:
+            flat = checkpoint[key].detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].contiguous()
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_same_layout(specs: Mapping[str, TensorSpec], checkpoint: Mapping, name: str) -> None:

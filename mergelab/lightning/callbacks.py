@@ -14,7 +14,6 @@ from mergelab.lightning.evaluation import MergeEvaluator
 from mergelab.lightning.gradient_stats import GradientStatistics
 from mergelab.lightning.results import write_report
 from mergelab.methods import MergeContext, MergeMethod, TrustRegion
-from mergelab.methods.base import TASK_VECTOR_FILE
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +116,7 @@ class MergeCallback(L.Callback):
             return
         folder = str(pl_module.statistics_folder)
         method = type(self.method)(**self.method.init_args() | {"gradient_stats": folder})
-        output = None if context.artifact_dir is None else context.artifact_dir / TASK_VECTOR_FILE
-        method.merged_task_vector(pool, context, output)
+        method.save_task_vectors(pool, context)
 
 
 def rank_zero_builds(trainer: L.Trainer, path: Path | None, build: Callable, load) -> object:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from mergelab.engine.checkpoints import check_writable, save_state_dict
+from mergelab.engine.pool import fingerprint
 from mergelab.lightning.evaluation import top1
 from mergelab.models.clip import load_clip
 from mergelab.models.heads import zero_shot_head
@@ -86,6 +87,7 @@ class FineTuner(L.LightningModule):
         self.clip.model.requires_grad_(False)
         self.encoder = self.clip.model.visual
         self.encoder.requires_grad_(True)
+        self.pretrained_fingerprint = fingerprint(self.encoder.state_dict())
         self.logit_scale = float(self.clip.model.logit_scale.detach().exp())
         self.cache_dir = cache_dir
         self.output = output
@@ -172,7 +174,10 @@ class FineTuner(L.LightningModule):
                         "kind": "finetuned_image_encoder",
                         "task": self.task,
                         "model": self.clip.name,
-                        "pretrained": str(self.clip.pretrained),
+                        # a tag, or the weights file's name and content: no folder, so
+                        # that the file is the same wherever it was built
+                        "pretrained": Path(str(self.clip.pretrained)).name,
+                        "pretrained_fingerprint": self.pretrained_fingerprint,
                         "steps": self.global_step,
                     }
                 )

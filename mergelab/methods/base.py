@@ -11,6 +11,7 @@ line by its class path (``--merge.method=my_module.MyMethod``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -144,28 +145,60 @@ class MergeMethod:
 
 class ScaledMethod(MergeMethod):
     """A method whose models are θ0 + λ·δ, one per scaling factor (``self.scaling_factor``,
-    a list), with δ built once by :meth:`merged_task_vector`."""
+    a list), for each merged task vector δ of its grid (:meth:`grid`: the settings that
+    make each δ, such as TATR's quantile; one δ by default), each δ built once by
+    :meth:`merged_task_vector`."""
 
     scaling_factor: list[float]
 
+    def grid(self) -> list[dict]:
+        """The settings of each δ, e.g. ``[{"threshold_quantile": 0.99}]``."""
+        return [{}]
+
     def settings_scored(self) -> int:
-        return len(self.scaling_factor)
+        return len(self.grid()) * len(self.scaling_factor)
+
+    def artifact(self, setting: Mapping) -> str:
+        """The file of the δ of ``setting``: one name when the grid has one δ."""
+        if len(self.grid()) == 1:
+            return TASK_VECTOR_FILE
+        return f"merged_task_vector_{setting_label(setting)}.safetensors"
 
     def merged_task_vector(
-        self, pool: ModelPool, context: MergeContext, output: Path | None
+        self, pool: ModelPool, context: MergeContext, output: Path | None, **setting
     ) -> StateDict:
-        """δ, saved to ``output`` when given."""
+        """δ of ``setting`` (one of :meth:`grid`), saved to ``output`` when given."""
         raise NotImplementedError
 
+    def save_task_vectors(self, pool: ModelPool, context: MergeContext) -> None:
+        """Every δ of the grid into the artifact folder (when there is one)."""
+        for setting in self.grid():
+            folder = context.artifact_dir
+            output = None if folder is None else folder / self.artifact(setting)
+            self.merged_task_vector(pool, context, output, **setting)
+
     def variants(self, context: MergeContext) -> Variants:
-        delta = context.build_once(
-            TASK_VECTOR_FILE,
-            lambda path: self.merged_task_vector(context.pool(), context, path),
-            SafetensorsCheckpoint,
-        )
-        return scaled_variants(
-            self.name, context.pretrained(), list(delta), delta.__getitem__, self.scaling_factor
-        )
+        parts = []
+        for setting in self.grid():
+            delta = context.build_once(
+                self.artifact(setting),
+                functools.partial(self._built, context, setting),
+                SafetensorsCheckpoint,
+            )
+            pretrained = context.pretrained()
+            factors = self.scaling_factor
+            keys = list(delta)
+            parts.append(
+                scaled_variants(self.name, pretrained, keys, delta.__getitem__, factors, setting)
+            )
+        return joined(parts)
+
+    def _built(self, context: MergeContext, setting: Mapping, output: Path | None) -> StateDict:
+        return self.merged_task_vector(context.pool(), context, output, **setting)
+
+
+def setting_label(setting: Mapping) -> str:
+    return ",".join(f"{key}={value!r}" for key, value in setting.items())
 
 
 def scaled_variants(
@@ -174,15 +207,29 @@ def scaled_variants(
     merged_keys: Iterable[str],
     delta_of: Callable[[str], torch.Tensor],
     scaling_factors: Sequence[float],
+    setting: Mapping | None = None,
 ) -> Variants:
-    """One variant ``<name>@<λ>`` per scaling factor: θ0 + λ·δ."""
+    """One variant per scaling factor λ, θ0 + λ·δ: ``<name>@<λ>``, or
+    ``<name>@<setting>@<λ>`` for the δ of one setting of a grid."""
     outputs = [None] * len(scaling_factors)
     models = build_models(pretrained, merged_keys, delta_of, scaling_factors, outputs)
-    names = [f"{name}@{factor!r}" for factor in scaling_factors]
+    prefix = f"{name}@{setting_label(setting)}" if setting else name
+    names = [f"{prefix}@{factor!r}" for factor in scaling_factors]
+    settings = {
+        n: dict(setting or {}) | {"scaling_factor": f}
+        for n, f in zip(names, scaling_factors, strict=True)
+    }
+    return Variants(names, shared=dict(zip(names, models, strict=True)), settings=settings)
+
+
+def joined(parts: Sequence[Variants]) -> Variants:
+    """The shared variants of several δ of a grid as one."""
+    if len(parts) == 1:
+        return parts[0]
     return Variants(
-        names,
-        shared=dict(zip(names, models, strict=True)),
-        settings={n: {"scaling_factor": f} for n, f in zip(names, scaling_factors, strict=True)},
+        [name for part in parts for name in part.names],
+        shared={name: model for part in parts for name, model in part.shared.items()},
+        settings={name: value for part in parts for name, value in part.settings.items()},
     )
 
 

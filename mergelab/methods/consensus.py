@@ -11,7 +11,13 @@ from pathlib import Path
 
 from mergelab.engine.streaming import as_factor_list
 from mergelab.engine.tall_masks import check_consensus_k, check_ties, checked_lambdas
-from mergelab.methods.base import MergeContext, MergeMethod, Variants, scaled_variants
+from mergelab.methods.base import (
+    MergeContext,
+    MergeMethod,
+    Variants,
+    joined,
+    scaled_variants,
+)
 from mergelab.methods.tall_masks import built_masks
 
 
@@ -46,7 +52,8 @@ class Consensus(MergeMethod):
 
     Args:
         k: keep the coordinates that at least k tasks' masks keep (k = 0: all, plain Task
-            Arithmetic on τMTL; k > the number of tasks: none, the pretrained model).
+            Arithmetic on τMTL; k > the number of tasks: none, the pretrained model). A
+            list scores every k (with every α) and picks on validation.
         scaling_factor: α; a list scores every value and picks on validation when the data
             module's test_splits has ``val``.
         tall_results: the results.json (or run folder) of a TALL masks run that picked each
@@ -61,13 +68,17 @@ class Consensus(MergeMethod):
 
     def __init__(
         self,
-        k: int = 2,
+        k: int | list[int] = 2,
         scaling_factor: float | list[float] = 0.3,
         tall_results: str | None = None,
         tall_lambda: float | None = None,
         ties: float | None = None,
     ):
-        check_consensus_k(k)
+        self.ks = [k] if isinstance(k, int) else list(k)
+        if not self.ks:
+            raise ValueError("consensus k: no values given")
+        for value in self.ks:
+            check_consensus_k(value)
         check_ties(ties)
         if (tall_results is None) == (tall_lambda is None):
             raise ValueError(
@@ -85,7 +96,7 @@ class Consensus(MergeMethod):
         self._picked = None if tall_results is None else picked_lambdas(tall_results, ties)
 
     def settings_scored(self) -> int:
-        return len(self.scaling_factor)
+        return len(self.ks) * len(self.scaling_factor)
 
     def task_lambdas(self, tasks: Sequence[str]) -> dict[str, float]:
         """The λ of each task's mask."""
@@ -106,7 +117,12 @@ class Consensus(MergeMethod):
     def variants(self, context: MergeContext) -> Variants:
         lambdas = self.task_lambdas(context.tasks)
         masks = built_masks(context, sorted(set(lambdas.values())), self.ties)
-        delta_of = masks.consensus_delta_fn(self.k, lambdas)
-        return scaled_variants(
-            self.name, context.pretrained(), masks.shapes, delta_of, self.scaling_factor
-        )
+        pretrained, factors = context.pretrained(), self.scaling_factor
+        parts = []
+        for k in self.ks:
+            delta_of = masks.consensus_delta_fn(k, lambdas)
+            setting = {"k": k} if len(self.ks) > 1 else None
+            parts.append(
+                scaled_variants(self.name, pretrained, masks.shapes, delta_of, factors, setting)
+            )
+        return joined(parts)

@@ -22,7 +22,8 @@ class TrustRegion(ScaledMethod):
     Args:
         scaling_factor: λ; a list scores every value and picks on validation when the data
             module's test_splits has ``val``.
-        threshold_quantile: the quantile q of the conflict Ω; the top 1 − q is dropped.
+        threshold_quantile: the quantile q of the conflict Ω; the top 1 − q is dropped. A
+            list scores every q (with every λ) and picks on validation.
         gradient_stats: the folder of per-task gradient statistics that ``mergelab fit`` with
             mergelab.lightning.gradient_stats.GradientStatistics wrote (checked against the
             pretrained model); null for zero-shot TATR (conflicts from |τ|, no data). Under
@@ -34,10 +35,12 @@ class TrustRegion(ScaledMethod):
     def __init__(
         self,
         scaling_factor: float | list[float] = 0.3,
-        threshold_quantile: float = 0.99,
+        threshold_quantile: float | list[float] = 0.99,
         gradient_stats: str | None = None,
     ):
-        check_threshold_quantile(threshold_quantile)
+        quantiles = as_factor_list(threshold_quantile, "threshold_quantile")
+        for quantile in quantiles:
+            check_threshold_quantile(quantile)
         if gradient_stats is not None and not Path(gradient_stats).is_dir():
             raise FileNotFoundError(
                 f"gradient_stats: no folder {gradient_stats} (mergelab fit with "
@@ -46,20 +49,33 @@ class TrustRegion(ScaledMethod):
         self.scaling_factor = as_factor_list(scaling_factor, "scaling_factor")
         self.threshold_quantile = threshold_quantile
         self.gradient_stats = gradient_stats
+        self.quantiles = quantiles
+
+    def grid(self) -> list[dict]:
+        if len(self.quantiles) == 1:
+            return [{}]
+        return [{"threshold_quantile": q} for q in self.quantiles]
 
     def merged_task_vector(
-        self, pool: ModelPool, context: MergeContext, output: Path | None
+        self,
+        pool: ModelPool,
+        context: MergeContext,
+        output: Path | None,
+        threshold_quantile: float | None = None,
     ) -> StateDict:
-        """δ = mask ⊙ Σ τt, saved to ``output`` when given; the threshold and each
-        parameter's mask density logged."""
+        """δ = mask ⊙ Σ τt at quantile ``threshold_quantile`` (the only one given, by
+        default), saved to ``output`` when given; the threshold and each parameter's mask
+        density logged."""
+        [quantile] = self.quantiles if threshold_quantile is None else [threshold_quantile]
         gradients: Mapping | None = None
         if self.gradient_stats is not None:
             gradients = load_task_statistics(self.gradient_stats, pool.tasks, pool.fingerprint())
-        merged = trust_region_vector(pool, self.threshold_quantile, gradients)
-        log.info("TATR kept %.4f%% of coordinates", 100 * merged.kept_fraction)
-        metrics = {"trust_region/threshold": merged.threshold}
-        metrics |= {f"trust_region/density/{k}": v for k, v in merged.density().items()}
+        merged = trust_region_vector(pool, quantile, gradients)
+        log.info("TATR at q=%g kept %.4f%% of coordinates", quantile, 100 * merged.kept_fraction)
+        prefix = "trust_region" if len(self.quantiles) == 1 else f"trust_region/q={quantile!r}"
+        metrics = {f"{prefix}/threshold": merged.threshold}
+        metrics |= {f"{prefix}/density/{k}": v for k, v in merged.density().items()}
         context.log_metrics(metrics)
-        settings = self.describe() | {"threshold": merged.threshold}
+        settings = self.describe() | {"threshold_quantile": quantile, "threshold": merged.threshold}
         save_task_vector(merged.delta, pool, output, settings)
         return merged.delta
