@@ -97,8 +97,10 @@ BAD = {
 def test_bad_input_is_refused_before_any_model_is_loaded(assets, args, env, message):
     before = run_folders(assets)
     result = mergelab(assets, "test", "-c", "base.yaml", *args, expect_ok=False, **env)
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert result.returncode == 2
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("mergelab: error:")]
+    assert message in error
+    assert "Traceback" not in result.stderr
     assert "Model initialized randomly" not in result.stderr  # no CLIP was built
     assert run_folders(assets) == before
 
@@ -111,3 +113,11 @@ def test_several_settings_without_val_are_reported_when_asked(assets):
     [folder] = sorted((assets / "lightning_logs" / "task_arithmetic").glob("version_*"))[-1:]
     results = json.loads((folder / "results.json").read_text())
     assert results["picked_on"] is None and len(results["accuracy"]) == 2
+
+
+def test_bad_input_shows_its_traceback_when_asked(assets):
+    result = mergelab(assets, "test", "-c", "base.yaml", "--merge.method=TrustRegion",
+                      "--merge.method.threshold_quantile=2", expect_ok=False,
+                      MERGELAB_TRACEBACK="1")  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "threshold_quantile must be in" in result.stderr
