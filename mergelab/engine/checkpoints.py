@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from mergelab.engine.workspace import empty
 
@@ -76,7 +76,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             with open(self.path, "rb") as f:
                 (header_size,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(header_size))
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
             raise ValueError(f"{self.path}: not a readable safetensors file ({err})") from err
         self._specs = specs
         self._offsets = {k: 8 + header_size + header[k]["data_offsets"][0] for k in specs}
@@ -173,7 +173,14 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> M
         return SafetensorsCheckpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # torch's own messages name neither the file nor the fix
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); give a .safetensors or "
+            "torch.save state dict file"
+        ) from err
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):

@@ -89,6 +89,7 @@ class MergeCallback(L.Callback):
             return
         datamodule = trainer.datamodule
         self.check(stage, datamodule.test_splits)
+        datamodule.check_data("val" if stage == "validate" else stage)
         tasks = datamodule.task_names
         self.method.check_tasks(tasks)
         pool = functools.partial(pl_module.model_pool, tasks)

@@ -271,6 +271,14 @@ class TaskDataModule(L.LightningDataModule):
             self._datasets[task.name, split] = load_split(task, split, self.dataset_root)
         return self._datasets[task.name, split]
 
+    def check_data(self, stage: str) -> None:
+        """Load and check (columns, label range, class names) every hub split that
+        ``stage`` scores, so that bad task data is named before any long work."""
+        by_name = {task.name: task for task in self.specs}
+        for task, split in self.plan(stage):
+            spec = by_name[task]
+            self._dataset(spec, spec.test_split if split == "test" else spec.train_split)
+
     def plan(self, stage: str) -> list[tuple[str, str]]:
         """(task, split) of each dataloader of a stage (``train``, ``val`` or ``test``)."""
         splits = self.test_splits if stage == "test" else [stage]

@@ -6,6 +6,7 @@ nik-dim/tall_masks, builds it from those per-task optimal masks)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from mergelab.methods.base import (
     scaled_variants,
 )
 from mergelab.methods.tall_masks import built_masks
+
+log = logging.getLogger(__name__)
 
 
 def picked_lambdas(path: str, ties: float | None) -> dict[str, float]:
@@ -113,6 +116,15 @@ class Consensus(MergeMethod):
     def check_tasks(self, tasks: Sequence[str]) -> None:
         super().check_tasks(tasks)
         self.task_lambdas(tasks)
+        for k in self.ks:
+            if k == 0:
+                log.warning("consensus k=0 keeps every coordinate: Task Arithmetic on τMTL")
+            elif k > len(tasks):
+                log.warning(
+                    "consensus k=%d > %d tasks keeps no coordinate: every model is θ0",
+                    k,
+                    len(tasks),
+                )
 
     def variants(self, context: MergeContext) -> Variants:
         lambdas = self.task_lambdas(context.tasks)

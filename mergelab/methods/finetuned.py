@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+
 from mergelab.methods.base import MergeContext, MergeMethod, Variants
 
 
@@ -17,6 +19,12 @@ class Finetuned(MergeMethod):
 
     def variants(self, context: MergeContext) -> Variants:
         pool = context.rank_zero_first(context.pool)
-        return Variants(
-            [self.name], per_task=lambda task: {self.name: dict(pool.finetuned[task].items())}
-        )
+
+        def model_of(task: str) -> dict[str, dict[str, torch.Tensor]]:
+            model = dict(pool.finetuned[task].items())
+            for key, tensor in model.items():
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(f"fine-tuned model of {task!r} has NaN or Inf at {key!r}")
+            return {self.name: model}
+
+        return Variants([self.name], per_task=model_of)

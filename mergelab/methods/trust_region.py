@@ -41,6 +41,8 @@ class TrustRegion(ScaledMethod):
         quantiles = as_factor_list(threshold_quantile, "threshold_quantile")
         for quantile in quantiles:
             check_threshold_quantile(quantile)
+            if quantile == 1:
+                log.warning("TATR threshold_quantile=1 drops no coordinate: Task Arithmetic")
         if gradient_stats is not None and not Path(gradient_stats).is_dir():
             raise FileNotFoundError(
                 f"gradient_stats: no folder {gradient_stats} (mergelab fit with "

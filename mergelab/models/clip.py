@@ -20,7 +20,13 @@ from pathlib import Path
 import open_clip
 import torch
 
-from mergelab.engine.checkpoints import SafetensorsCheckpoint, open_checkpoint, save_state_dict
+from mergelab.engine.checkpoints import (
+    SafetensorsCheckpoint,
+    open_checkpoint,
+    save_state_dict,
+    tensor_spec,
+)
+from mergelab.engine.pool import check_same_layout
 from mergelab.io.cache import cache_root
 from mergelab.models.hf_clip import convert_clip_vision_state_dict, is_clip_vision_state_dict
 
@@ -85,12 +91,23 @@ def load_clip(
 
 
 def _open_clip_visual_keys(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict | None:
-    """The image-encoder part of an open_clip-style state dict, whatever its prefix."""
+    """The image-encoder part of an open_clip-style state dict, whatever its prefix: every
+    key under the prefix (an extra one is refused by the layout check that follows)."""
     for prefix in ("", "visual.", "model.visual.", "module.visual.", "image_encoder.model.visual."):
         found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if expected <= set(found):
-            return {k: found[k] for k in expected}
+            return found
     return None
+
+
+# suffixes of weights files: a source with one is a path, never a hub id
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def looks_like_a_path(source: str) -> bool:
+    """A local path rather than a hub id (``org/name``): absolute, relative with ``./``
+    or ``../``, in the home folder, or a weights file's name."""
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(WEIGHT_SUFFIXES)
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -139,6 +156,8 @@ def load_image_encoder(
     """
     path = Path(source)
     if not path.exists():
+        if looks_like_a_path(str(source)):
+            raise FileNotFoundError(f"fine-tuned model {str(source)!r}: no such file or folder")
         path = _hub_snapshot(str(source))
     if path.suffix == ".safetensors":
         checkpoint = SafetensorsCheckpoint(path)
@@ -161,5 +180,8 @@ def load_image_encoder(
                 f"{source}: not an open_clip image encoder nor a Hugging Face CLIPVisionModel "
                 f"(no {missing[0] if missing else 'matching'} key under any known prefix)"
             )
+    # converted completely or refused, and cached only once it passed
+    specs = {key: tensor_spec(pretrained_visual, key) for key in pretrained_visual}
+    check_same_layout(specs, visual, f"fine-tuned model {str(source)!r}")
     save_state_dict(visual, cached, metadata={"source": str(source)}, overwrite=True)
     return SafetensorsCheckpoint(cached)
