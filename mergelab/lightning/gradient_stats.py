@@ -6,7 +6,7 @@ the absolute value taken per sample, the pretrained encoder in eval mode, for ev
 merged parameter (mergelab.models.per_sample_gradients computes it from batched passes).
 
     mergelab fit --config configs/vit_b32/trust_region_gradients.yaml
-    mergelab test --config configs/vit_b32/trust_region.yaml --merge.gradient_stats=<folder>
+    mergelab test --config configs/vit_b32/trust_region.yaml --merge.method.gradient_stats=<folder>
 
 ``fit`` walks every task's train split once (no optimizer steps; with several devices
 each rank takes a disjoint, unpadded share and the sums and counts are all-reduced once
@@ -15,7 +15,7 @@ count, the pretrained model's fingerprint), and at the end of fit the merge call
 builds TATR with them and saves ``merged_task_vector.safetensors`` in the run folder
 (θ = θ0 + λ·δ), logging the threshold and each parameter's mask density. A later run
 with the same model and tasks loads the saved statistics instead of recomputing them.
-``test --merge.gradient_stats=<statistics>`` scores TATR with them on every task (the
+``test --merge.method.gradient_stats=<statistics>`` scores TATR with them on every task (the
 merge itself is streamed and takes seconds).
 
 Samples are preprocessed with the model's evaluation transform, not the training one

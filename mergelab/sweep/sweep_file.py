@@ -145,7 +145,7 @@ def check_parameter(path: Path, name: str, spec: Any) -> None:
     if not isinstance(spec, dict):
         raise SweepError(f"{where}: a mapping such as {{values: [...]}}, got {spec!r}")
     if "parameters" in spec:
-        raise SweepError(f"{where}: nested parameters; name each one with dots (merge.k)")
+        raise SweepError(f"{where}: nested parameters; name each one with dots (merge.method.k)")
     kind = distribution(spec)
     if kind not in DISTRIBUTIONS:
         known = ", ".join(DISTRIBUTIONS)
