@@ -5,6 +5,7 @@ what they reduce to."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -113,4 +114,18 @@ def test_task_data_outside_its_classes_stops_a_run_before_the_merge(tmp_path):
                           HF_HUB_CACHE=str(root / "hub"))  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "'eurosat'" in result.stderr and "outside its 10 classes" in result.stderr
+    assert not list(root.glob("lightning_logs/*/version_*/*.safetensors"))
+
+
+def test_a_reference_accuracy_file_missing_a_task_stops_the_run_before_the_merge(tmp_path):
+    from console import run_mergelab
+
+    root = mirror.write_merge_run(tmp_path)
+    reference = root / "reference.json"
+    reference.write_text(json.dumps({"headline": {"accuracy": {"mnist": 0.9, "svhn": 0.8}}}))
+    accuracy = f"--model.finetuned_accuracy={reference}"
+    result = run_mergelab(root, "test", "-c", "base.yaml", accuracy, expect_ok=False,
+                          HF_HUB_CACHE=str(root / "hub"))  # fmt: skip
+    assert result.returncode == 2
+    assert "finetuned_accuracy has no entry for task 'eurosat'" in result.stderr
     assert not list(root.glob("lightning_logs/*/version_*/*.safetensors"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 
-from mergelab.lightning.evaluation import MergeEvaluator
+from mergelab.lightning.evaluation import MergeEvaluator, check_reference
 from mergelab.lightning.gradient_stats import GradientStatistics
 from mergelab.lightning.results import write_report
 from mergelab.methods import MergeContext, MergeMethod, TrustRegion
@@ -91,6 +91,7 @@ class MergeCallback(L.Callback):
         self.check(stage, datamodule.test_splits)
         datamodule.check_data("val" if stage == "validate" else stage)
         tasks = datamodule.task_names
+        check_reference(pl_module.finetuned_accuracy, tasks)  # before the merge, not after
         self.method.check_tasks(tasks)
         pool = functools.partial(pl_module.model_pool, tasks)
         variants = self.method.variants(self._context(trainer, pl_module, tasks, pool))

@@ -205,6 +205,18 @@ def _reference_accuracy(value: dict[str, float] | str | None) -> dict[str, float
         raise ValueError(f"finetuned_accuracy: {path} is not a mergelab results.json") from err
 
 
+def check_reference(reference: Mapping[str, float] | None, tasks: list[str]) -> None:
+    """The fine-tuned accuracies normalise every task: one positive entry per task."""
+    if not reference:
+        return
+    missing = [t for t in tasks if t not in reference]
+    if missing:
+        raise KeyError(f"finetuned_accuracy has no entry for task {missing[0]!r}")
+    zero = [t for t in tasks if not reference[t] > 0]
+    if zero:
+        raise ValueError(f"finetuned_accuracy of task {zero[0]!r} is {reference[zero[0]]}")
+
+
 def summarize(
     accuracy: Mapping[str, Mapping[str, Mapping[str, float]]],
     tasks: list[str],
@@ -238,12 +250,7 @@ def summarize(
         "headline": {"accuracy": headline, "avg_acc": sum(headline.values()) / len(tasks)},
     }
     if reference:
-        missing = [t for t in tasks if t not in reference]
-        if missing:
-            raise KeyError(f"finetuned_accuracy has no entry for task {missing[0]!r}")
-        zero = [t for t in tasks if not reference[t] > 0]
-        if zero:
-            raise ValueError(f"finetuned_accuracy of task {zero[0]!r} is {reference[zero[0]]}")
+        check_reference(reference, tasks)
         normalized = {t: headline[t] / reference[t] for t in tasks}
         result["headline"]["normalized_accuracy"] = normalized
         result["headline"]["avg_normalized_acc"] = sum(normalized.values()) / len(tasks)
