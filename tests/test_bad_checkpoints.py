@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
+from console import run_mergelab
 
 from mergelab import ModelPool
 from mergelab.methods import Consensus, Finetuned, MergeContext, TrustRegion
@@ -106,8 +107,6 @@ def test_a_missing_path_is_not_taken_for_a_hub_id(visual, tmp_path):
 
 def test_task_data_outside_its_classes_stops_a_run_before_the_merge(tmp_path):
     """Checked before the merge: no artifact, no traceback."""
-    from console import run_mergelab
-
     root = mirror.write_merge_run(tmp_path)
     mirror.write_dataset(root / "data", "tanganke/eurosat", 12, {"train": 70, "test": 41}, seed=1)
     result = run_mergelab(root, "test", "-c", "base.yaml", expect_ok=False,
@@ -118,8 +117,6 @@ def test_task_data_outside_its_classes_stops_a_run_before_the_merge(tmp_path):
 
 
 def test_a_reference_accuracy_file_missing_a_task_stops_the_run_before_the_merge(tmp_path):
-    from console import run_mergelab
-
     root = mirror.write_merge_run(tmp_path)
     reference = root / "reference.json"
     reference.write_text(json.dumps({"headline": {"accuracy": {"mnist": 0.9, "svhn": 0.8}}}))

@@ -46,7 +46,7 @@ def scored(assets: Path, label: str, method: str, *args: str, stage: str = "test
     """``mergelab <stage>`` with its own run folder (<label>/<method>/version_0)."""
     run_mergelab(
         assets, stage, "-c", "base.yaml", *args, f"--trainer.default_root_dir={label}",
-        f"--trainer.logger.init_args.save_dir={label}", *logger_dirs(label),
+        *logger_dirs(label),
         HF_HUB_CACHE=str(assets / "hub"), WANDB_MODE="disabled",
     )  # fmt: skip
     [folder] = (assets / label / method).glob("version_*")

@@ -4,6 +4,7 @@ run's name, config and summary; and bad input refused before any model is loaded
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -108,8 +109,6 @@ def test_bad_input_is_refused_before_any_model_is_loaded(assets, args, env, mess
 def test_several_settings_without_val_are_reported_when_asked(assets):
     mergelab(assets, "test", "-c", "base.yaml", "--merge.method.scaling_factor=[0.3, 0.6]",
              "--merge.report_without_pick=true", WANDB_MODE="disabled")  # fmt: skip
-    import json
-
     [folder] = sorted((assets / "lightning_logs" / "task_arithmetic").glob("version_*"))[-1:]
     results = json.loads((folder / "results.json").read_text())
     assert results["picked_on"] is None and len(results["accuracy"]) == 2

@@ -59,10 +59,14 @@ class MergeCallback(L.Callback):
                 "setting without a pick (--merge.report_without_pick=true)"
             )
 
-    def _context(self, trainer: L.Trainer, module: MergeEvaluator, tasks, pool) -> MergeContext:
+    def _context(
+        self, trainer: L.Trainer, module: MergeEvaluator, tasks, pool, shared: bool = True
+    ) -> MergeContext:
+        """``shared``: the other ranks read what rank 0 builds (not so at the end of fit,
+        where rank 0 alone merges)."""
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: a broadcast
         artifact_dir = log_dir if self.save_artifact else None
-        if artifact_dir is None and trainer.world_size > 1:
+        if artifact_dir is None and shared and trainer.world_size > 1:
             # the ranks share the merge through a file: one in the run folder, removed at
             # the end (the run folder is where every node already writes)
             self._shared_dir = artifact_dir = log_dir / ".merge"
@@ -110,7 +114,7 @@ class MergeCallback(L.Callback):
         if not isinstance(pl_module, GradientStatistics):
             return
         pool = pl_module.pool
-        context = self._context(trainer, pl_module, pool.tasks, lambda _: pool)
+        context = self._context(trainer, pl_module, pool.tasks, lambda _: pool, shared=False)
         if not trainer.is_global_zero:
             return
         if not isinstance(self.method, TrustRegion):
