@@ -46,6 +46,7 @@ from mergelab.embedded import expand
 from mergelab.lightning.callbacks import MergeCallback, ResultsReport
 from mergelab.lightning.data import TaskDataModule
 from mergelab.lightning.evaluation import MergeEvaluator
+from mergelab.lightning.failures import FailedRunCleanup
 from mergelab.lightning.loggers import check_wandb_mode
 from mergelab.methods.base import snake_case
 
@@ -71,6 +72,13 @@ class MergelabCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         self.command_line = list(sys.argv[1:] if args is None else args)
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning's, with :class:`FailedRunCleanup`: a run that fails leaves no folder
+        (bad input, nothing produced) or one marked as failed."""
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(FailedRunCleanup())
+        return trainer
 
     def run_name(self, config) -> str:
         raise NotImplementedError
@@ -136,18 +144,24 @@ class EvaluateCLI(MergelabCLI):
         return class_of(config.merge.method.class_path).name
 
     def check(self, config) -> None:
-        """Also the merge settings (the method is constructed, checking each) and the
-        strategy, before the models are loaded."""
+        """Also the merge settings and the strategy, before the models are loaded."""
         super().check(config)
-        check_strategy(config.trainer.strategy)
-        method = config.merge.method
-        settings = method.get("init_args") or {}
-        settings = vars(settings) if isinstance(settings, Namespace) else dict(settings)
-        callback = MergeCallback(
-            class_of(method.class_path)(**settings),
-            report_without_pick=config.merge.report_without_pick,
-        )
-        callback.check(self.subcommand, config.data.test_splits)
+        check_evaluation(self.subcommand, config)
+
+
+def check_evaluation(subcommand: str, config) -> None:
+    """The bad input of a ``validate`` or ``test`` config (a Namespace, or the dict that
+    --print_config writes) that needs no model: the strategy, and the merge settings (the
+    method is constructed, checking each, and the callback checks them with the splits)."""
+    check_strategy(config["trainer"]["strategy"])
+    method = config["merge"]["method"]
+    settings = method.get("init_args") or {}
+    settings = vars(settings) if isinstance(settings, Namespace) else dict(settings)
+    callback = MergeCallback(
+        class_of(method["class_path"])(**settings),
+        report_without_pick=config["merge"]["report_without_pick"],
+    )
+    callback.check(subcommand, config["data"]["test_splits"])
 
 
 class FitCLI(MergelabCLI):
@@ -182,7 +196,9 @@ def check_strategy(strategy) -> None:
             return
         found = strategy
     else:
-        cls = class_of(strategy.class_path) if hasattr(strategy, "class_path") else type(strategy)
+        # a strategy object, or its class_path in a parsed config (a Namespace or a dict)
+        path = strategy.get("class_path") if isinstance(strategy, dict | Namespace) else None
+        cls = class_of(path) if path else type(strategy)
         if issubclass(cls, EXACT_STRATEGIES):
             return
         found = cls.__name__

@@ -13,22 +13,19 @@ import logging
 import os
 import sys
 
-BAD_INPUT = (
-    ValueError,
-    KeyError,
-    FileNotFoundError,
-    FileExistsError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-)
+from mergelab.errors import BAD_INPUT, message_of
+
 TRACEBACK_ENV = "MERGELAB_TRACEBACK"
+HANDLER_NAME = "mergelab-console"
 
 
 def main() -> None:
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler()  # today's sys.stderr
     handler.setFormatter(logging.Formatter("[mergelab] %(message)s"))
+    handler.set_name(HANDLER_NAME)
     logger = logging.getLogger("mergelab")
+    for previous in [h for h in logger.handlers if h.get_name() == HANDLER_NAME]:
+        logger.removeHandler(previous)  # of an earlier main() in this process
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # a library's root handler would print every line twice
@@ -37,9 +34,7 @@ def main() -> None:
     except BAD_INPUT as error:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        # a KeyError's str() is its repr; its message is its first argument
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"mergelab: error: {message}", file=sys.stderr)
+        print(f"mergelab: error: {message_of(error)}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 to see where)", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -171,17 +171,27 @@ def write_merge_run(root: Path) -> Path:
     write_hub_model(root / "hub", "mergelab-test/tiny_mnist", finetune(visual, 1))
     save_file(finetune(visual, 2), root / "eurosat.safetensors")
     write_hf_vision_model(root / "svhn_hf", finetune(visual, 3))
+    finetuned = {
+        "mnist": "mergelab-test/tiny_mnist",
+        "eurosat": str(root / "eurosat.safetensors"),
+        "svhn": str(root / "svhn_hf"),
+    }
+    write_base_config(root, config, weights, finetuned, {"cache_dir": str(root / "cache")})
+    return root
+
+
+def write_base_config(
+    root: Path, config: Path, weights: Path, finetuned: dict[str, str], model: dict | None = None
+) -> Path:
+    """``<root>/base.yaml``: the tiny CLIP with ``finetuned``, the three tasks' mirrors in
+    ``<root>/data``, on the CPU; ``model`` adds model options."""
     base = {
         "model": {
             "model": TINY,
             "model_config": str(config),
             "pretrained": str(weights),
-            "cache_dir": str(root / "cache"),
-            "finetuned": {
-                "mnist": "mergelab-test/tiny_mnist",
-                "eurosat": str(root / "eurosat.safetensors"),
-                "svhn": str(root / "svhn_hf"),
-            },
+            **(model or {}),
+            "finetuned": finetuned,
         },
         "data": {
             "tasks": THREE_TASKS,
@@ -191,8 +201,9 @@ def write_merge_run(root: Path) -> Path:
         },
         "trainer": {"accelerator": "cpu"},
     }
-    (root / "base.yaml").write_text(yaml.safe_dump(base))
-    return root
+    path = root / "base.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
 
 
 # --- the TALL suites' datasets in their own hub layouts -------------------------------------

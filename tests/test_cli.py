@@ -74,6 +74,11 @@ def test_task_arithmetic_picks_on_validation_and_writes_every_output(assets):
     best = max(results["accuracy"], key=lambda n: sum(results["accuracy"][n]["val"].values()))
     assert picked == {best}
     assert results["headline"]["accuracy"] == results["accuracy"][best]["test"]
+    # only the pick is scored on test, with the numbers a run of that setting alone gives
+    assert [n for n, by_split in results["accuracy"].items() if "test" in by_split] == [best]
+    alone = best.split("@")[1]
+    _, single = scored(assets, "task_arithmetic", f"--merge.method.scaling_factor={alone}")
+    assert single["headline"]["accuracy"] == results["headline"]["accuracy"]
     assert "| task_arithmetic@0.3 |" in (folder / "results.md").read_text()
     assert (folder / "accuracy.png").stat().st_size > 1000
     with open(folder / "metrics.csv") as f:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mergelab"
 
 # lowest first; a module may import its own layer and those below it
 LAYERS = [
-    ("rules", ("mergelab.merging",)),
+    ("rules", ("mergelab.merging", "mergelab.errors")),
     ("engine", ("mergelab.engine",)),
     ("io", ("mergelab.io",)),
     ("models and tasks", ("mergelab.models", "mergelab.tasks")),

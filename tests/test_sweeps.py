@@ -87,7 +87,9 @@ def covering(trial_settings: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
-def test_sweep_file_expands_into_agent_commands_the_cli_accepts(path, embedded, tmp_path):
+def test_sweep_file_expands_into_agent_commands_the_cli_accepts(
+    path, embedded, tmp_path, monkeypatch
+):
     sweep = load_sweep(path)
     assert sweep.metric.startswith("val/") and sweep.goal == "maximize"
     trial_settings = settings(sweep, count=3 if sweep.method == "random" else None)
@@ -101,7 +103,17 @@ def test_sweep_file_expands_into_agent_commands_the_cli_accepts(path, embedded, 
         assert agent_command(sweep, setting) == expected
     # the runner's checks (each command parsed by the CLI, the metric logged), on trials
     # that use every value of every parameter: the grids' products would take long
-    trials = prepare(sweep, covering(trial_settings), tmp_path)
+    covered = covering(trial_settings)
+    folders = sweep.parameters.get("merge.method.gradient_stats", {}).get("values", [])
+    folders = [f for f in folders if f != "null"]
+    if folders:  # computed before the sweep, as its file says: checked before any trial
+        with pytest.raises(SweepError, match=r"trial \d+ \(.*\): gradient_stats: no folder"):
+            prepare(sweep, covered, tmp_path / "sweep")
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "configs").symlink_to(ROOT / "configs")
+        for folder in folders:
+            (tmp_path / folder).mkdir(parents=True)
+    trials = prepare(sweep, covered, tmp_path / "sweep")
     config = parsed_config(sweep, trials[-1].command[1:])
     for name, value in trials[-1].setting.items():
         assert dotted(config, name) == (None if value == "null" else value)
@@ -259,6 +271,37 @@ BAD_SWEEPS = {
     "random without count": ({"method": "random"}, "--count"),
     "not a mergelab command": ({"command": ["python", "train.py", "${args}"]}, "train.py"),
     "not an evaluation": ({"command": ["mergelab", "fit", "${args}"]}, "mergelab fit"),
+    # values the options' types accept and the methods refuse, in the last trial only
+    "quantile out of range": (
+        {
+            "parameters": {
+                "merge.method": {"values": ["TrustRegion"]},
+                "merge.method.threshold_quantile": {"values": [0.9, 1.5]},
+            }
+        },
+        "trial 2 (merge.method=TrustRegion merge.method.threshold_quantile=1.5): "
+        "threshold_quantile",
+    ),
+    "negative TALL λ": (
+        {
+            "parameters": {
+                "merge.method": {"values": ["Consensus"]},
+                "merge.method.tall_lambda": {"values": [0.4, -0.5]},
+            }
+        },
+        "trial 2 (merge.method=Consensus merge.method.tall_lambda=-0.5): ",
+    ),
+    "consensus k of zero": (
+        {
+            "parameters": {
+                "merge.method": {"values": ["Consensus"]},
+                "merge.method.tall_lambda": {"values": [0.5]},
+                "merge.method.k": {"values": [2, -1]},
+            }
+        },
+        "trial 2 (merge.method=Consensus merge.method.k=-1 merge.method.tall_lambda=0.5): "
+        "consensus k",
+    ),
 }
 
 

@@ -10,14 +10,20 @@ configs/embedded/trust_region_gradients.yaml (the gradient statistics, cached), 
 ``consensus`` takes each task's mask at the λ that the ``tall_masks`` run picked for it
 on validation (``--merge.method.tall_results``), as the TALL reference code does; it runs
 ``tall_masks`` first when that is not among the methods.
+
+The console shows the build's progress, one line per method with its seconds, and the
+table; Lightning's banners, the runs' progress bars and known harmless warnings are
+silenced (``--verbose`` shows them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 from mergelab.embedded.preset import PRESET_ENV, PRESETS
@@ -35,6 +41,28 @@ METHODS = (
 )
 # configs/ sits beside the package in a source checkout (the README installs it editable)
 REPOSITORY_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "embedded"
+# Lightning's INFO lines (seed, devices, tips) and mergelab's per-run notes: silenced
+# unless --verbose (Lightning's documented way: the level of its loggers)
+QUIET_LOGGERS = (
+    "lightning.pytorch",
+    "lightning.fabric",
+    "mergelab.engine",
+    "mergelab.methods",
+    "mergelab.lightning",
+)
+# warnings that every run repeats and that say nothing about the user's input
+HARMLESS_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch ≥ 2.10
+    r"No seed found, seed set to",  # evaluation draws nothing at random
+    # the gradient statistics' fit: a frozen encoder, no optimizer, no validation, and no
+    # batches at all when the statistics are cached
+    r"Found \d+ module\(s\) in eval mode",
+    r"`LightningModule.configure_optimizers` returned `None`",
+    r"You passed in a `val_dataloader` but have no `validation_step`",
+    r"Total length of `\w+` across ranks is zero",
+)
+# the runs' own progress bars and model summary; the build keeps its progress bars
+QUIET_RUN = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,7 +106,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rebuild", action="store_true", help="discard the cached benchmark and build it again"
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Lightning's banners, each run's progress bars and every warning",
+    )
     return p
+
+
+@contextlib.contextmanager
+def quiet_console(verbose: bool):
+    """Lightning's banners and the harmless warnings off for the block (unless verbose)."""
+    if verbose:
+        yield
+        return
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels when imported)
+
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        for message in HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cache_dir:
         os.environ["MERGELAB_CACHE"] = str(Path(args.cache_dir).resolve())
 
+    with quiet_console(args.verbose):
+        return _benchmark(args)
+
+
+def _benchmark(args: argparse.Namespace) -> dict:
     from mergelab.embedded.build import EmbeddedBenchmark
 
     benchmark = EmbeddedBenchmark()
@@ -106,20 +165,21 @@ def main(argv: list[str] | None = None) -> dict:
     log.info(
         "embedded benchmark ready in %.0f s: %s", time.perf_counter() - started, benchmark.root
     )
-
+    extra = [] if args.verbose else QUIET_RUN
     runs, folders, seconds = {}, {}, {}
     for method in args.methods:
-        log.info("running %s", method)
         method_started = time.perf_counter()
-        config = ["--config", str(args.configs / f"{method}.yaml")]
+        config = ["--config", str(args.configs / f"{method}.yaml"), *extra]
         if method == "trust_region_gradients":
             statistics = _run(["fit", *config])
             gradients = f"--merge.method.gradient_stats={statistics.model.statistics_folder}"
-            cli = _run(["test", "--config", str(args.configs / "trust_region.yaml"), gradients])
+            trust_region = str(args.configs / "trust_region.yaml")
+            cli = _run(["test", "--config", trust_region, *extra, gradients])
         elif method == "consensus":
             if "tall_masks" not in folders:  # each task's λ comes from a TALL masks run
-                log.info("running tall_masks for consensus's per-task λ")
-                tall = _run(["test", "--config", str(args.configs / "tall_masks.yaml")])
+                log.info("tall_masks: run first, for consensus's per-task λ")
+                tall_config = str(args.configs / "tall_masks.yaml")
+                tall = _run(["test", "--config", tall_config, *extra])
                 folders["tall_masks"] = tall.trainer.log_dir
             picked = f"--merge.method.tall_results={folders['tall_masks']}"
             cli = _run(["test", *config, picked, "--merge.method.tall_lambda=null"])
@@ -127,6 +187,15 @@ def main(argv: list[str] | None = None) -> dict:
             cli = _run(["test", *config])
         runs[method], folders[method] = cli.model.results, cli.trainer.log_dir
         seconds[method] = time.perf_counter() - method_started
+        headline = cli.model.results["headline"]
+        normalized = headline.get("avg_normalized_acc")
+        log.info(
+            "%s: %.0f s, %.1f %% avg%s",
+            method,
+            seconds[method],
+            100 * headline["avg_acc"],
+            "" if normalized is None else f", {100 * normalized:.1f} % normalized",
+        )
     from mergelab.lightning.results import write_comparison
 
     paths = write_comparison(runs, args.output)

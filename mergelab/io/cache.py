@@ -7,7 +7,13 @@ from pathlib import Path
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else $MERGELAB_CACHE, else ~/.cache/mergelab."""
+    """``cache_dir``, else $MERGELAB_CACHE, else ~/.cache/mergelab; refused if it is a
+    file (found when the run starts, not when its first cache entry is written)."""
     if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab"))
+        root, origin = Path(cache_dir), "cache_dir"
+    else:
+        root = Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab"))
+        origin = "$MERGELAB_CACHE" if "MERGELAB_CACHE" in os.environ else "the default"
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"the cache folder {root} ({origin}) is a file, not a folder")
+    return root

@@ -202,8 +202,9 @@ class TaskDataModule(L.LightningDataModule):
             subset), for quick runs; None keeps all.
         dataset_root: a folder of local dataset mirrors in the hub layout
             (``<root>/<org>/<name>/data/*.parquet``) used instead of the hub.
-        test_splits: the splits a test run scores, per task in this order; with
-            ``[val, test]`` the settings are picked on validation and reported on test.
+        test_splits: the splits a test run scores (validation first, whatever the order
+            given); with ``[val, test]`` every setting is scored on validation and the
+            one picked there on test.
     """
 
     def __init__(
@@ -229,7 +230,7 @@ class TaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.max_samples = max_samples
         self.dataset_root = dataset_root
-        self.test_splits = list(test_splits)
+        self.test_splits = [s for s in ("val", "test") if s in test_splits]
         self.transform_train: Callable | None = None
         self.transform_eval: Callable | None = None
         self._splits: dict[tuple[str, str], TaskSplit] = {}
@@ -280,9 +281,11 @@ class TaskDataModule(L.LightningDataModule):
             self._dataset(spec, spec.test_split if split == "test" else spec.train_split)
 
     def plan(self, stage: str) -> list[tuple[str, str]]:
-        """(task, split) of each dataloader of a stage (``train``, ``val`` or ``test``)."""
+        """(task, split) of each dataloader of a stage (``train``, ``val`` or ``test``):
+        split by split, so that a test run's validation data all comes before its test
+        data (its settings are picked on validation, then the pick is scored on test)."""
         splits = self.test_splits if stage == "test" else [stage]
-        return [(task.name, split) for task in self.specs for split in splits]
+        return [(task.name, split) for split in splits for task in self.specs]
 
     def _loader(self, dataset: Dataset, **sampling) -> DataLoader:
         return DataLoader(

@@ -6,6 +6,11 @@ the loop starts; the module holds one encoder structure and runs each batch thro
 every variant's weights with ``torch.func.functional_call``, so several settings are
 scored in one pass over the data. Variants that depend on the task (TALL, fine-tuned)
 are built when that task's first batch arrives and dropped after its last.
+
+A test run that scores several settings on ``[val, test]`` walks every task's validation
+data first and scores every setting there; at its first test batch it picks on those
+scores and scores only the picked setting on test, as the TALL reference code does
+(github nik-dim/tall_masks: the λ grid on validation, then the best λ on test).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class MergeEvaluator(L.LightningModule):
         self.results: dict = {}
         self._heads: dict[str, torch.Tensor] = {}
         self._plan: list[tuple[str, str]] = []
+        self._picked: dict[str, str] | None = None  # task -> setting, once picked on val
         self._weights: tuple[str | None, dict[str, dict[str, torch.Tensor]]] | None = None
         self._accuracy: dict[tuple[str, str, str], MulticlassAccuracy] = {}
 
@@ -113,9 +119,12 @@ class MergeEvaluator(L.LightningModule):
             raise RuntimeError("no model variants to evaluate: add mergelab's MergeCallback")
         self._plan = self.datamodule.plan(stage)
         self._weights = None
+        self._picked = None
+        # the test metrics of a run that picks on validation are made once it has picked
         self._accuracy = {
             (name, task, split): top1(self._heads[task].shape[0]).to(self.device)
             for task, split in self._plan
+            if not (split == "test" and self._picks_on_val())
             for name in self.variants.names
         }
         for task in {t for t, _ in self._plan}:
@@ -134,11 +143,36 @@ class MergeEvaluator(L.LightningModule):
             self._weights = (owner, on_device)
         return self._weights[1]
 
+    def _picks_on_val(self) -> bool:
+        splits = {split for _, split in self._plan}
+        return {"val", "test"} <= splits and len(self.variants.names) > 1
+
+    def _picked_on_val(self, task: str) -> str:
+        """The setting that scores ``task`` on test: picked on every task's validation
+        scores (all validation batches come first; in a distributed run ``compute()``
+        adds up every rank's counts, and every rank picks the same)."""
+        if self._picked is None:
+            val = {name: {} for name in self.variants.names}
+            for (name, val_task, split), metric in list(self._accuracy.items()):
+                if split == "val":
+                    val[name][val_task] = float(metric.compute())
+            tasks = [t for t, split in self._plan if split == "test"]
+            self._picked = pick_settings(val, tasks, self.variants.choose_per_task)
+            for test_task in tasks:
+                name = self._picked[test_task]
+                classes = self._heads[test_task].shape[0]
+                self._accuracy[name, test_task, "test"] = top1(classes).to(self.device)
+        return self._picked[task]
+
     def _step(self, batch, dataloader_idx: int) -> None:
         task, split = self._plan[dataloader_idx]
         images, labels = batch
         head = self._heads[task]
-        for name, weights in self._weights_for(task).items():
+        models = self._weights_for(task)
+        if split == "test" and self._picks_on_val():
+            picked = self._picked_on_val(task)
+            models = {picked: models[picked]}
+        for name, weights in models.items():
             features = functional_call(self.encoder, weights, (images,))
             logits = zero_shot_logits(features, head, self.logit_scale)
             self._accuracy[name, task, split].update(logits, labels)
@@ -233,11 +267,9 @@ def summarize(
     """
     names = list(accuracy)
     has_val = all("val" in accuracy[n] for n in names)
-    if has_val and choose_per_task:
-        picked = {t: pick_best(names, lambda n, t=t: accuracy[n]["val"][t]) for t in tasks}
-    elif has_val:
-        best = pick_best(names, lambda n: sum(accuracy[n]["val"].values()))
-        picked = dict.fromkeys(tasks, best)
+    if has_val:
+        val = {n: accuracy[n]["val"] for n in names}
+        picked = pick_settings(val, tasks, choose_per_task)
     else:
         picked = dict.fromkeys(tasks, names[0])
     headline = {t: accuracy[picked[t]][stage][t] for t in tasks}
@@ -258,9 +290,23 @@ def summarize(
     return result
 
 
+def pick_settings(
+    val: Mapping[str, Mapping[str, float]], tasks: list[str], choose_per_task: bool
+) -> dict[str, str]:
+    """Task → the setting picked on validation (``val``: setting → task → accuracy): each
+    task's best, or the best average over tasks, by
+    :func:`~mergelab.merging.selection.pick_best`."""
+    names = list(val)
+    if choose_per_task:
+        return {t: pick_best(names, lambda n, t=t: val[n][t]) for t in tasks}
+    best = pick_best(names, lambda n: sum(val[n].values()))
+    return dict.fromkeys(tasks, best)
+
+
 def flat_metrics(results: Mapping, stage: str) -> dict[str, float]:
     """Logged names: ``<stage>/<task>/acc``, ``<stage>/avg_acc``, ``<stage>/avg_normalized_acc``
-    for the headline, and ``<split>/<variant>/<task>/acc`` for every variant."""
+    for the headline, ``<split>/<variant>/<task>/acc`` for every variant scored, and
+    ``<split>/<variant>/avg_acc`` for a variant scored on every task of the split."""
     headline = results["headline"]
     metrics = {f"{stage}/{t}/acc": a for t, a in headline["accuracy"].items()}
     metrics[f"{stage}/avg_acc"] = headline["avg_acc"]
@@ -270,5 +316,6 @@ def flat_metrics(results: Mapping, stage: str) -> dict[str, float]:
         for split, by_task in by_split.items():
             for task, acc in by_task.items():
                 metrics[f"{split}/{name}/{task}/acc"] = acc
-            metrics[f"{split}/{name}/avg_acc"] = sum(by_task.values()) / len(by_task)
+            if len(by_task) == len(headline["accuracy"]):
+                metrics[f"{split}/{name}/avg_acc"] = sum(by_task.values()) / len(by_task)
     return metrics

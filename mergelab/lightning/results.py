@@ -39,24 +39,26 @@ def results_document(results: Mapping) -> dict:
 
 
 def markdown_table(results: Mapping) -> str:
-    """Rows: each variant and the picked headline; columns: tasks, average, normalised."""
+    """Rows: each variant on the split it was scored on for the pick (validation, when the
+    settings were picked there; else the stage), then the headline on the stage;
+    columns: tasks, average, normalised."""
     stage, tasks = results["stage"], results["tasks"]
     reference = results.get("finetuned_accuracy")
+    split = results.get("picked_on") or stage
     header = ["setting", *tasks, "avg"] + (["normalized avg"] if reference else [])
     rows = []
     for name, by_split in results["accuracy"].items():
-        accs = [by_split[stage][t] for t in tasks]
+        accs = [by_split[split][t] for t in tasks]
         rows.append(_row(name, accs, tasks, reference))
     if len(results["accuracy"]) > 1:
-        label = "picked on val" if results.get("picked_on") else "headline"
+        label = f"picked on val, {stage}" if results.get("picked_on") else "headline"
         accs = [results["headline"]["accuracy"][t] for t in tasks]
         rows.append(_row(f"**{label}**", accs, tasks, reference))
-    lines = [
-        f"{stage} top-1 accuracy (%), method {results['variants_description'].get('method')}",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
+    method = results["variants_description"].get("method")
+    title = f"{split} top-1 accuracy (%) of each setting, method {method}"
+    if split != stage:
+        title += f"; the pick's {stage} accuracy last"
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -70,11 +72,13 @@ def _row(name: str, accs: list[float], tasks: list[str], reference) -> list[str]
 
 
 def bar_chart(results: Mapping, path: Path) -> Path:
-    """Per-task accuracy of every variant (and the headline), grouped by task."""
+    """Per-task accuracy on the stage of what was scored there (every variant without a
+    pick, else the pick), and the fine-tuned reference, grouped by task."""
     stage, tasks = results["stage"], results["tasks"]
-    series = {name: [s[stage][t] for t in tasks] for name, s in results["accuracy"].items()}
-    if len(series) > 1:
-        series["picked"] = [results["headline"]["accuracy"][t] for t in tasks]
+    if results.get("picked_on"):
+        series = {"picked": [results["headline"]["accuracy"][t] for t in tasks]}
+    else:
+        series = {name: [s[stage][t] for t in tasks] for name, s in results["accuracy"].items()}
     if results.get("finetuned_accuracy"):
         series["fine-tuned"] = [results["finetuned_accuracy"][t] for t in tasks]
     title = f"mergelab: {results['variants_description'].get('method')}"

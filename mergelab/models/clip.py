@@ -76,14 +76,27 @@ def load_clip(
             f"unknown open_clip architecture {name!r}; register a config with "
             "open_clip.add_model_config or use one of open_clip.list_models()"
         )
+    local = pretrained is not None and looks_like_a_path(pretrained)
+    if local and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pretrained: no such file {pretrained} (model.pretrained)")
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, cache_dir=str(cache_root(cache_dir) / "open_clip")
         )
-    except RuntimeError as err:
-        raise RuntimeError(f"cannot load CLIP {name!r} with weights {pretrained!r}: {err}") from err
-    except OSError as err:  # hub unreachable (offline) or file unreadable
-        raise OSError(f"cannot fetch CLIP {name!r} weights {pretrained!r}: {err}") from err
+    except Exception as err:
+        if local:  # a file that is there and that open_clip cannot read
+            first_line = (str(err).splitlines() or [""])[0]
+            raise ValueError(
+                f"pretrained: {pretrained} is not a {name!r} checkpoint that open_clip can "
+                f"read ({type(err).__name__}: {first_line})"
+            ) from err
+        if isinstance(err, OSError):  # hub unreachable (offline)
+            raise OSError(f"cannot fetch CLIP {name!r} weights {pretrained!r}: {err}") from err
+        if isinstance(err, RuntimeError):
+            raise RuntimeError(
+                f"cannot load CLIP {name!r} with weights {pretrained!r}: {err}"
+            ) from err
+        raise
     model.eval()
     return CLIPBundle(
         name, pretrained, model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mergelab.errors import BAD_INPUT, message_of
 from mergelab.sweep.sweep_file import SweepFile
 
 # the subcommands whose runs log evaluation metrics, and the stage they log them under
@@ -120,6 +121,20 @@ def logger_override(sweep: SweepFile, config: Mapping, folder: Path) -> str:
     return "--trainer.logger=" + json.dumps(loggers)
 
 
+def check_settings(
+    sweep: SweepFile, subcommand: str, config: dict, number: int, setting: Mapping[str, Any]
+) -> None:
+    """What the run itself checks before loading a model (the merge settings' values, the
+    folders they name), for one trial: a SweepError that names the trial."""
+    from mergelab.cli import check_evaluation
+
+    try:
+        check_evaluation(subcommand, config)
+    except BAD_INPUT as err:
+        described = " ".join(f"{name}={value}" for name, value in setting.items())
+        raise sweep.error(f"trial {number} ({described}): {message_of(err)}") from err
+
+
 def prepare(sweep: SweepFile, trial_settings: list[dict], output: Path) -> list[Trial]:
     """Every trial's command, each parsed by the CLI and its metric checked: all bad input
     is found here, before anything runs."""
@@ -134,6 +149,7 @@ def prepare(sweep: SweepFile, trial_settings: list[dict], output: Path) -> list[
                 f"`mergelab validate` (or test, which never picks on test data)"
             )
         config = parsed_config(sweep, args)
+        check_settings(sweep, subcommand, config, number, setting)
         names = logged_metrics(STAGES[subcommand], config)
         if not any(fnmatch.fnmatchcase(sweep.metric, name) for name in names):
             raise sweep.error(

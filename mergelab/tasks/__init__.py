@@ -93,7 +93,10 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
             )
     elif not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"task file {path} is not valid YAML: {err}") from err
     if isinstance(data, dict) and str(data.get("dataset", "")).startswith(("./", "../")):
         data["dataset"] = str((path.parent / data["dataset"]).resolve())
     return parse_task(data, source=str(path))

@@ -1,0 +1,80 @@
+"""What a failed run leaves behind: nothing when it failed on bad input before producing
+anything, else its folder marked as failed.
+
+A run that stops on bad input (the errors of :mod:`mergelab.errors`) while its folder
+holds only Lightning's bookkeeping (the config, the hyper-parameters, the metrics so
+far) produced nothing: its folder and its W&B run are removed, so that a corrected
+rerun is the run's first version. Any other failure keeps the folder, with ``FAILED``
+in it (the error), and finishes the W&B run with a non-zero exit code, which W&B shows as
+failed: such a folder never looks like a finished one (those have results.json).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import lightning as L
+
+from mergelab.errors import BAD_INPUT
+
+FAILED_FILE = "FAILED"
+# what Lightning writes into a run folder before mergelab writes anything of its own
+BOOKKEEPING = {"config.yaml", "hparams.yaml", "metrics.csv"}
+
+
+class FailedRunCleanup(L.Callback):
+    """On an exception in fit, validate or test: the run folders removed or marked failed."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        folders = [
+            Path(lg.log_dir).absolute() for lg in trainer.loggers if isinstance(lg.log_dir, str)
+        ]
+        produced = any(
+            p.name not in BOOKKEEPING for f in folders if f.is_dir() for p in f.iterdir()
+        )
+        discard = isinstance(exception, BAD_INPUT) and not produced
+        wandb_folder = _finish_wandb_run(trainer, failed=True)
+        if discard:
+            roots = [Path(lg.save_dir).absolute() for lg in trainer.loggers if lg.save_dir]
+            for folder in [*folders, *([wandb_folder] if wandb_folder else [])]:
+                _remove(folder, next(r for r in roots if folder.is_relative_to(r)))
+            return
+        summary = "".join(traceback.format_exception_only(type(exception), exception))
+        for folder in folders:
+            if folder.is_dir():
+                (folder / FAILED_FILE).write_text(summary)
+
+
+def _finish_wandb_run(trainer: L.Trainer, failed: bool) -> Path | None:
+    """Finish this run's W&B run (failed: a non-zero exit code); its local folder, when
+    it lies under one of the run's loggers' save_dir."""
+    wandb = sys.modules.get("wandb")  # imported only if a WandbLogger ran
+    if wandb is None or wandb.run is None:
+        return None
+    save_dirs = [Path(lg.save_dir).absolute() for lg in trainer.loggers if lg.save_dir]
+    folder = Path(wandb.run.dir).absolute().parent  # <save_dir>/wandb/<run>/files
+    wandb.finish(exit_code=1 if failed else 0)
+    ours = any(folder.is_relative_to(d) for d in save_dirs)
+    return folder if ours else None
+
+
+def _remove(folder: Path, root: Path) -> None:
+    """``folder``, the links that pointed into it (W&B's latest-run, debug.log), and its
+    parents up to ``root`` (a logger's save_dir) while they are empty."""
+    if not folder.exists():
+        return
+    shutil.rmtree(folder)
+    parent = folder.parent
+    for link in parent.iterdir():
+        if link.is_symlink() and not link.exists():
+            link.unlink()
+    while parent.is_relative_to(root) and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent

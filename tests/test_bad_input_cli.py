@@ -1,0 +1,303 @@
+"""Bad input as careless users give it, through the console script's ``main`` in this
+process: each case ends in ``mergelab: error: ...`` naming the culprit, exit status 2,
+no traceback, and nothing written (no run folder, no W&B run, no cache entry)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch  # noqa: F401  (its console handler binds stderr at import: not a test's)
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import mirror
+
+from mergelab.console import main
+from mergelab.methods import MergeMethod
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """The tiny CLIP, three tasks' mirrors, a fine-tuned file per task, and bad files."""
+    root = tmp_path_factory.mktemp("bad_input")
+    config, weights = mirror.write_tiny_clip(root / "clip")
+    visual = mirror.pretrained_visual(weights)
+    mirror.write_three_tasks(root / "data", {"train": 70, "test": 41})
+    for seed, task in enumerate(mirror.THREE_TASKS, 1):
+        save_file(mirror.finetune(visual, seed), root / f"{task}.safetensors")
+    bad = root / "bad"
+    bad.mkdir()
+    save_file(
+        mirror.finetune(visual, 9) | {"extra.weight": torch.ones(2)}, bad / "extra.safetensors"
+    )
+    shapes = mirror.finetune(visual, 9)
+    shapes["proj"] = torch.zeros(3, 3)
+    save_file(shapes, bad / "shape.safetensors")
+    nan = mirror.finetune(visual, 9)
+    nan["proj"] = torch.full_like(nan["proj"], float("nan"))
+    save_file(nan, bad / "nan.safetensors")
+    (bad / "random.safetensors").write_bytes(os.urandom(512))
+    (bad / "text.pt").write_text("not a checkpoint\n")
+    whole = (root / "eurosat.safetensors").read_bytes()
+    (bad / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    (bad / "accuracy_missing_task.json").write_text(
+        json.dumps({"headline": {"accuracy": {"mnist": 0.9, "svhn": 0.8}}})
+    )
+    (bad / "accuracy_zero.json").write_text(
+        json.dumps({"headline": {"accuracy": {"mnist": 0.9, "eurosat": 0.0, "svhn": 0.8}}})
+    )
+    (bad / "not_results.json").write_text(json.dumps({"accuracy": 0.9}))
+    (bad / "empty_stats").mkdir()
+    task = yaml.safe_load(
+        (Path(mirror.__file__).parents[1] / "mergelab/tasks/builtin/mnist.yaml").read_text()
+    )
+    (bad / "no_classnames.yaml").write_text(
+        yaml.safe_dump({k: v for k, v in task.items() if k != "classnames"})
+    )
+    (bad / "bad_yaml.yaml").write_text("name: [unclosed\n")
+    (bad / "a_file").write_text("")
+    finetuned = {t: str(root / f"{t}.safetensors") for t in mirror.THREE_TASKS}
+    mirror.write_base_config(root, config, weights, finetuned)
+    return root
+
+
+# case: (command-line arguments after `test -c base.yaml`, what the message must name);
+# {root} is the assets folder, {bad} its bad files
+CASES = {
+    # settings, refused before any model is loaded
+    "quantile above one": (
+        ["--merge.method=TrustRegion", "--merge.method.threshold_quantile=1.5"],
+        "threshold_quantile must be in (0, 1], got 1.5",
+    ),
+    "quantile zero": (
+        ["--merge.method=TrustRegion", "--merge.method.threshold_quantile=0"],
+        "threshold_quantile must be in (0, 1], got 0",
+    ),
+    "quantile list with one bad": (
+        ["--merge.method=TrustRegion", "--merge.method.threshold_quantile=[0.9, 2]"],
+        "threshold_quantile must be in (0, 1], got 2",
+    ),
+    "statistics folder missing": (
+        ["--merge.method=TrustRegion", "--merge.method.gradient_stats={root}/nowhere"],
+        "gradient_stats: no folder",
+    ),
+    "statistics folder empty": (
+        ["--merge.method=TrustRegion", "--merge.method.gradient_stats={bad}/empty_stats"],
+        "empty_stats",
+    ),
+    "empty scaling factors": (["--merge.method.scaling_factor=[]"], "scaling_factor"),
+    "TALL λ twice": (
+        ["--merge.method=TallMasks", "--merge.method.lambdas=[0.2, 0.2]"],
+        "listed twice",
+    ),
+    "TALL λ negative": (
+        ["--merge.method=TallMasks", "--merge.method.lambdas=[-1.0]"],
+        "λ must be > 0",
+    ),
+    "consensus k negative": (
+        ["--merge.method=Consensus", "--merge.method.k=-1", "--merge.method.tall_lambda=0.5"],
+        "consensus k must be ≥ 0, got -1",
+    ),
+    "consensus without λ": (["--merge.method=Consensus"], "tall_results"),
+    "consensus both λ sources": (
+        [
+            "--merge.method=Consensus",
+            "--merge.method.tall_lambda=0.5",
+            "--merge.method.tall_results={bad}/not_results.json",
+        ],
+        "tall_lambda",
+    ),
+    "consensus TALL results missing": (
+        ["--merge.method=Consensus", "--merge.method.tall_results={root}/nowhere.json"],
+        "nowhere.json",
+    ),
+    "settings without val": (
+        ["--merge.method.scaling_factor=[0.3, 0.6]"],
+        "has no val to pick one",
+    ),
+    "unknown split": (["--data.test_splits=[train]"], "test_splits"),
+    "max samples zero": (["--data.max_samples=0"], "max_samples must be positive, got 0"),
+    "task listed twice": (["--data.tasks=[mnist, mnist]"], "listed twice"),
+    "unknown task": (["--data.tasks=[mnist, no_such_task]"], "no_such_task"),
+    "task file missing a key": (["--data.tasks=[{bad}/no_classnames.yaml, eurosat]"], "classnames"),
+    "task file not YAML": (["--data.tasks=[{bad}/bad_yaml.yaml, eurosat]"], "bad_yaml.yaml"),
+    "sharded strategy": (["--trainer.strategy=fsdp"], "trainer.strategy 'fsdp'"),
+    "fine-tuned model not given": (["--data.tasks=[mnist, eurosat, svhn, gtsrb]"], "'gtsrb'"),
+    # files, refused when read, before the merge
+    "fine-tuned file missing": (
+        ["--model.finetuned.mnist={root}/nowhere.safetensors"],
+        "nowhere.safetensors",
+    ),
+    "fine-tuned random bytes": (
+        ["--model.finetuned.mnist={bad}/random.safetensors"],
+        "random.safetensors",
+    ),
+    "fine-tuned text as .pt": (["--model.finetuned.mnist={bad}/text.pt"], "text.pt"),
+    "fine-tuned truncated": (
+        ["--model.finetuned.mnist={bad}/truncated.safetensors"],
+        "truncated.safetensors",
+    ),
+    "fine-tuned extra tensor": (
+        ["--model.finetuned.mnist={bad}/extra.safetensors"],
+        "extra.weight",
+    ),
+    "fine-tuned wrong shape": (["--model.finetuned.mnist={bad}/shape.safetensors"], "proj"),
+    "fine-tuned NaN, merged": (["--model.finetuned.mnist={bad}/nan.safetensors"], "'mnist'"),
+    "fine-tuned NaN, scored": (
+        ["--merge.method=Finetuned", "--model.finetuned.mnist={bad}/nan.safetensors"],
+        "NaN",
+    ),
+    "fine-tuned a folder of nothing": (
+        ["--model.finetuned.mnist={bad}/empty_stats"],
+        "empty_stats",
+    ),
+    "pretrained missing": (["--model.pretrained={root}/nowhere.pt"], "nowhere.pt"),
+    "pretrained not a checkpoint": (["--model.pretrained={bad}/text.pt"], "text.pt"),
+    "model config missing": (["--model.model_config={root}/nowhere.json"], "nowhere.json"),
+    "accuracy file missing": (["--model.finetuned_accuracy={root}/nowhere.json"], "nowhere.json"),
+    "accuracy file missing a task": (
+        ["--model.finetuned_accuracy={bad}/accuracy_missing_task.json"],
+        "no entry for task 'eurosat'",
+    ),
+    "accuracy of zero": (["--model.finetuned_accuracy={bad}/accuracy_zero.json"], "'eurosat'"),
+    "accuracy file not results": (
+        ["--model.finetuned_accuracy={bad}/not_results.json"],
+        "not_results.json",
+    ),
+    "dataset mirror missing": (["--data.dataset_root={root}/nowhere"], "nowhere"),
+    # output and cache folders
+    "cache folder is a file": (["--model.cache_dir={bad}/a_file"], "a_file"),
+}
+
+
+def run_main(monkeypatch, capsys, cwd: Path, args: list[str]) -> tuple[int, str]:
+    """``mergelab *args`` in ``cwd``: its exit status and standard error. The console's
+    set-up of the package's logger is undone afterwards, for the tests that follow."""
+    logger = logging.getLogger("mergelab")
+    for attribute in ("propagate", "handlers", "level"):
+        monkeypatch.setattr(logger, attribute, copy.copy(getattr(logger, attribute)))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["mergelab", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network; W&B's process-wide set-up (which keeps the environment it first saw)
+    torn down afterwards, so that later tests' W&B runs read their own environment."""
+    for name, value in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MERGELAB_TRACEBACK", raising=False)
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+
+
+@pytest.mark.parametrize("args, culprit", CASES.values(), ids=list(CASES))
+def test_bad_input_is_named_with_exit_status_two_and_nothing_written(
+    args, culprit, assets, tmp_path, monkeypatch, capsys, offline
+):
+    fill = {"root": str(assets), "bad": str(assets / "bad")}
+    cache = tmp_path / "cache"
+    args = [a.format(**fill) for a in args]
+    if not any(a.startswith("--model.cache_dir") for a in args):
+        args.append(f"--model.cache_dir={cache}")
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    code, error = run_main(
+        monkeypatch, capsys, cwd, ["test", "-c", str(assets / "base.yaml"), *args]
+    )
+    assert code == 2, error
+    assert "Traceback" not in error
+    message = error.strip().splitlines()
+    assert any(line.startswith("mergelab: error: ") for line in message), error
+    assert culprit.format(**fill) in error
+    assert not list(cwd.iterdir()), "a failed run left files behind"
+
+
+# --- a run that fails after it produced something keeps its folder, marked as failed ------
+
+
+class WritesThenFails(MergeMethod):
+    """Writes a file into its run folder, then raises ``error``: a failure after work."""
+
+    def __init__(self, error: str = "crash"):
+        self.error = error
+
+    def variants(self, context):
+        (context.artifact_dir / "partial.safetensors").write_bytes(b"")
+        if self.error == "crash":
+            raise RuntimeError("crashed after writing")
+        raise ValueError("bad input found after writing")
+
+
+@pytest.mark.parametrize("error", ["crash", "bad input"])
+def test_a_run_failing_after_its_first_output_is_marked_failed(
+    error, assets, tmp_path, monkeypatch, capsys, offline
+):
+    import wandb
+
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    args = ["test", "-c", str(assets / "base.yaml"), f"--model.cache_dir={tmp_path / 'cache'}"]
+    args += [f"--merge.method={__name__}.WritesThenFails", f"--merge.method.error={error}"]
+    if error == "crash":  # a crash keeps its traceback
+        with pytest.raises(RuntimeError, match="crashed after writing"):
+            run_main(monkeypatch, capsys, cwd, args)
+    else:
+        code, message = run_main(monkeypatch, capsys, cwd, args)
+        assert code == 2 and "mergelab: error: bad input found after writing" in message
+    [folder] = (cwd / "lightning_logs" / "writes_then_fails").iterdir()
+    assert (folder / "partial.safetensors").is_file()
+    assert "after writing" in (folder / "FAILED").read_text()
+    assert not (folder / "results.json").exists()
+    assert wandb.run is None  # finished (as failed), not left open
+    assert list((cwd / "lightning_logs" / "wandb").glob("offline-run-*"))
+
+
+FIT_CASES = {
+    "negative learning rate": (["--model.lr=-1"], "lr must be positive, got -1"),
+    "negative weight decay": (["--model.weight_decay=-0.1"], "weight_decay must be ≥ 0"),
+    "unknown task": (["--model.task=no_such_task"], "no_such_task"),
+    "pretrained missing": (["--model.pretrained={root}/nowhere.pt"], "nowhere.pt"),
+    "task not in the data": (["--model.task=svhn"], "'svhn'"),
+}
+
+
+@pytest.mark.parametrize("args, culprit", FIT_CASES.values(), ids=list(FIT_CASES))
+def test_bad_fine_tuning_input_is_named_and_nothing_written(
+    args, culprit, assets, tmp_path, monkeypatch, capsys, offline
+):
+    fill = {"root": str(assets)}
+    base = yaml.safe_load((assets / "base.yaml").read_text())
+    model = {k: base["model"][k] for k in ("model", "model_config", "pretrained")}
+    fit = {
+        "model": {
+            "class_path": "mergelab.lightning.finetune.FineTuner",
+            "init_args": {"task": "mnist", **model, "cache_dir": str(tmp_path / "cache")},
+        },
+        "data": base["data"] | {"tasks": ["mnist"]},
+        "trainer": {"accelerator": "cpu", "max_steps": 1},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit))
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    args = ["fit", "-c", str(tmp_path / "fit.yaml"), *(a.format(**fill) for a in args)]
+    code, error = run_main(monkeypatch, capsys, cwd, args)
+    assert code == 2 and "Traceback" not in error, error
+    assert "mergelab: error: " in error and culprit.format(**fill) in error
+    assert not list(cwd.iterdir()), "a failed run left files behind"
