@@ -254,5 +254,11 @@ def run(args: list[str] | None = None) -> MergelabCLI:
             args=args,
             save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": __doc__, "formatter_class": HelpFormatter},
+            # a bad option raises (the console prints it in one line) instead of printing
+            # the whole usage and exiting
+            parser_kwargs={
+                "description": __doc__,
+                "formatter_class": HelpFormatter,
+                "exit_on_error": False,
+            },
         )

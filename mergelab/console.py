@@ -49,6 +49,11 @@ def dispatch(command: str | None) -> None:
 
         sweep(sys.argv[2:])
     else:
+        from jsonargparse import ArgumentError
+
         from mergelab.cli import run
 
-        run()
+        try:
+            run()
+        except ArgumentError as error:  # an option the CLI cannot parse: bad input too
+            raise ValueError(f"{error} (`mergelab {command} --help` lists the options)") from error

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,23 @@ def run_mergelab(
     if expect_ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def run_console(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
+    """``mergelab *args`` through the console script's ``main()`` in this process (no
+    interpreter start, no imports), in ``cwd``: its exit status, stdout and stderr. The
+    console's set-up of the package's logger is undone afterwards."""
+    from mergelab.console import main
+
+    logger = logging.getLogger("mergelab")
+    for attribute in ("propagate", "handlers", "level"):
+        monkeypatch.setattr(logger, attribute, copy.copy(getattr(logger, attribute)))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["mergelab", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -4,9 +4,7 @@ no traceback, and nothing written (no run folder, no W&B run, no cache entry).""
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -19,8 +17,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
+from console import run_console
 
-from mergelab.console import main
 from mergelab.methods import MergeMethod
 
 
@@ -35,6 +33,8 @@ def assets(tmp_path_factory) -> Path:
         save_file(mirror.finetune(visual, seed), root / f"{task}.safetensors")
     bad = root / "bad"
     bad.mkdir()
+    mirror.write_three_tasks(bad / "data", {"train": 70, "test": 41})
+    mirror.write_dataset(bad / "data", "tanganke/eurosat", 12, {"train": 70, "test": 41}, seed=1)
     save_file(
         mirror.finetune(visual, 9) | {"extra.weight": torch.ones(2)}, bad / "extra.safetensors"
     )
@@ -130,6 +130,7 @@ CASES = {
     "task file missing a key": (["--data.tasks=[{bad}/no_classnames.yaml, eurosat]"], "classnames"),
     "task file not YAML": (["--data.tasks=[{bad}/bad_yaml.yaml, eurosat]"], "bad_yaml.yaml"),
     "sharded strategy": (["--trainer.strategy=fsdp"], "trainer.strategy 'fsdp'"),
+    "unknown method class": (["--merge.method=MergeAllTheThings"], "MergeAllTheThings"),
     "fine-tuned model not given": (["--data.tasks=[mnist, eurosat, svhn, gtsrb]"], "'gtsrb'"),
     # files, refused when read, before the merge
     "fine-tuned file missing": (
@@ -173,22 +174,18 @@ CASES = {
         "not_results.json",
     ),
     "dataset mirror missing": (["--data.dataset_root={root}/nowhere"], "nowhere"),
+    "labels outside the classes": (
+        ["--data.dataset_root={bad}/data"],
+        "task 'eurosat': split 'test' has label 1",
+    ),
     # output and cache folders
     "cache folder is a file": (["--model.cache_dir={bad}/a_file"], "a_file"),
 }
 
 
 def run_main(monkeypatch, capsys, cwd: Path, args: list[str]) -> tuple[int, str]:
-    """``mergelab *args`` in ``cwd``: its exit status and standard error. The console's
-    set-up of the package's logger is undone afterwards, for the tests that follow."""
-    logger = logging.getLogger("mergelab")
-    for attribute in ("propagate", "handlers", "level"):
-        monkeypatch.setattr(logger, attribute, copy.copy(getattr(logger, attribute)))
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["mergelab", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    return exit_.value.code, capsys.readouterr().err
+    code, _, error = run_console(monkeypatch, capsys, cwd, *args)
+    return code, error
 
 
 @pytest.fixture
@@ -301,3 +298,21 @@ def test_bad_fine_tuning_input_is_named_and_nothing_written(
     assert code == 2 and "Traceback" not in error, error
     assert "mergelab: error: " in error and culprit.format(**fill) in error
     assert not list(cwd.iterdir()), "a failed run left files behind"
+
+
+def test_an_unknown_wandb_mode_is_named_before_any_model_is_loaded(
+    assets, tmp_path, monkeypatch, capsys, offline
+):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    code, error = run_main(monkeypatch, capsys, tmp_path, ["test", "-c", str(assets / "base.yaml")])
+    assert code == 2 and "mergelab: error: " in error and "WANDB_MODE='sometimes'" in error
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_input_shows_its_traceback_when_asked(assets, tmp_path, monkeypatch, capsys, offline):
+    """With MERGELAB_TRACEBACK=1 the error propagates (the interpreter prints its
+    traceback and exits with status 1)."""
+    monkeypatch.setenv("MERGELAB_TRACEBACK", "1")
+    args = ["test", "-c", str(assets / "base.yaml"), "--merge.method=TrustRegion"]
+    with pytest.raises(ValueError, match="threshold_quantile must be in"):
+        run_main(monkeypatch, capsys, tmp_path, [*args, "--merge.method.threshold_quantile=2"])

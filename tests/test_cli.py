@@ -16,11 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
-from console import needs_cli, run_mergelab
+from console import needs_cli, run_console, run_mergelab
 
 TASKS = mirror.THREE_TASKS
 pytestmark = needs_cli
@@ -167,24 +166,11 @@ def test_validate_scores_validation_splits(assets):
     assert set(results["accuracy"]["trust_region@0.3"]) == {"val"}
 
 
-def test_bad_setting_stops_the_cli_with_its_name(assets):
-    result = mergelab(
-        assets, "test", "-c", "base.yaml", "--merge.method=TrustRegion",
-        "--merge.method.threshold_quantile=1.5", expect_ok=False,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "threshold_quantile" in result.stderr
-
-
-def test_unknown_task_and_method_are_refused(assets):
+def test_an_unknown_task_is_refused():
     from mergelab.lightning.data import TaskDataModule
 
     with pytest.raises(KeyError, match="no_such_task"):
         TaskDataModule(tasks=["mnist", "no_such_task"])
-    result = mergelab(
-        assets, "test", "-c", "base.yaml", "--merge.method=MergeAllTheThings", expect_ok=False
-    )
-    assert result.returncode != 0 and "MergeAllTheThings" in result.stderr
 
 
 def test_unreachable_hub_id_is_named(assets):
@@ -193,18 +179,6 @@ def test_unreachable_hub_id_is_named(assets):
     visual = mirror.pretrained_visual(assets / "clip" / f"{mirror.TINY}.pt")
     with pytest.raises(FileNotFoundError, match="mergelab-test/not_mirrored"):
         load_image_encoder("mergelab-test/not_mirrored", visual, assets / "cache")
-
-
-def test_checkpoint_of_another_architecture_is_refused(assets, tmp_path):
-    wrong = {k: v[..., :1].clone() if v.ndim else v for k, v in mirror.finetune(
-        mirror.pretrained_visual(assets / "clip" / f"{mirror.TINY}.pt"), 4).items()}  # fmt: skip
-    path = tmp_path / "wrong.safetensors"
-    save_file(wrong, path)
-    result = mergelab(
-        assets, "test", "-c", "base.yaml", f"--model.finetuned.eurosat={path}", expect_ok=False
-    )
-    assert result.returncode != 0
-    assert "eurosat" in result.stderr
 
 
 def test_dataset_without_label_column_and_labels_outside_classes(tmp_path):
@@ -279,16 +253,18 @@ class WeightAverage(MergeMethod):
 '''
 
 
-def test_a_users_own_method_plugs_in_by_class_path(assets):
+def test_a_users_own_method_plugs_in_by_class_path(assets, monkeypatch, capsys):
     (assets / "user_methods.py").write_text(USER_METHOD)
     path = {"PYTHONPATH": str(assets)}
     method = "--merge.method=user_methods.WeightAverage"
-    help_text = run_mergelab(assets, "test", "--merge.method.help", "user_methods.WeightAverage",
-                             **path).stdout  # fmt: skip
+    monkeypatch.syspath_prepend(str(assets))  # what PYTHONPATH does for the console script
+    code, help_text, _ = run_console(monkeypatch, capsys, assets, "test", "--merge.method.help",
+                                     "user_methods.WeightAverage")  # fmt: skip
+    assert code == 0
     assert "--merge.method.shrink" in help_text and "scaling_factor" not in help_text
-    refused = run_mergelab(assets, "test", "-c", "base.yaml", method, "--merge.method.shrink=2",
-                           expect_ok=False, **path)  # fmt: skip
-    assert refused.returncode != 0 and "shrink must be in (0, 1], got 2" in refused.stderr
+    code, _, error = run_console(monkeypatch, capsys, assets, "test", "-c", "base.yaml", method,
+                                 "--merge.method.shrink=2")  # fmt: skip
+    assert code == 2 and "shrink must be in (0, 1], got 2" in error
     run_mergelab(assets, "test", "-c", "base.yaml", method, "--merge.method.shrink=0.5",
                  HF_HUB_CACHE=str(assets / "hub"), **path)  # fmt: skip
     results = json.loads((run_dir(assets, "weight_average") / "results.json").read_text())

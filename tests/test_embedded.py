@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -149,15 +150,7 @@ def test_an_unwritable_cache_is_a_clear_error_before_any_work(tmp_path):
 @pytest.mark.skipif(MERGELAB is None, reason="needs `pip install -e .`")
 def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache, tmp_path):
     output = tmp_path / "summary"
-    result = subprocess.run(
-        [MERGELAB, "embedded", "--output", str(output)],
-        env=embedded_env(embedded_cache),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_embedded(embedded_cache, tmp_path, "--output", str(output))
     runs = json.loads((output / "summary.json").read_text())
     assert list(runs) == list(METHODS)
     for method, document in runs.items():
@@ -181,6 +174,36 @@ def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache
     # the fine-tuned row's normalised accuracy is 100 % by definition
     finetuned = runs["finetuned"]["headline"]
     assert finetuned["avg_normalized_acc"] == pytest.approx(1.0)
+    # a quiet console: one line per method with its seconds, the table, no banners
+    console = result.stdout + result.stderr
+    for method in METHODS:
+        assert re.search(rf"^\[mergelab\] {method}: \d+ s, ", console, re.MULTILINE), method
+    for banner in QUIET:
+        assert banner not in console
+    assert "Testing" not in console  # the runs' progress bars
+
+
+# what Lightning, W&B and torch print on every run, silenced unless --verbose
+QUIET = ["GPU available", "💡 Tip", "LeafSpec", "No seed found", "Seed set to"]
+
+
+def test_verbose_brings_back_the_banners(embedded_cache, tmp_path):
+    result = run_embedded(embedded_cache, tmp_path, "--methods", "zero_shot", "--verbose")
+    assert "GPU available" in result.stdout + result.stderr
+
+
+def run_embedded(cache: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``mergelab embedded *args`` on the test preset in ``cwd``, asserted to succeed."""
+    result = subprocess.run(
+        [MERGELAB, "embedded", *args],
+        env=embedded_env(cache),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def test_a_build_in_a_fresh_cache_on_one_core_gives_identical_files(embedded_cache, tmp_path):

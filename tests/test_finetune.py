@@ -16,7 +16,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
-from console import needs_cli, run_mergelab
+from console import needs_cli, run_console, run_mergelab
 
 from mergelab.engine.checkpoints import SafetensorsCheckpoint
 from mergelab.lightning.finetune import warmup_cosine
@@ -129,13 +129,15 @@ def test_fit_rejects_a_data_module_with_other_tasks(assets):
 
 
 @needs_cli
-def test_fit_help(assets):
-    result = mergelab(assets, "fit", "--help")
-    assert "--model CONFIG | CLASS_PATH_OR_NAME" in result.stdout  # any fit model, by class
-    assert "--trainer.max_epochs" in result.stdout
-    result = mergelab(assets, "fit", "--model.help", "mergelab.lightning.finetune.FineTuner")
-    assert "--model.warmup_steps" in result.stdout
-    assert "--model.finetuned" not in result.stdout  # the evaluator's, not FineTuner's
+def test_fit_help(tmp_path, monkeypatch, capsys):
+    code, out, _ = run_console(monkeypatch, capsys, tmp_path, "fit", "--help")
+    assert code == 0
+    assert "--model CONFIG | CLASS_PATH_OR_NAME" in out  # any fit model, by class
+    assert "--trainer.max_epochs" in out
+    fine_tuner = "mergelab.lightning.finetune.FineTuner"
+    code, out, _ = run_console(monkeypatch, capsys, tmp_path, "fit", "--model.help", fine_tuner)
+    assert code == 0 and "--model.warmup_steps" in out
+    assert "--model.finetuned" not in out  # the evaluator's, not FineTuner's
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """W&B as its users run it, offline, on what W&B itself recorded: the user's WANDB_MODE,
 WANDB_PROJECT, WANDB_ENTITY and WANDB_RUN_GROUP, a sweep agent's run id and sweep id, the
-run's name, config and summary; and bad input refused before any model is loaded."""
+run's name, config and summary. (Bad input, an unknown WANDB_MODE among it, is refused
+before any model is loaded: tests/test_bad_input_cli.py.)"""
 
 from __future__ import annotations
 
@@ -78,45 +79,9 @@ def test_wandb_mode_disabled_writes_no_run_and_offline_no_warning(assets):
     assert "anonymous" not in offline.stderr
 
 
-def run_folders(assets: Path) -> set[Path]:
-    return set((assets / "lightning_logs").glob("*/version_*"))
-
-
-BAD = {
-    "unknown WANDB_MODE": ([], {"WANDB_MODE": "sometimes"}, "WANDB_MODE='sometimes'"),
-    "sharded strategy": (["--trainer.strategy=fsdp"], {}, "trainer.strategy 'fsdp'"),
-    "several settings, no val": (
-        ["--merge.method.scaling_factor=[0.3, 0.6]"], {}, "no val to pick one on"),
-    "bad method setting": (
-        ["--merge.method=TrustRegion", "--merge.method.threshold_quantile=0"], {},
-        "threshold_quantile must be in (0, 1], got 0"),
-    "consensus without λ": (["--merge.method=Consensus"], {}, "give tall_results"),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("args, env, message", BAD.values(), ids=list(BAD))
-def test_bad_input_is_refused_before_any_model_is_loaded(assets, args, env, message):
-    before = run_folders(assets)
-    result = mergelab(assets, "test", "-c", "base.yaml", *args, expect_ok=False, **env)
-    assert result.returncode == 2
-    [error] = [line for line in result.stderr.splitlines() if line.startswith("mergelab: error:")]
-    assert message in error
-    assert "Traceback" not in result.stderr
-    assert "Model initialized randomly" not in result.stderr  # no CLIP was built
-    assert run_folders(assets) == before
-
-
 def test_several_settings_without_val_are_reported_when_asked(assets):
     mergelab(assets, "test", "-c", "base.yaml", "--merge.method.scaling_factor=[0.3, 0.6]",
              "--merge.report_without_pick=true", WANDB_MODE="disabled")  # fmt: skip
     [folder] = sorted((assets / "lightning_logs" / "task_arithmetic").glob("version_*"))[-1:]
     results = json.loads((folder / "results.json").read_text())
     assert results["picked_on"] is None and len(results["accuracy"]) == 2
-
-
-def test_bad_input_shows_its_traceback_when_asked(assets):
-    result = mergelab(assets, "test", "-c", "base.yaml", "--merge.method=TrustRegion",
-                      "--merge.method.threshold_quantile=2", expect_ok=False,
-                      MERGELAB_TRACEBACK="1")  # fmt: skip
-    assert result.returncode == 1
-    assert "Traceback" in result.stderr and "threshold_quantile must be in" in result.stderr

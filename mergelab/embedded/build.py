@@ -221,7 +221,13 @@ class EmbeddedBenchmark:
         preset = self.preset
         L.seed_everything(preset.seed, verbose=False)
         open_clip.add_model_config(folder / ASSETS["model_config"])
-        model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
+        # open_clip warns that the model starts from random weights: here, on purpose
+        disabled = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
+        finally:
+            logging.disable(disabled)
         pairs = CaptionedScenes(
             preset.pretrain_pairs, preset.seed, preprocess, open_clip.get_tokenizer(MODEL_NAME)
         )

@@ -39,15 +39,15 @@ class Preset:
     text_width: int = 64
     text_layers: int = 2
     embed_dim: int = 64
-    train_per_task: int = 2000
-    test_per_task: int = 500
+    train_per_task: int = 1500
+    test_per_task: int = 400
     pretrain_pairs: int = 8000
     pretrain_steps: int = 300
     pretrain_batch_size: int = 256
     pretrain_lr: float = 1e-3
     finetune_steps: int = 200
     finetune_batch_size: int = 64
-    finetune_lr: float = 5e-4
+    finetune_lr: float = 1e-4
     finetune_weight_decay: float = 0.1
     finetune_warmup_steps: int = 20
 

@@ -157,22 +157,62 @@ def check_label_names(task: TaskSpec, feature, split: str) -> None:
             )
 
 
-class TaskSplit(Dataset):
-    """(image tensor, label) pairs of some rows of a hub dataset, preprocessed on access."""
+class SampleMemory:
+    """Preprocessed samples of scored splits, kept in this process for its later runs (up
+    to a budget of bytes): ``mergelab embedded`` runs every method in one process, and
+    each would otherwise decode and preprocess the same images again. Only samples read
+    in this process are kept (not those of dataloader worker processes)."""
 
-    def __init__(self, data, task: TaskSpec, indices: Sequence[int], transform: Callable):
+    def __init__(self):
+        self.splits: dict[tuple, dict[int, tuple[torch.Tensor, int]]] = {}
+        self.used = 0
+
+    def split(self, key: tuple) -> dict[int, tuple[torch.Tensor, int]]:
+        """The kept samples of one split (position → sample), by what determines them."""
+        return self.splits.setdefault(key, {})
+
+    def keep(self, kept: dict, position: int, sample: tuple[torch.Tensor, int], budget: int):
+        size = sample[0].numel() * sample[0].element_size()
+        if self.used + size <= budget:
+            kept[position] = sample
+            self.used += size
+
+
+SAMPLE_MEMORY = SampleMemory()
+
+
+class TaskSplit(Dataset):
+    """(image tensor, label) pairs of some rows of a hub dataset, preprocessed on access;
+    with ``memory_budget`` (bytes), kept in :data:`SAMPLE_MEMORY` under ``key``."""
+
+    def __init__(
+        self,
+        data,
+        task: TaskSpec,
+        indices: Sequence[int],
+        transform: Callable,
+        key: tuple | None = None,
+        memory_budget: int = 0,
+    ):
         self.data = data
         self.task = task
         self.indices = [int(i) for i in indices]
         self.transform = transform
+        self.memory_budget = memory_budget
+        self.kept = SAMPLE_MEMORY.split(key) if memory_budget and key else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
+        if self.kept is not None and i in self.kept:
+            return self.kept[i]
         row = self.data[self.indices[i]]
         image = row[self.task.image_column].convert("RGB")
-        return self.transform(image), int(row[self.task.label_column])
+        sample = self.transform(image), int(row[self.task.label_column])
+        if self.kept is not None:
+            SAMPLE_MEMORY.keep(self.kept, i, sample, self.memory_budget)
+        return sample
 
 
 class ShardSampler(DistributedSampler):
@@ -205,6 +245,9 @@ class TaskDataModule(L.LightningDataModule):
         test_splits: the splits a test run scores (validation first, whatever the order
             given); with ``[val, test]`` every setting is scored on validation and the
             one picked there on test.
+        keep_in_memory_mb: keep up to this many MiB of preprocessed validation and test
+            samples in memory for the later runs of this process (``mergelab embedded``
+            runs every method in one); 0 keeps none.
     """
 
     def __init__(
@@ -215,8 +258,11 @@ class TaskDataModule(L.LightningDataModule):
         max_samples: int | None = None,
         dataset_root: str | None = None,
         test_splits: Sequence[str] = ("test",),
+        keep_in_memory_mb: int = 0,
     ):
         super().__init__()
+        if keep_in_memory_mb < 0:
+            raise ValueError(f"keep_in_memory_mb must be ≥ 0, got {keep_in_memory_mb}")
         unknown = [s for s in test_splits if s not in ("val", "test")]
         if unknown or not test_splits:
             raise ValueError(f"test_splits takes 'val' and 'test', got {test_splits}")
@@ -231,6 +277,7 @@ class TaskDataModule(L.LightningDataModule):
         self.max_samples = max_samples
         self.dataset_root = dataset_root
         self.test_splits = [s for s in ("val", "test") if s in test_splits]
+        self.keep_in_memory_mb = keep_in_memory_mb
         self.transform_train: Callable | None = None
         self.transform_eval: Callable | None = None
         self._splits: dict[tuple[str, str], TaskSplit] = {}
@@ -262,8 +309,20 @@ class TaskDataModule(L.LightningDataModule):
                 data = self._dataset(task, task.train_split)
                 train, val = protocol_split(len(data))
                 indices = train if name == "train" else val
-            transform = self.transform_train if name == "train" else self.transform_eval
-            self._splits[task.name, name] = TaskSplit(data, task, self._cap(indices), transform)
+            indices = self._cap(indices)
+            if name == "train":
+                split = TaskSplit(data, task, indices, self.transform_train)
+            else:  # scored: preprocessed the same way by every run, so worth keeping
+                key = (
+                    task,
+                    name,
+                    self.dataset_root,
+                    tuple(indices.tolist()),
+                    repr(self.transform_eval),
+                )
+                budget = self.keep_in_memory_mb << 20
+                split = TaskSplit(data, task, indices, self.transform_eval, key, budget)
+            self._splits[task.name, name] = split
         return self._splits[task.name, name]
 
     def _dataset(self, task: TaskSpec, split: str):

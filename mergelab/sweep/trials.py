@@ -75,20 +75,20 @@ def mergelab_args(sweep: SweepFile, command: list[str]) -> list[str]:
 def parsed_config(sweep: SweepFile, args: list[str]) -> dict:
     """The whole config the CLI builds from ``args`` (its --print_config), or a SweepError
     with the CLI's own message (an unknown option, a value of the wrong type)."""
+    from jsonargparse import ArgumentError
+
     from mergelab.cli import run
 
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
         try:
             run([*args, "--print_config"])
-        except SystemExit as exit_:
-            code = exit_.code
-    if code not in (0, None):
-        lines = stderr.getvalue().strip().splitlines()
-        first = next((i for i, line in enumerate(lines) if line.startswith("error:")), 0)
-        message = " ".join(line.strip() for line in lines[first:])
-        raise sweep.error(f"the CLI refuses `mergelab {shlex.join(args)}`: {message}")
+        except ArgumentError as error:
+            message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            raise sweep.error(f"the CLI refuses `mergelab {shlex.join(args)}`: {message}") from None
+        except SystemExit as exit_:  # --print_config exits once it has printed
+            if exit_.code not in (0, None):
+                raise
     return yaml.safe_load(stdout.getvalue())
 
 
