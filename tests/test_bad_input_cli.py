@@ -44,6 +44,9 @@ def assets(tmp_path_factory) -> Path:
     nan = mirror.finetune(visual, 9)
     nan["proj"] = torch.full_like(nan["proj"], float("nan"))
     save_file(nan, bad / "nan.safetensors")
+    clip = torch.load(weights, weights_only=True)
+    clip["visual.proj"] = torch.full_like(clip["visual.proj"], float("nan"))
+    torch.save(clip, bad / "nan_clip.pt")
     (bad / "random.safetensors").write_bytes(os.urandom(512))
     (bad / "text.pt").write_text("not a checkpoint\n")
     whole = (root / "eurosat.safetensors").read_bytes()
@@ -162,6 +165,10 @@ CASES = {
     ),
     "pretrained missing": (["--model.pretrained={root}/nowhere.pt"], "nowhere.pt"),
     "pretrained not a checkpoint": (["--model.pretrained={bad}/text.pt"], "text.pt"),
+    "pretrained NaN": (
+        ["--model.pretrained={bad}/nan_clip.pt", "--merge.method=ZeroShot"],
+        "nan_clip.pt has NaN or Inf at 'visual.proj'",
+    ),
     "model config missing": (["--model.model_config={root}/nowhere.json"], "nowhere.json"),
     "accuracy file missing": (["--model.finetuned_accuracy={root}/nowhere.json"], "nowhere.json"),
     "accuracy file missing a task": (
@@ -316,3 +323,12 @@ def test_bad_input_shows_its_traceback_when_asked(assets, tmp_path, monkeypatch,
     args = ["test", "-c", str(assets / "base.yaml"), "--merge.method=TrustRegion"]
     with pytest.raises(ValueError, match="threshold_quantile must be in"):
         run_main(monkeypatch, capsys, tmp_path, [*args, "--merge.method.threshold_quantile=2"])
+
+
+def test_a_run_folder_that_cannot_be_made_is_named(assets, tmp_path, monkeypatch, capsys, offline):
+    (tmp_path / "lightning_logs").write_text("a file where the runs' folder would go\n")
+    args = ["test", "-c", str(assets / "base.yaml"), f"--model.cache_dir={tmp_path / 'cache'}"]
+    code, error = run_main(monkeypatch, capsys, tmp_path, args)
+    assert code == 2 and "mergelab: error: " in error and "lightning_logs" in error, error
+    assert [p.name for p in tmp_path.iterdir()] == ["lightning_logs"]
+    assert (tmp_path / "lightning_logs").is_file()

@@ -14,10 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 from console import MERGELAB, needs_cli, run_mergelab
+
+from mergelab.cli import run
 
 pytestmark = needs_cli
 
@@ -39,16 +42,29 @@ ARTIFACTS = ("merged_task_vector.safetensors", "tall_masks.safetensors")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    return mirror.write_merge_run(tmp_path_factory.mktemp("distributed"))
+    """The merge run's mirrors, with mnist's model in a Hugging Face folder rather than the
+    hub cache: the runs in this process read the hub cache that this process started with."""
+    root = mirror.write_merge_run(tmp_path_factory.mktemp("distributed"))
+    visual = mirror.pretrained_visual(root / "clip" / f"{mirror.TINY}.pt")
+    mirror.write_hf_vision_model(root / "mnist_hf", mirror.finetune(visual, 1))
+    config = yaml.safe_load((root / "base.yaml").read_text())
+    config["model"]["finetuned"]["mnist"] = str(root / "mnist_hf")
+    (root / "base.yaml").write_text(yaml.safe_dump(config))
+    return root
 
 
 def scored(assets: Path, label: str, method: str, *args: str, stage: str = "test") -> Path:
-    """``mergelab <stage>`` with its own run folder (<label>/<method>/version_0)."""
-    run_mergelab(
-        assets, stage, "-c", "base.yaml", *args, f"--trainer.default_root_dir={label}",
-        *logger_dirs(label),
-        HF_HUB_CACHE=str(assets / "hub"), WANDB_MODE="disabled",
-    )  # fmt: skip
+    """``mergelab <stage>`` with its own run folder (<label>/<method>/version_0): through
+    the console script when it launches processes, else in this process."""
+    command = [stage, "-c", "base.yaml", *args, f"--trainer.default_root_dir={label}",
+               *logger_dirs(label)]  # fmt: skip
+    if "--trainer.strategy=ddp" in args:
+        run_mergelab(assets, *command, WANDB_MODE="disabled")
+    else:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(assets)
+            patch.setenv("WANDB_MODE", "disabled")
+            run([*command, "--report.print_table=false"])
     [folder] = (assets / label / method).glob("version_*")
     return folder
 
@@ -126,7 +142,7 @@ def test_two_nodes_of_one_process_each(assets):
             *logger_dirs("nodes")]  # fmt: skip
     env = os.environ | {
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-        "HF_HUB_CACHE": str(assets / "hub"), "MASTER_ADDR": "127.0.0.1",
+        "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
     }  # fmt: skip
     nodes = [

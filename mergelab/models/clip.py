@@ -97,6 +97,9 @@ def load_clip(
                 f"cannot load CLIP {name!r} with weights {pretrained!r}: {err}"
             ) from err
         raise
+    for key, tensor in model.state_dict().items():  # every path that reads θ0 starts here
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"pretrained: {pretrained} has NaN or Inf at {key!r}")
     model.eval()
     return CLIPBundle(
         name, pretrained, model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
