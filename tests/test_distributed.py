@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -65,6 +66,8 @@ def scored(assets: Path, label: str, method: str, *args: str, stage: str = "test
             patch.chdir(assets)
             patch.setenv("WANDB_MODE", "disabled")
             run([*command, "--report.print_table=false"])
+        wandb.finish()  # the run's W&B run (disabled), not to be reused by a later one
+        wandb.teardown()
     [folder] = (assets / label / method).glob("version_*")
     return folder
 

@@ -39,6 +39,10 @@ def test_a_sweep_agents_run_logs_into_its_run_id_and_project(assets, monkeypatch
     from mergelab.cli import run
 
     monkeypatch.chdir(assets)
+    # a run left open in this process would be reused, and W&B's process-wide set-up keeps
+    # the environment it first saw: start from neither
+    wandb.finish()
+    wandb.teardown()
     agent = {"WANDB_SWEEP_ID": "sweep42", "WANDB_RUN_ID": "trial7", "WANDB_PROJECT": "merges",
              "WANDB_ENTITY": "lab", "WANDB_RUN_GROUP": "b32", "WANDB_MODE": "offline"}  # fmt: skip
     for name, value in agent.items():
