@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,7 +194,26 @@ def test_statistics_of_another_model_or_task_are_refused(assets, fitted, tmp_pat
     result = mergelab(
         assets, "fit", "-c", "fit.yaml", "--data.max_samples=5", expect_ok=False
     )  # same folder, other samples
-    assert "over 9 samples" in result.stderr and "has 5" in result.stderr
+    assert "statistics over other samples of 'mnist'" in result.stderr
+    assert "(9 saved, 5 now" in result.stderr
+
+
+def test_the_cache_of_statistics_is_keyed_by_the_samples_too(assets, tmp_path):
+    """Another dataset at another place, or other rows of it, key other statistics: a
+    rebuilt dataset never gets the statistics of the old one."""
+
+    from mergelab.lightning.data import TaskDataModule
+
+    def fingerprint(root: Path, max_samples: int | None = MAX_SAMPLES) -> str:
+        dm = TaskDataModule(["mnist"], max_samples=max_samples, dataset_root=str(root))
+        dm.set_transforms(lambda image: image, lambda image: image)
+        return dm.samples_fingerprint(dm.specs[0], "train")
+
+    shutil.copytree(assets / "data", tmp_path / "copy")
+    same = fingerprint(assets / "data")
+    assert fingerprint(assets / "data") == same
+    assert fingerprint(tmp_path / "copy") != same
+    assert fingerprint(assets / "data", max_samples=5) != same
 
 
 def test_bad_input_stops_before_any_work(assets):

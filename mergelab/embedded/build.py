@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -232,7 +233,7 @@ class EmbeddedBenchmark:
             preset.pretrain_pairs, preset.seed, preprocess, open_clip.get_tokenizer(MODEL_NAME)
         )
         loader = DataLoader(pairs, batch_size=preset.pretrain_batch_size, shuffle=True)
-        trainer = _trainer(preset.pretrain_steps)
+        trainer = _trainer(preset.pretrain_steps, batches=len(loader))
         trainer.fit(ContrastivePretrainer(model, preset.pretrain_lr), loader)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         meta = {"mergelab": json.dumps({"kind": "embedded_pretrained", "preset": preset.key})}
@@ -242,7 +243,7 @@ class EmbeddedBenchmark:
         def finetune(folder: Path) -> None:
             import lightning as L
 
-            from mergelab.lightning.data import TaskDataModule
+            from mergelab.lightning.data import TaskDataModule, protocol_split
             from mergelab.lightning.finetune import FineTuner
 
             preset = self.preset
@@ -261,7 +262,10 @@ class EmbeddedBenchmark:
             data = TaskDataModule(
                 tasks=[module.hparams.task], batch_size=preset.finetune_batch_size, num_workers=0
             )
-            _trainer(preset.finetune_steps, gradient_clip_val=1.0).fit(module, datamodule=data)
+            train, _ = protocol_split(preset.train_per_task)
+            batches = math.ceil(len(train) / preset.finetune_batch_size)
+            trainer = _trainer(preset.finetune_steps, batches=batches, gradient_clip_val=1.0)
+            trainer.fit(module, datamodule=data)
 
         return finetune
 
@@ -289,11 +293,16 @@ class EmbeddedBenchmark:
         write_report(module.results, (folder / ASSETS["finetuned_accuracy"]).parent)
 
 
-def _trainer(max_steps: int | None, **kwargs):
+def _trainer(max_steps: int | None, batches: int | None = None, **kwargs):
+    """A quiet Trainer for ``max_steps`` (None: one pass); with ``batches`` per epoch, the
+    epochs that those steps span, so that the progress bar counts them (the steps stop
+    the training, as without it)."""
     import lightning as L
 
+    epochs = -1 if max_steps is None or batches is None else math.ceil(max_steps / batches)
     return L.Trainer(
         max_steps=max_steps if max_steps is not None else -1,
+        max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -40,6 +40,12 @@ def statistics_samples(checkpoint: SafetensorsCheckpoint) -> int:
     return json.loads(checkpoint.metadata["mergelab"])["samples"]
 
 
+def statistics_data(checkpoint: SafetensorsCheckpoint) -> str | None:
+    """The fingerprint of the samples the statistics were computed over (None in files
+    written before it was recorded)."""
+    return json.loads(checkpoint.metadata["mergelab"]).get("data")
+
+
 def load_task_statistics(
     folder: str | Path, tasks: list[str], fingerprint: str
 ) -> dict[str, SafetensorsCheckpoint]:

@@ -7,6 +7,9 @@ the train split, at most 5000 samples, drawn with ``torch.randperm`` seeded with
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -324,6 +327,14 @@ class TaskDataModule(L.LightningDataModule):
                 split = TaskSplit(data, task, indices, self.transform_eval, key, budget)
             self._splits[task.name, name] = split
         return self._splits[task.name, name]
+
+    def samples_fingerprint(self, task: TaskSpec, name: str) -> str:
+        """What determines the samples of a task's split: the task's definition, where its
+        data is read from, and which rows are taken (a digest). Results computed from
+        them, such as cached gradient statistics, are keyed by it."""
+        split = self.split(task, name)
+        identity = [dataclasses.asdict(task), self.dataset_root, name, split.indices]
+        return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:16]
 
     def _dataset(self, task: TaskSpec, split: str):
         """A hub split, loaded and checked once (train and val share the train split)."""

@@ -11,10 +11,11 @@ merged parameter (mergelab.models.per_sample_gradients computes it from batched 
 ``fit`` walks every task's train split once (no optimizer steps; with several devices
 each rank takes a disjoint, unpadded share and the sums and counts are all-reduced once
 at the end), saves ḡt as ``<statistics>/<task>.safetensors`` (metadata: task, sample
-count, the pretrained model's fingerprint), and at the end of fit the merge callback
-builds TATR with them and saves ``merged_task_vector.safetensors`` in the run folder
+count, the pretrained model's and the samples' fingerprints), and at the end of fit the
+merge callback builds TATR with them and saves ``merged_task_vector.safetensors`` in the run folder
 (θ = θ0 + λ·δ), logging the threshold and each parameter's mask density. A later run
-with the same model and tasks loads the saved statistics instead of recomputing them.
+with the same model and the same samples loads the saved statistics instead of
+recomputing them.
 ``test --merge.method.gradient_stats=<statistics>`` scores TATR with them on every task (the
 merge itself is streamed and takes seconds).
 
@@ -25,6 +26,7 @@ of devices and in any later run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -39,6 +41,7 @@ from mergelab.io.cache import cache_root
 from mergelab.io.gradient_statistics import (
     KIND,
     read_statistics,
+    statistics_data,
     statistics_file,
     statistics_samples,
 )
@@ -60,7 +63,7 @@ class GradientStatistics(MergeEvaluator):
         model_config: an open_clip model config JSON registered before loading ``model``.
         statistics: the folder of the per-task statistics files, read if present (and
             checked against this model) and written otherwise; default
-            ``<cache>/gradient_stats/<model fingerprint>-<max_samples>``.
+            ``<cache>/gradient_stats/<model fingerprint>-<samples fingerprint>``.
         chunk_size: samples whose per-sample gradients of one parameter are held at once.
     """
 
@@ -103,19 +106,23 @@ class GradientStatistics(MergeEvaluator):
         if buffers:
             raise ValueError(f"merged tensor {buffers[0]!r} is not a parameter: it has no gradient")
         fingerprint = self.pool.fingerprint()
-        subset = "all" if dm.max_samples is None else dm.max_samples
-        default = cache_root(self.cache_dir) / "gradient_stats" / f"{fingerprint}-{subset}"
+        # the samples too: a cache keyed by the model alone would serve statistics of
+        # other data (a rebuilt dataset, another max_samples) as if they were these
+        self._data = {spec.name: dm.samples_fingerprint(spec, "train") for spec in dm.specs}
+        data = hashlib.sha256(json.dumps(self._data, sort_keys=True).encode()).hexdigest()[:12]
+        default = cache_root(self.cache_dir) / "gradient_stats" / f"{fingerprint}-{data}"
         self.statistics_folder = Path(self.statistics) if self.statistics else default
         self._todo = []
         for task, count in samples.items():
             path = statistics_file(self.statistics_folder, task)
             if path.is_file():
-                saved = statistics_samples(read_statistics(path, task, fingerprint))
-                if saved != count:
+                saved = read_statistics(path, task, fingerprint)
+                if statistics_data(saved) != self._data[task]:
                     raise ValueError(
-                        f"{path}: statistics over {saved} samples, this run's train split of "
-                        f"{task!r} has {count} (data.max_samples); delete the file or "
-                        "choose another model.statistics folder"
+                        f"{path}: statistics over other samples of {task!r} than this run's "
+                        f"({statistics_samples(saved)} saved, {count} now: another dataset "
+                        "or data.max_samples); delete the file or choose another "
+                        "model.statistics folder"
                     )
                 log.info("gradient statistics of %s loaded from %s", task, path)
             else:
@@ -196,6 +203,7 @@ class GradientStatistics(MergeEvaluator):
                     "task": task,
                     "samples": samples,
                     "model": self._fingerprint,
+                    "data": self._data[task],
                     "clip": self.clip.identity,
                     "tasks": self.datamodule.task_names,
                 }
