@@ -1,6 +1,7 @@
 """Bad input as careless users give it, through the console script's ``main`` in this
 process: each case ends in ``mergelab: error: ...`` naming the culprit, exit status 2,
-no traceback, and nothing written (no run folder, no W&B run, no cache entry)."""
+no traceback, and nothing written where it ran (no run folder, no W&B run). That a bad
+checkpoint is never cached: tests/test_bad_checkpoints.py."""
 
 from __future__ import annotations
 

@@ -75,8 +75,6 @@ def _local_cache_dir(folder: str) -> str:
     folder's name and the declared file patterns only, so two mirrors of one dataset (or
     one mirror rewritten) would share a cache and the second would read the first's rows.
     Keying by the folder's path and its files' sizes and times keeps them apart."""
-    import hashlib
-
     import datasets
 
     root = Path(folder).resolve()

@@ -74,6 +74,7 @@ class MergeEvaluator(L.LightningModule):
         self._heads: dict[str, torch.Tensor] = {}
         self._plan: list[tuple[str, str]] = []
         self._picked: dict[str, str] | None = None  # task -> setting, once picked on val
+        self._picks_on_val = False  # this run scores several settings on val, then test
         self._weights: tuple[str | None, dict[str, dict[str, torch.Tensor]]] | None = None
         self._accuracy: dict[tuple[str, str, str], MulticlassAccuracy] = {}
 
@@ -120,11 +121,13 @@ class MergeEvaluator(L.LightningModule):
         self._plan = self.datamodule.plan(stage)
         self._weights = None
         self._picked = None
+        splits = {split for _, split in self._plan}
+        self._picks_on_val = {"val", "test"} <= splits and len(self.variants.names) > 1
         # the test metrics of a run that picks on validation are made once it has picked
         self._accuracy = {
             (name, task, split): top1(self._heads[task].shape[0]).to(self.device)
             for task, split in self._plan
-            if not (split == "test" and self._picks_on_val())
+            if not (split == "test" and self._picks_on_val)
             for name in self.variants.names
         }
         for task in {t for t, _ in self._plan}:
@@ -143,17 +146,13 @@ class MergeEvaluator(L.LightningModule):
             self._weights = (owner, on_device)
         return self._weights[1]
 
-    def _picks_on_val(self) -> bool:
-        splits = {split for _, split in self._plan}
-        return {"val", "test"} <= splits and len(self.variants.names) > 1
-
     def _picked_on_val(self, task: str) -> str:
         """The setting that scores ``task`` on test: picked on every task's validation
         scores (all validation batches come first; in a distributed run ``compute()``
         adds up every rank's counts, and every rank picks the same)."""
         if self._picked is None:
             val = {name: {} for name in self.variants.names}
-            for (name, val_task, split), metric in list(self._accuracy.items()):
+            for (name, val_task, split), metric in self._accuracy.items():
                 if split == "val":
                     val[name][val_task] = float(metric.compute())
             tasks = [t for t, split in self._plan if split == "test"]
@@ -169,7 +168,7 @@ class MergeEvaluator(L.LightningModule):
         images, labels = batch
         head = self._heads[task]
         models = self._weights_for(task)
-        if split == "test" and self._picks_on_val():
+        if split == "test" and self._picks_on_val:
             picked = self._picked_on_val(task)
             models = {picked: models[picked]}
         for name, weights in models.items():

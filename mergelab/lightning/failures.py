@@ -40,9 +40,9 @@ class FailedRunCleanup(L.Callback):
             p.name not in BOOKKEEPING for f in folders if f.is_dir() for p in f.iterdir()
         )
         discard = isinstance(exception, BAD_INPUT) and not produced
-        wandb_folder = _finish_wandb_run(trainer, failed=True)
+        roots = [Path(lg.save_dir).absolute() for lg in trainer.loggers if lg.save_dir]
+        wandb_folder = _finish_wandb_run_as_failed(roots)
         if discard:
-            roots = [Path(lg.save_dir).absolute() for lg in trainer.loggers if lg.save_dir]
             for folder in [*folders, *([wandb_folder] if wandb_folder else [])]:
                 _remove(folder, next(r for r in roots if folder.is_relative_to(r)))
             return
@@ -52,17 +52,15 @@ class FailedRunCleanup(L.Callback):
                 (folder / FAILED_FILE).write_text(summary)
 
 
-def _finish_wandb_run(trainer: L.Trainer, failed: bool) -> Path | None:
-    """Finish this run's W&B run (failed: a non-zero exit code); its local folder, when
-    it lies under one of the run's loggers' save_dir."""
+def _finish_wandb_run_as_failed(save_dirs: list[Path]) -> Path | None:
+    """Finish this run's W&B run with a non-zero exit code; its local folder, when it lies
+    under one of ``save_dirs`` (the run's loggers')."""
     wandb = sys.modules.get("wandb")  # imported only if a WandbLogger ran
     if wandb is None or wandb.run is None:
         return None
-    save_dirs = [Path(lg.save_dir).absolute() for lg in trainer.loggers if lg.save_dir]
     folder = Path(wandb.run.dir).absolute().parent  # <save_dir>/wandb/<run>/files
-    wandb.finish(exit_code=1 if failed else 0)
-    ours = any(folder.is_relative_to(d) for d in save_dirs)
-    return folder if ours else None
+    wandb.finish(exit_code=1)
+    return folder if any(folder.is_relative_to(d) for d in save_dirs) else None
 
 
 def _remove(folder: Path, root: Path) -> None:
