@@ -181,6 +181,7 @@ def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache
     for banner in QUIET:
         assert banner not in console
     assert "Testing" not in console  # the runs' progress bars
+    assert "site-packages" not in console  # where every library warning names its source
 
 
 # what Lightning, W&B and torch print on every run, silenced unless --verbose

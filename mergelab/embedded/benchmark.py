@@ -60,7 +60,7 @@ HARMLESS_WARNINGS = (
     r"`LightningModule.configure_optimizers` returned `None`",
     r"You passed in a `val_dataloader` but have no `validation_step`",
     r"Total length of `\w+` across ranks is zero",
-    r"is smaller than the logging interval",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
 # the runs' own progress bars and model summary; the build keeps its progress bars
 QUIET_RUN = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
 # Bump when the scenes, the captions or the build's recipe change what a preset yields:
 # the cache folder's name changes with it, so old assets are never mixed with new ones.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 PRESET_ENV = "MERGELAB_EMBEDDED_PRESET"
 MODEL_NAME = "mergelab-scenes"
 
@@ -28,6 +29,11 @@ class Preset:
     miniature CLIP is pretrained contrastively for ``pretrain_steps`` on
     ``pretrain_pairs`` captioned scenes drawn from all eight tasks' domains; each task
     model is then fine-tuned for ``finetune_steps`` on that task's train split.
+    Pretraining starts at ``init_logit_scale``, the scale a trained CLIP ends at (100:
+    the clamp of OpenAI's CLIP and of open_clip's training) rather than open_clip's
+    1/0.07 for training from scratch. Against its frozen head at a small scale,
+    fine-tuning would move the features far to sharpen its logits, and the task vectors
+    would interfere far more than real ones do.
     """
 
     name: str
@@ -39,10 +45,11 @@ class Preset:
     text_width: int = 64
     text_layers: int = 2
     embed_dim: int = 64
+    init_logit_scale: float = 100.0
     train_per_task: int = 1500
     test_per_task: int = 400
     pretrain_pairs: int = 8000
-    pretrain_steps: int = 300
+    pretrain_steps: int = 200
     pretrain_batch_size: int = 256
     pretrain_lr: float = 1e-3
     finetune_steps: int = 200
@@ -55,6 +62,7 @@ class Preset:
         """The open_clip model config (registered as ``MODEL_NAME``)."""
         return {
             "embed_dim": self.embed_dim,
+            "init_logit_scale": math.log(self.init_logit_scale),
             "vision_cfg": {
                 "image_size": self.image_size,
                 "layers": self.vision_layers,

@@ -1,12 +1,14 @@
 """Procedural scenes for the embedded miniature benchmark: eight tasks, one per factor.
 
-Every image shows a few identical objects (shape, colour, count, size, fill) grouped in a
-random quadrant over a background (tone, stripe pattern, border). Each of the eight tasks
-labels one factor and draws the others from its own domain, so the tasks' images differ
-and ask for different things: a merged encoder must keep eight kinds of information at
-once, which is where task vectors interfere. A caption naming every factor pairs each
-image for contrastive pretraining of the miniature CLIP. (An earlier "position" task
-was dropped: the miniature ViT did not learn it within the build's step budget.)
+Every image shows a few identical objects (shape, colour, count, size, fill) in a random
+quadrant over a background (tone, stripe pattern, border). Each of the eight tasks labels
+one factor; its images hold every other factor at one class of their own (its domain), so
+the tasks' images look different, as the real benchmark's datasets do, and a merged
+encoder must serve eight kinds of images at once, which is where task vectors interfere.
+Nuisances that no task labels (placement, shades, radius, noise) spread each class. A
+caption naming every factor pairs each image for contrastive pretraining of the miniature
+CLIP. (An earlier "position" task was dropped: the miniature ViT did not learn it within
+the build's step budget.)
 
 Everything is a function of the seed.
 """
@@ -65,19 +67,33 @@ FACTORS = (
 )
 TASKS = tuple(f.name for f in FACTORS)
 
-# Each task's visual domain: the classes its images may take in the other factors (a
-# factor not named varies freely). Distinct domains make the tasks' images differ, as the
-# real benchmark's datasets do, and keep the labelled factor visible: shapes are told
-# apart on one large object, counts on small ones.
+# Each task's visual domain: one class of every factor but its own, a look of its own, as
+# each of the real benchmark's datasets has (digits, road signs, satellite images). A
+# factor another task labels never varies inside a task's images, so fine-tuning on one
+# task learns no invariance to another task's label: the task vectors then interfere as
+# real ones do, through what they change, not through what they learn to ignore. The
+# nuisances of ``render`` give each class its spread. The labelled factor stays visible:
+# shapes and fills are told apart on one large object, counts on small ones, and stripes
+# contrast with their black background.
+# the class each factor takes in a task's images, in FACTORS' order; None: the task's label
+_LOOKS = {
+    "shape": (None, "red", "one", "large", "no border", "solid", "black", "plain"),
+    "colour": ("circle", None, "two", "large", "no border", "solid", "gray", "plain"),
+    "count": ("square", "yellow", None, "small", "no border", "solid", "brown", "plain"),
+    "size": ("triangle", "cyan", "one", None, "a thin border", "solid", "white", "plain"),
+    "frame": ("cross", "magenta", "two", "medium", None, "solid", "black", "plain"),
+    "fill": ("circle", "green", "one", "large", "no border", None, "white", "plain"),
+    "background": ("square", "blue", "one", "small", "no border", "outlined", None, "plain"),
+    "stripes": ("triangle", "yellow", "one", "small", "no border", "solid", "black", None),
+}
+# task → factor → the class indices its images may take (a factor not named varies)
 DOMAINS: dict[str, dict[str, tuple[int, ...]]] = {
-    "shape": {"count": (0,), "size": (2,), "fill": (0, 1)},
-    "colour": {"fill": (0,), "stripes": (0,)},
-    "count": {"size": (0, 1), "fill": (0,)},
-    "size": {"count": (0, 1), "stripes": (0,)},
-    "frame": {"count": (0, 1), "stripes": (0,)},
-    "fill": {"count": (0,), "size": (2,), "stripes": (0,)},
-    "background": {"stripes": (1, 2, 3), "size": (0,)},
-    "stripes": {"count": (0,), "size": (0,), "background": (0, 1)},
+    task: {
+        factor.name: (factor.classnames.index(name),)
+        for factor, name in zip(FACTORS, look, strict=True)
+        if name is not None
+    }
+    for task, look in _LOOKS.items()
 }
 
 _RGB = {
@@ -96,6 +112,13 @@ _RGB = {
 # its quadrant, so up to four never overlap (one per cell of the quadrant's 2 × 2 grid)
 _RADIUS = {"small": 0.0625, "medium": 0.09, "large": 0.118}
 _STRIPE_PERIOD = 1 / 8  # of the image side
+# nuisances, kept small enough that no two classes of a factor overlap: radius × (1 ± 0.1)
+# keeps medium (≤ 0.099) below large (≥ 0.106); shades move each channel by up to 30,
+# less than half the smallest gap between two colour classes in some channel
+_RADIUS_JITTER = 0.1
+_COLOUR_JITTER = 30.0
+_BACKGROUND_JITTER = 20.0
+_NOISE = (2.0, 10.0)  # the pixel noise's standard deviation, drawn per image
 
 
 def sample_factors(rng: np.random.Generator, task: str | None = None) -> dict[str, int]:
@@ -129,11 +152,13 @@ def caption(factors: dict[str, int]) -> str:
 
 
 def render(factors: dict[str, int], rng: np.random.Generator):
-    """The image of a scene (PIL, RGB, IMAGE_SIZE²)."""
+    """The image of a scene (PIL, RGB, IMAGE_SIZE²), with nuisances no task labels: the
+    objects' quadrant and placement, their exact shade and radius, the background's
+    shade, and the pixel noise."""
     from PIL import Image, ImageDraw
 
     size = IMAGE_SIZE * _SCALE
-    background = np.array(_RGB[_name(factors, "background")], dtype=np.float32)
+    background = _shade(_RGB[_name(factors, "background")], _BACKGROUND_JITTER, rng)
     pixels = np.broadcast_to(background, (size, size, 3)).copy()
     stripes = _name(factors, "stripes")
     if stripes != "plain":
@@ -144,10 +169,11 @@ def render(factors: dict[str, int], rng: np.random.Generator):
     image = Image.fromarray(pixels.astype(np.uint8))
     draw = ImageDraw.Draw(image)
 
-    radius = round(_RADIUS[_name(factors, "size")] * size)
-    colour = _RGB[_name(factors, "colour")]
+    scale = rng.uniform(1 - _RADIUS_JITTER, 1 + _RADIUS_JITTER)
+    radius = round(_RADIUS[_name(factors, "size")] * scale * size)
+    colour = tuple(int(v) for v in _shade(_RGB[_name(factors, "colour")], _COLOUR_JITTER, rng))
     _draw_frame(draw, factors["frame"], size, tuple(int(v) for v in 255 - background))
-    top, left = rng.integers(2, size=2)  # the objects' quadrant: not a task, a nuisance
+    top, left = rng.integers(2, size=2)  # the objects' quadrant
     cell = size // 4  # the quadrant's 2 × 2 grid; one object per cell
     cells = rng.permutation(4)[: factors["count"] + 1]
     slack = max(0, cell // 2 - radius)
@@ -155,9 +181,14 @@ def render(factors: dict[str, int], rng: np.random.Generator):
         cy = (2 * top + index // 2) * cell + cell // 2 + int(rng.integers(-slack, slack + 1))
         cx = (2 * left + index % 2) * cell + cell // 2 + int(rng.integers(-slack, slack + 1))
         _draw_object(draw, _name(factors, "shape"), _name(factors, "fill"), cx, cy, radius, colour)
-    noise = rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    noise = rng.normal(0, rng.uniform(*_NOISE), (IMAGE_SIZE, IMAGE_SIZE, 3))
     small = np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32)
     return Image.fromarray((small + noise).clip(0, 255).astype(np.uint8))
+
+
+def _shade(rgb: tuple[int, int, int], jitter: float, rng: np.random.Generator) -> np.ndarray:
+    """A colour moved by up to ``jitter`` per channel: a shade of the same class."""
+    return (np.array(rgb, dtype=np.float32) + rng.uniform(-jitter, jitter, 3)).clip(0, 255)
 
 
 def _draw_frame(draw, kind: int, size: int, colour) -> None:
