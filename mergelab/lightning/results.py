@@ -95,7 +95,7 @@ def grouped_bars(
     import matplotlib.pyplot as plt
 
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 4), 4))
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
         ax.bar(xs, [100 * v for v in values], width, label=name)
@@ -103,7 +103,8 @@ def grouped_bars(
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    ax.legend(fontsize="small", ncol=2)
+    # beside the axes: inside, it hides the bars that reach 100 %
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
