@@ -272,6 +272,51 @@ def test_a_users_own_method_plugs_in_by_class_path(assets, monkeypatch, capsys):
     assert set(results["accuracy"]) == {"weight_average"}
 
 
+RECORDING_METHOD = """
+import json
+
+from mergelab.methods import MergeMethod, Variants
+
+
+class RecordsBuilds(MergeMethod):
+    \"\"\"θ0 and each task's fine-tuned model as two settings chosen per task, writing
+    which models each task's build was asked for.\"\"\"
+
+    def __init__(self, record: str):
+        self.record = record
+
+    def variants(self, context):
+        pool = context.pool()
+
+        def per_task(task, names):
+            with open(self.record, "a") as handle:
+                handle.write(json.dumps([task, names]) + "\\n")
+            models = {"records_builds@0": pool.pretrained, "records_builds@1": pool.finetuned[task]}
+            return {name: dict(models[name].items()) for name in names}
+
+        return Variants(["records_builds@0", "records_builds@1"], per_task=per_task)
+"""
+
+
+def test_a_test_run_builds_only_the_picked_model_of_a_task_for_test(assets):
+    (assets / "recording_methods.py").write_text(RECORDING_METHOD)
+    record = assets / "builds.jsonl"
+    record.unlink(missing_ok=True)
+    method = "--merge.method=recording_methods.RecordsBuilds"
+    run_mergelab(assets, "test", "-c", "base.yaml", method, f"--merge.method.record={record}",
+                 "--data.test_splits=[val, test]", HF_HUB_CACHE=str(assets / "hub"),
+                 PYTHONPATH=str(assets))  # fmt: skip
+    results = json.loads((run_dir(assets, "records_builds") / "results.json").read_text())
+    builds = [json.loads(line) for line in record.read_text().splitlines()]
+    everything = ["records_builds@0", "records_builds@1"]
+    # every task's validation first, with both settings; then its test, the pick alone
+    expected = [[t, everything] for t in TASKS] + [[t, [results["picked"][t]]] for t in TASKS]
+    assert builds == expected
+    for task in TASKS:
+        on_test = {n for n in everything if task in results["accuracy"][n].get("test", {})}
+        assert on_test == {results["picked"][task]}
+
+
 @pytest.mark.parametrize(
     "method, own, others",
     [

@@ -133,18 +133,21 @@ class MergeEvaluator(L.LightningModule):
         for task in {t for t, _ in self._plan}:
             self._heads[task] = self._heads[task].to(self.device)
 
-    def _weights_for(self, task: str) -> dict[str, dict[str, torch.Tensor]]:
-        """The variants' weights on the device; shared ones are moved once per run."""
-        owner = None if self.variants.shared is not None else task
+    def _weights_for(self, task: str, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The weights of the variants ``names`` on the device. Shared ones are moved once
+        per run; a task's own are built for the names asked (on test after a pick on
+        validation, the picked one alone)."""
+        shared = self.variants.shared is not None
+        owner = None if shared else (task, tuple(names))
         if self._weights is None or self._weights[0] != owner:
             self._weights = None  # drop the previous task's models before building these
-            models = self.variants.for_task(task)
+            models = self.variants.for_task(task, None if shared else names)
             on_device = {
                 name: {k: v.to(self.device) for k, v in weights.items()}
                 for name, weights in models.items()
             }
             self._weights = (owner, on_device)
-        return self._weights[1]
+        return {name: self._weights[1][name] for name in names}
 
     def _picked_on_val(self, task: str) -> str:
         """The setting that scores ``task`` on test: picked on every task's validation
@@ -167,11 +170,10 @@ class MergeEvaluator(L.LightningModule):
         task, split = self._plan[dataloader_idx]
         images, labels = batch
         head = self._heads[task]
-        models = self._weights_for(task)
+        names = self.variants.names
         if split == "test" and self._picks_on_val:
-            picked = self._picked_on_val(task)
-            models = {picked: models[picked]}
-        for name, weights in models.items():
+            names = [self._picked_on_val(task)]
+        for name, weights in self._weights_for(task, names).items():
             features = functional_call(self.encoder, weights, (images,))
             logits = zero_shot_logits(features, head, self.logit_scale)
             self._accuracy[name, task, split].update(logits, labels)

@@ -40,19 +40,24 @@ class Variants:
     """Named encoder weights per task.
 
     ``shared``: the same models for every task (chosen by average validation accuracy);
-    otherwise ``per_task(task)`` builds that task's models (chosen per task).
+    otherwise ``per_task(task, names)`` builds that task's models of those names (chosen
+    per task): all of them for validation, only the picked one for test.
     ``settings``: what each name stands for (``{"scaling_factor": 0.3}``), reported for
     the pick in results.json.
     """
 
     names: list[str]
     shared: dict[str, StateDict] | None = None
-    per_task: Callable[[str], dict[str, StateDict]] | None = None
+    per_task: Callable[[str, list[str]], dict[str, StateDict]] | None = None
     description: dict = field(default_factory=dict)
     settings: dict[str, dict] = field(default_factory=dict)
 
-    def for_task(self, task: str) -> dict[str, StateDict]:
-        return self.shared if self.shared is not None else self.per_task(task)
+    def for_task(self, task: str, names: Iterable[str] | None = None) -> dict[str, StateDict]:
+        """The models of ``names`` (default: all) that score ``task``."""
+        names = self.names if names is None else list(names)
+        if self.shared is not None:
+            return {name: self.shared[name] for name in names}
+        return self.per_task(task, names)
 
     @property
     def choose_per_task(self) -> bool:

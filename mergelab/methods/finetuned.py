@@ -20,7 +20,7 @@ class Finetuned(MergeMethod):
     def variants(self, context: MergeContext) -> Variants:
         pool = context.rank_zero_first(context.pool)
 
-        def model_of(task: str) -> dict[str, dict[str, torch.Tensor]]:
+        def model_of(task: str, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
             model = dict(pool.finetuned[task].items())
             for key, tensor in model.items():
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():

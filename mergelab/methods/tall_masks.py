@@ -57,12 +57,13 @@ class TallMasks(MergeMethod):
         names = [f"{self.name}@{lam!r}" for lam in self.lambdas]
         models: dict[str, dict[str, torch.Tensor]] = {}
 
-        def retrieved(task: str) -> dict[str, dict[str, torch.Tensor]]:
+        def retrieved(task: str, wanted: list[str]) -> dict[str, dict[str, torch.Tensor]]:
             # into the previous task's tensors: the evaluator is done with that task's
             # models before it asks for the next task's
             for name, lam in zip(names, self.lambdas, strict=True):
-                models[name] = masks.retrieve(pretrained, task, lam, reuse=models.get(name))
-            return dict(models)
+                if name in wanted:
+                    models[name] = masks.retrieve(pretrained, task, lam, reuse=models.get(name))
+            return {name: models[name] for name in wanted}
 
         settings = {n: {"lambda": lam} for n, lam in zip(names, self.lambdas, strict=True)}
         return Variants(names, per_task=retrieved, settings=settings)
