@@ -182,8 +182,8 @@ def test_unreachable_hub_id_is_named(assets):
 
 
 def test_dataset_without_label_column_and_labels_outside_classes(tmp_path):
-    from mergelab.lightning.data import load_split
     from mergelab.tasks import load_task
+    from mergelab.tasks.splits import load_split
 
     mirror.write_dataset(tmp_path, "ylecun/mnist", 10, {"train": 20}, label_column="y")
     with pytest.raises(ValueError, match=r"'mnist'.*no column 'label'"):

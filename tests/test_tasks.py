@@ -2,6 +2,7 @@
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 
 from mergelab.lightning import data as data_module
-from mergelab.lightning.data import TaskDataModule, protocol_split
+from mergelab.lightning.data import TaskDataModule
 from mergelab.tasks import EIGHT_TASKS, TALL14_TASKS, TALL20_TASKS, builtin_tasks, load_task
+from mergelab.tasks.splits import protocol_split
 
 # class and template counts of the task_vectors protocol (REFERENCE §3)
 COUNTS = {
@@ -123,3 +125,18 @@ def test_scored_samples_are_kept_for_the_next_run_within_their_budget(tmp_path, 
     decoded.clear()
     read(0), read(0)  # no budget: nothing kept
     assert len(decoded) == 82
+
+
+def test_a_split_smaller_than_the_processes_is_refused_before_scoring(tmp_path):
+    """Every process of a distributed run scores at least one sample of each split: one
+    with none would leave the test loop while the others wait for it."""
+    mirror.write_three_tasks(tmp_path, {"train": 70, "test": 41})
+    module = TaskDataModule(["mnist", "svhn"], num_workers=0, dataset_root=str(tmp_path),
+                            max_samples=3, test_splits=["val", "test"])  # fmt: skip
+    module.trainer = SimpleNamespace(world_size=3, global_rank=0)  # as Lightning sets it
+    module.check_data("test")  # 3 samples for 3 processes
+    module.trainer = SimpleNamespace(world_size=4, global_rank=0)
+    with pytest.raises(ValueError, match=r"'mnist': 3 val samples, fewer than the 4 processes"):
+        module.check_data("test")
+    module.trainer = None  # one process: any size
+    module.check_data("test")

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from mergelab.lightning.data import TaskDataModule, load_split, protocol_split
+from mergelab.lightning.data import TaskDataModule
 from mergelab.tasks import EIGHT_TASKS, TALL14_TASKS, TALL20_TASKS, builtin_tasks, load_task
+from mergelab.tasks.splits import load_split, protocol_split
 
 NEW_TASKS = TALL20_TASKS[8:]
 ROWS = 12  # per split: few enough to stay fast, enough for a validation sample (10 %)

@@ -243,8 +243,9 @@ class EmbeddedBenchmark:
         def finetune(folder: Path) -> None:
             import lightning as L
 
-            from mergelab.lightning.data import TaskDataModule, protocol_split
+            from mergelab.lightning.data import TaskDataModule
             from mergelab.lightning.finetune import FineTuner
+            from mergelab.tasks.splits import protocol_split
 
             preset = self.preset
             L.seed_everything(preset.seed, verbose=False)

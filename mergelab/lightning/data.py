@@ -1,9 +1,6 @@
-"""One dataloader per task for train, validation and test, from hub datasets or local mirrors.
-
-The validation split is the protocol's (task_vectors, src/datasets/common.py): 10 % of
-the train split, at most 5000 samples, drawn with ``torch.randperm`` seeded with 0 as
-``random_split`` does; the remaining samples are the training split.
-"""
+"""One dataloader per task for train, validation and test, from hub datasets or local
+mirrors (read by :mod:`mergelab.tasks.splits`, which also holds the protocol's
+validation split)."""
 
 from __future__ import annotations
 
@@ -11,9 +8,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,141 +16,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mergelab.tasks import EIGHT_TASKS, TaskSpec, load_task
-
-VAL_FRACTION = 0.1
-MAX_VAL_SAMPLES = 5000
-SPLIT_SEED = 0
-
-
-def protocol_split(num_train: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, validation indices) of a train split of ``num_train`` samples."""
-    val_size = min(int(num_train * VAL_FRACTION), MAX_VAL_SAMPLES)
-    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    return order[: num_train - val_size], order[num_train - val_size :]
-
-
-def load_split(task: TaskSpec, split: str, dataset_root: str | os.PathLike | None = None):
-    """A split of a task's dataset: a local folder, a mirror under ``dataset_root``, or the hub.
-
-    Errors name the task, its file and what failed: a split the dataset lacks is reported
-    with the task-file key that names it and the splits the dataset has.
-    """
-    import datasets
-
-    location = task.dataset
-    if dataset_root is not None and not Path(location).is_dir():
-        location = str(Path(dataset_root) / task.dataset)
-    local = Path(location).is_dir()
-    where = "folder" if local else "hub dataset"
-    cache_dir = _local_cache_dir(location) if local else None
-    try:
-        data = datasets.load_dataset(location, task.config, split=split, cache_dir=cache_dir)
-    except Exception as err:  # offline, unknown id, missing split: name what failed
-        available = _split_names(location, task.config) if _unknown_split(err) else None
-        if available is not None and split not in available:
-            keys = [k for k in ("train_split", "test_split") if getattr(task, k) == split]
-            named_by = f"{' and '.join(keys) or 'split'} {split!r} in {_task_file(task)}"
-            config = f" (config {task.config!r})" if task.config else ""
-            raise ValueError(
-                f"task {task.name!r}: cannot load split {split!r}: {named_by}, but {where} "
-                f"{location!r}{config} has splits {available}"
-            ) from err
-        raise FileNotFoundError(
-            f"task {task.name!r}: cannot load split {split!r} of {where} {location!r} "
-            f"({type(err).__name__}: {err}; task file {_task_file(task)})"
-        ) from err
-    check_columns(task, data, split)
-    return data
-
-
-def _local_cache_dir(folder: str) -> str:
-    """A ``datasets`` cache folder of its own for a local dataset folder and its files.
-
-    ``datasets`` keys the cache of a local folder whose README declares configs by the
-    folder's name and the declared file patterns only, so two mirrors of one dataset (or
-    one mirror rewritten) would share a cache and the second would read the first's rows.
-    Keying by the folder's path and its files' sizes and times keeps them apart."""
-    import datasets
-
-    root = Path(folder).resolve()
-    digest = hashlib.sha256(str(root).encode())
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"\0{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return str(Path(datasets.config.HF_DATASETS_CACHE) / "mergelab-local" / digest.hexdigest()[:16])
-
-
-def _task_file(task: TaskSpec) -> str:
-    return task.source or "(no file)"
-
-
-def _unknown_split(err: Exception) -> bool:
-    """Whether ``datasets`` refused a split name (its message: 'Unknown split "x"')."""
-    return isinstance(err, (ValueError, KeyError)) and "split" in str(err).lower()
-
-
-def _split_names(location: str, config: str | None) -> list[str] | None:
-    """The split names of a dataset, or None where they cannot be read (e.g. offline)."""
-    import datasets
-
-    try:
-        return list(datasets.get_dataset_split_names(location, config))
-    except Exception:
-        return None
-
-
-def check_columns(task: TaskSpec, data, split: str) -> None:
-    """The image and label columns exist and every label names a class of the task.
-
-    Where the label column is a ``ClassLabel`` (the dataset's own class names), it must
-    have as many names as the task file's ``classnames``; with ``match_label_names`` the
-    names must also agree one by one after :func:`~mergelab.tasks.label_name_key`. The
-    first mismatch is named with the task file."""
-    for column in (task.image_column, task.label_column):
-        if column not in data.column_names:
-            raise ValueError(
-                f"task {task.name!r}: split {split!r} has no column {column!r} "
-                f"(columns: {data.column_names}; task file {_task_file(task)})"
-            )
-    check_label_names(task, data.features[task.label_column], split)
-    labels = data.unique(task.label_column)
-    bad = [label for label in labels if not 0 <= int(label) < task.num_classes]
-    if bad:
-        raise ValueError(
-            f"task {task.name!r}: split {split!r} has label {bad[0]} outside its "
-            f"{task.num_classes} classes (classnames in {_task_file(task)})"
-        )
-
-
-def check_label_names(task: TaskSpec, feature, split: str) -> None:
-    """The dataset's own class names (a ``ClassLabel`` feature) against the task file's."""
-    import datasets
-
-    from mergelab.tasks import label_name_key
-
-    if not isinstance(feature, datasets.ClassLabel):
-        return  # plain integers or booleans: only the range check applies
-    names = list(feature.names)
-    if len(names) != task.num_classes:
-        unlisted = (
-            f"; none for label {task.num_classes} ({names[task.num_classes]!r})"
-            if len(names) > task.num_classes
-            else ""
-        )
-        raise ValueError(
-            f"task {task.name!r}: {_task_file(task)} lists {task.num_classes} classnames but "
-            f"split {split!r} of {task.dataset!r} names {len(names)} classes in its "
-            f"{task.label_column!r} column{unlisted}"
-        )
-    if not task.match_label_names:
-        return
-    for index, (ours, theirs) in enumerate(zip(task.classnames, names, strict=True)):
-        if label_name_key(ours) != label_name_key(theirs):
-            raise ValueError(
-                f"task {task.name!r}: class {index} is {ours!r} in {_task_file(task)} but "
-                f"{theirs!r} in split {split!r} of {task.dataset!r} (match_label_names "
-                "compares names ignoring case, '_' and '-')"
-            )
+from mergelab.tasks.splits import SPLIT_SEED, load_split, protocol_split
 
 
 class SampleMemory:
@@ -303,14 +164,7 @@ class TaskDataModule(L.LightningDataModule):
         if (task.name, name) not in self._splits:
             if self.transform_eval is None:
                 raise RuntimeError("TaskDataModule needs set_transforms() before loading data")
-            if name == "test":
-                data = self._dataset(task, task.test_split)
-                indices = torch.arange(len(data))
-            else:
-                data = self._dataset(task, task.train_split)
-                train, val = protocol_split(len(data))
-                indices = train if name == "train" else val
-            indices = self._cap(indices)
+            data, indices = self._rows(task, name)
             if name == "train":
                 split = TaskSplit(data, task, indices, self.transform_train)
             else:  # scored: preprocessed the same way by every run, so worth keeping
@@ -325,6 +179,18 @@ class TaskDataModule(L.LightningDataModule):
                 split = TaskSplit(data, task, indices, self.transform_eval, key, budget)
             self._splits[task.name, name] = split
         return self._splits[task.name, name]
+
+    def _rows(self, task: TaskSpec, name: str) -> tuple[object, torch.Tensor]:
+        """The hub split that a task's ``train``, ``val`` or ``test`` split reads, and
+        which of its rows it takes."""
+        if name == "test":
+            data = self._dataset(task, task.test_split)
+            indices = torch.arange(len(data))
+        else:
+            data = self._dataset(task, task.train_split)
+            train, val = protocol_split(len(data))
+            indices = train if name == "train" else val
+        return data, self._cap(indices)
 
     def samples_fingerprint(self, task: TaskSpec, name: str) -> str:
         """What determines the samples of a task's split: the task's definition, where its
@@ -342,11 +208,21 @@ class TaskDataModule(L.LightningDataModule):
 
     def check_data(self, stage: str) -> None:
         """Load and check (columns, label range, class names) every hub split that
-        ``stage`` scores, so that bad task data is named before any long work."""
+        ``stage`` scores, and that each holds a sample for every process, so that bad
+        task data is named before any long work."""
         by_name = {task.name: task for task in self.specs}
+        world, _ = self._world()
         for task, split in self.plan(stage):
-            spec = by_name[task]
-            self._dataset(spec, spec.test_split if split == "test" else spec.train_split)
+            _, indices = self._rows(by_name[task], split)
+            # a process with no sample would leave the loop while the others wait for it
+            # at the metrics' synchronisation
+            if world > 1 and len(indices) < world:
+                count = f"{len(indices)} {split} sample" + "s" * (len(indices) != 1)
+                raise ValueError(
+                    f"task {task!r}: {count}, fewer than the {world} processes of this run, "
+                    "which each score at least one (run on fewer devices, or raise "
+                    "--data.max_samples)"
+                )
 
     def plan(self, stage: str) -> list[tuple[str, str]]:
         """(task, split) of each dataloader of a stage (``train``, ``val`` or ``test``):
