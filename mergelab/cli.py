@@ -1,11 +1,12 @@
 """mergelab: merge fine-tuned CLIP image encoders and score every result on every task.
 
-    mergelab test --config configs/vit_b32/task_arithmetic.yaml
-    mergelab validate --config configs/vit_b32/trust_region.yaml --merge.method.scaling_factor=0.4
-    mergelab test --config configs/vit_b32/task_arithmetic.yaml --merge.method=TrustRegion
+    mergelab test -c configs/vit_b32/base.yaml -c configs/methods/task_arithmetic.yaml
+    mergelab test -c configs/vit_b32/base.yaml -c configs/methods/ties.yaml
+    mergelab validate -c configs/vit_b32/base.yaml -c configs/methods/trust_region.yaml \\
+        --merge.method.scaling_factor=0.4
     mergelab fit --config configs/finetune/mnist.yaml
     mergelab fit --config configs/vit_b32/trust_region_gradients.yaml
-    mergelab test --config configs/vit_b32/trust_region.yaml \\
+    mergelab test -c configs/vit_b32/base.yaml -c configs/methods/trust_region.yaml \\
         --merge.method.gradient_stats=<folder>
     mergelab test --help          (every option of a subcommand)
     mergelab test --merge.method.help TallMasks   (the settings of one merge method)
@@ -15,8 +16,11 @@
 
 --merge.method  the merge method, by class (test, validate; TrustRegion for fit's
                 GradientStatistics): ZeroShot, Finetuned, TaskArithmetic, TrustRegion,
-                TallMasks, Consensus from mergelab.methods, or your own MergeMethod
-                subclass by class path; its settings as --merge.method.<setting>
+                TallMasks, Consensus, Ties, Dare, TaskSingularVectors, Isotropic from
+                mergelab.methods, or your own MergeMethod subclass by class path; its
+                settings as --merge.method.<setting>. configs/<suite>/base.yaml holds a
+                suite's model, tasks, data and trainer, configs/methods/<method>.yaml a
+                method: give both, base first
 --model.*  the CLIP model and fine-tuned encoders (test, validate); for fit, a model
            class (class_path) and its init_args: mergelab.lightning.finetune.FineTuner
            fine-tunes one task's encoder, mergelab.lightning.gradient_stats.
@@ -154,14 +158,23 @@ def check_evaluation(subcommand: str, config) -> None:
     --print_config writes) that needs no model: the strategy, and the merge settings (the
     method is constructed, checking each, and the callback checks them with the splits)."""
     check_strategy(config["trainer"]["strategy"])
-    method = config["merge"]["method"]
-    settings = method.get("init_args") or {}
-    settings = vars(settings) if isinstance(settings, Namespace) else dict(settings)
     callback = MergeCallback(
-        class_of(method["class_path"])(**settings),
+        constructed(config["merge"]["method"]),
         report_without_pick=config["merge"]["report_without_pick"],
     )
     callback.check(subcommand, config["data"]["test_splits"])
+
+
+def constructed(spec):
+    """The object a parsed ``{class_path, init_args}`` describes, with nested ones (a TALL
+    masks method's ``multitask``) constructed too; any other value as it is."""
+    if isinstance(spec, Namespace):
+        spec = vars(spec)
+    if not (isinstance(spec, dict) and "class_path" in spec):
+        return spec
+    settings = spec.get("init_args") or {}
+    settings = vars(settings) if isinstance(settings, Namespace) else dict(settings)
+    return class_of(spec["class_path"])(**{k: constructed(v) for k, v in settings.items()})
 
 
 class FitCLI(MergelabCLI):

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 from console import needs_cli, run_console, run_mergelab
 
+from mergelab.registry import CONFIGS, method_configs
+
 TASKS = mirror.THREE_TASKS
 pytestmark = needs_cli
 
@@ -193,29 +195,51 @@ def test_dataset_without_label_column_and_labels_outside_classes(tmp_path):
         load_split(load_task("eurosat"), "train", tmp_path)
 
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("vit_*/*.yaml"))
-GRADIENT_CONFIGS = [c for c in CONFIGS if c.stem == "trust_region_gradients"]
+SUITES = sorted(p.parent for p in CONFIGS.glob("vit_*/base.yaml"))
+GRADIENT_CONFIGS = [suite / "trust_region_gradients.yaml" for suite in SUITES]
+SHIPPED_METHODS = method_configs()
 
 
-def printed_config(subcommand: str, config: Path, capsys) -> dict:
+def printed_config(subcommand: str, configs: list[Path], capsys) -> dict:
     from mergelab.cli import run
 
     with pytest.raises(SystemExit) as exit_:
-        run([subcommand, "-c", str(config), "--print_config"])
+        run([subcommand, *(f"--config={c}" for c in configs), "--print_config"])
     assert exit_.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in GRADIENT_CONFIGS], ids=str)
-def test_every_shipped_config_parses(config, capsys):
-    printed = printed_config("test", config, capsys)
-    assert printed["merge"]["method"]["class_path"] == f"mergelab.methods.{METHODS[config.stem]}"
+def assert_composed(printed: dict, method) -> None:
+    assert printed["merge"]["method"]["class_path"] == method.class_path
     assert list(printed["model"]["finetuned"]) == printed["data"]["tasks"]
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda p: p.name)
+def test_every_suite_base_composes_with_a_method(suite, capsys):
+    method = SHIPPED_METHODS["task_arithmetic"]
+    assert_composed(printed_config("test", [suite / "base.yaml", method.path], capsys), method)
+
+
+@pytest.mark.parametrize("name", list(SHIPPED_METHODS))
+def test_every_method_config_composes_with_a_base(name, capsys):
+    """Each configs/methods file over a real suite's base: its class and settings, the
+    base's model and tasks; a method's own data setting (test_splits) over the base's."""
+    method = SHIPPED_METHODS[name]
+    printed = printed_config("test", [CONFIGS / "vit_b32" / "base.yaml", method.path], capsys)
+    assert_composed(printed, method)
+    assert printed["model"]["model"] == "ViT-B-32-quickgelu"
+    for key, value in method.init_args.items():
+        given = printed["merge"]["method"]["init_args"][key]
+        assert given == value or (
+            isinstance(value, dict) and given["class_path"] == value["class_path"]
+        )
+    expected_splits = ["test"] if name in ("zero_shot", "finetuned") else ["val", "test"]
+    assert printed["data"]["test_splits"] == expected_splits
 
 
 @pytest.mark.parametrize("config", GRADIENT_CONFIGS, ids=str)
 def test_every_gradient_statistics_config_parses(config, capsys):
-    printed = printed_config("fit", config, capsys)
+    printed = printed_config("fit", [config], capsys)
     assert printed["model"]["class_path"] == "mergelab.lightning.gradient_stats.GradientStatistics"
     assert list(printed["model"]["init_args"]["finetuned"]) == printed["data"]["tasks"]
     assert printed["data"]["max_samples"] == 128  # TATR's setting
@@ -323,11 +347,19 @@ def test_a_test_run_builds_only_the_picked_model_of_a_task_for_test(assets):
         ("TaskArithmetic", ["scaling_factor"], ["threshold_quantile", "lambdas", "k"]),
         (
             "TrustRegion",
-            ["scaling_factor", "threshold_quantile", "gradient_stats"],
+            ["scaling_factor", "threshold_quantile", "gradient_stats", "ties"],
             ["lambdas", "k"],
         ),
-        ("TallMasks", ["lambdas", "ties"], ["scaling_factor", "k"]),
-        ("Consensus", ["k", "tall_lambda", "tall_results", "scaling_factor", "ties"], ["lambdas"]),
+        ("TallMasks", ["lambdas", "multitask"], ["scaling_factor", "k"]),
+        (
+            "Consensus",
+            ["k", "tall_lambda", "tall_results", "scaling_factor", "multitask"],
+            ["lambdas"],
+        ),
+        ("Ties", ["scaling_factor", "keep", "disjoint_mean"], ["lambdas", "drop_rate"]),
+        ("Dare", ["scaling_factor", "drop_rate", "seed", "ties"], ["keep", "lambdas"]),
+        ("TaskSingularVectors", ["scaling_factor"], ["keep", "common_subspace"]),
+        ("Isotropic", ["scaling_factor", "common_subspace"], ["keep", "lambdas"]),
     ],
 )
 def test_help_of_a_method_lists_exactly_its_settings(method, own, others, capsys):

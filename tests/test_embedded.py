@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 from conftest import embedded_env
 
+from mergelab.cli import class_of
 from mergelab.embedded import resolve
-from mergelab.embedded.benchmark import METHODS
+from mergelab.embedded.benchmark import GRADIENTS, benchmark_methods
 from mergelab.embedded.build import ASSETS, MANIFEST, EmbeddedBenchmark
 from mergelab.embedded.preset import PRESETS, get_preset
 from mergelab.embedded.scenes import TASKS
 from mergelab.engine.checkpoints import SafetensorsCheckpoint
+from mergelab.registry import CONFIGS, REFERENCES, method_configs
 from mergelab.tasks import load_task
 
 MERGELAB = shutil.which("mergelab")
@@ -124,9 +126,10 @@ def test_a_run_builds_what_is_missing_on_first_use(embedded_cache, tmp_path):
     _interrupted_before_last_step(built, benchmark.staging)
     (benchmark.staging / ".steps" / "finetuned" / "stripes").unlink()
     (benchmark.staging / ASSETS["finetuned/stripes"]).unlink()
-    config = Path(__file__).resolve().parents[1] / "configs" / "embedded" / "zero_shot.yaml"
+    configs = ["--config", str(CONFIGS / "embedded" / "base.yaml")]
+    configs += ["--config", str(CONFIGS / "methods" / "zero_shot.yaml")]
     result = subprocess.run(
-        [MERGELAB, "validate", "--config", str(config)],
+        [MERGELAB, "validate", *configs],
         env=embedded_env(tmp_path / "cache"),
         cwd=tmp_path,
         capture_output=True,
@@ -152,17 +155,20 @@ def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache
     output = tmp_path / "summary"
     result = run_embedded(embedded_cache, tmp_path, "--output", str(output))
     runs = json.loads((output / "summary.json").read_text())
-    assert list(runs) == list(METHODS)
+    methods = benchmark_methods()
+    assert list(runs) == methods
+    configs = method_configs()
     for method, document in runs.items():
-        expected = "trust_region" if method == "trust_region_gradients" else method
+        config = configs["trust_region" if method == GRADIENTS else method]
+        expected = class_of(config.class_path).name
         assert document["settings"]["method"] == expected
-        assert document["picked_on"] == "val"
+        # the references score test alone: one model, nothing to pick
+        assert document["picked_on"] == (None if method in REFERENCES else "val")
         assert (tmp_path / "lightning_logs" / expected / "version_0" / "results.json").is_file()
-    # zero-shot TATR and TATR with gradients: two runs of their own
-    assert (
-        len(list((tmp_path / "lightning_logs" / "trust_region").glob("version_*/results.json")))
-        == 2
-    )
+    # zero-shot TATR, TATR with gradients and TATR + TIES: runs of their own
+    trust_region_runs = [m for m in methods if m.startswith("trust_region")]
+    runs_folder = tmp_path / "lightning_logs" / "trust_region"
+    assert len(list(runs_folder.glob("version_*/results.json"))) == len(trust_region_runs)
     # TATR with gradients: the statistics of fit, cached, then scored like zero-shot TATR
     assert runs["trust_region_gradients"]["settings"]["gradient_stats"]
     assert runs["trust_region"]["settings"]["gradient_stats"] is None
@@ -176,7 +182,7 @@ def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache
     assert finetuned["avg_normalized_acc"] == pytest.approx(1.0)
     # a quiet console: one line per method with its seconds, the table, no banners
     console = result.stdout + result.stderr
-    for method in METHODS:
+    for method in methods:
         assert re.search(rf"^\[mergelab\] {method}: \d+ s, ", console, re.MULTILINE), method
     for banner in QUIET:
         assert banner not in console

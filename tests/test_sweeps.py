@@ -21,7 +21,8 @@ from mergelab.sweep.trials import Trial, agent_command, parsed_config, prepare
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILES = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 # a config that parses without network or downloads (--print_config loads nothing)
-OFFLINE_CONFIG = "configs/vit_b32/task_arithmetic.yaml"
+OFFLINE_CONFIG = "configs/vit_b32/base.yaml"
+OFFLINE_METHOD = "configs/methods/task_arithmetic.yaml"
 
 
 @pytest.fixture
@@ -127,7 +128,15 @@ def write_sweep(folder: Path, **overrides) -> Path:
         "method": "grid",
         "metric": {"name": "val/avg_acc", "goal": "maximize"},
         "parameters": {"merge.method.scaling_factor": {"values": [0.3, 0.6]}},
-        "command": ["mergelab", "validate", "--config", OFFLINE_CONFIG, "${args}"],
+        "command": [
+            "mergelab",
+            "validate",
+            "--config",
+            OFFLINE_CONFIG,
+            "--config",
+            OFFLINE_METHOD,
+            "${args}",
+        ],
     } | overrides
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))

@@ -177,11 +177,12 @@ FUSIONBENCH_NAME = {"stanford_cars": "stanford-cars", "oxford_iiit_pet": "oxford
 @pytest.mark.parametrize("suite", ["tall14", "tall20"])
 @pytest.mark.parametrize("model", sorted(HUB_MODEL))
 def test_suite_configs_name_every_task_and_checkpoint(model, suite):
-    """Each method's config lists the suite in order, maps every task to FusionBench's
-    checkpoint id, and gives a reference accuracy for every task where it gives any."""
+    """The suite's base and gradient-statistics configs list the suite in order, map every
+    task to FusionBench's checkpoint id, and give a reference accuracy for every task where
+    they give any."""
     tasks = list(TALL14_TASKS if suite == "tall14" else TALL20_TASKS)
     files = sorted((CONFIGS / f"{model}_{suite}").glob("*.yaml"))
-    assert {f.stem for f in files} == {f.stem for f in (CONFIGS / model).glob("*.yaml")}
+    assert {f.name for f in files} == {f.name for f in (CONFIGS / model).glob("*.yaml")}
     for path in files:
         config = yaml.safe_load(path.read_text())
         section = config["model"].get("init_args", config["model"])

@@ -1,15 +1,16 @@
 """``mergelab embedded``: the main job on the embedded miniature benchmark.
 
 Builds what is missing (first run: a few minutes, with progress bars), then runs
-``mergelab test --config configs/embedded/<method>.yaml`` for every method in this
-process, each with its own run folder, and writes one comparison of them all:
-``<output>/summary.md`` (printed), ``summary.json`` and ``summary.png``.
-``trust_region_gradients`` is two runs: ``mergelab fit`` with
-configs/embedded/trust_region_gradients.yaml (the gradient statistics, cached), then the
-``trust_region`` test run with ``--merge.method.gradient_stats`` set to them.
-``consensus`` takes each task's mask at the λ that the ``tall_masks`` run picked for it
-on validation (``--merge.method.tall_results``), as the TALL reference code does; it runs
-``tall_masks`` first when that is not among the methods.
+``mergelab test --config configs/embedded/base.yaml --config configs/methods/<method>.yaml``
+for every method config in configs/methods/ (mergelab.registry), in this process, each with
+its own run folder, and writes one comparison of them all: ``<output>/summary.md``
+(printed), ``summary.json`` and ``summary.png``. ``trust_region_gradients`` is two runs:
+``mergelab fit`` with configs/embedded/trust_region_gradients.yaml (the gradient
+statistics, cached), then the ``trust_region`` test run with
+``--merge.method.gradient_stats`` set to them. A consensus method takes each task's mask
+at the λ that the TALL masks run over the same τMTL picked for it on validation
+(``--merge.method.tall_results``), as the TALL reference code does; that run goes first
+when it is not among the methods.
 
 The console shows the build's progress, one line per method with its seconds, and the
 table; Lightning's banners, the runs' progress bars and known harmless warnings are
@@ -27,20 +28,32 @@ import warnings
 from pathlib import Path
 
 from mergelab.embedded.preset import PRESET_ENV, PRESETS
+from mergelab.registry import CONFIGS, METHOD_CONFIGS, MethodConfig, method_configs
 
 log = logging.getLogger(__name__)
 
-METHODS = (
-    "zero_shot",
-    "finetuned",
-    "task_arithmetic",
-    "trust_region",
-    "trust_region_gradients",
-    "tall_masks",
-    "consensus",
-)
-# configs/ sits beside the package in a source checkout (the README installs it editable)
-REPOSITORY_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "embedded"
+GRADIENTS = "trust_region_gradients"  # a fit config of the suite, then trust_region's test
+BASE = CONFIGS / "embedded" / "base.yaml"
+
+
+def benchmark_methods(folder: Path = METHOD_CONFIGS) -> list[str]:
+    """Every method config, with TATR's gradient run after zero-shot TATR."""
+    names = list(method_configs(folder))
+    at = names.index("trust_region") + 1 if "trust_region" in names else len(names)
+    return [*names[:at], GRADIENTS, *names[at:]]
+
+
+def tall_masks_for(consensus: MethodConfig, configs: dict[str, MethodConfig]) -> str:
+    """The TALL masks config whose τMTL is the consensus config's."""
+    for name, config in configs.items():
+        if config.class_name == "TallMasks" and config.multitask == consensus.multitask:
+            return name
+    raise SystemExit(
+        f"mergelab embedded: {consensus.path}: no TALL masks config in {consensus.path.parent} "
+        f"with multitask {consensus.multitask}, for its per-task λ"
+    )
+
+
 # Lightning's INFO lines (seed, devices, tips) and mergelab's per-run notes: silenced
 # unless --verbose (Lightning's documented way: the level of its loggers)
 QUIET_LOGGERS = (
@@ -87,19 +100,21 @@ def parser() -> argparse.ArgumentParser:
         help="where the benchmark is built and cached (default: $MERGELAB_CACHE, else "
         "~/.cache/mergelab)",
     )
+    methods = benchmark_methods()
     p.add_argument(
         "--methods",
         nargs="+",
-        choices=METHODS,
-        default=list(METHODS),
+        choices=methods,
+        default=methods,
         metavar="METHOD",
-        help=f"methods to run, in order (default: all of {', '.join(METHODS)})",
+        help=f"methods to run, in order (default: all of {', '.join(methods)})",
     )
     p.add_argument(
-        "--configs",
+        "--base",
         type=Path,
-        default=REPOSITORY_CONFIGS,
-        help="the folder of <method>.yaml run configs (default: the repository's configs/embedded)",
+        default=BASE,
+        help="the suite's base config; its folder holds trust_region_gradients.yaml "
+        "(default: the repository's configs/embedded/base.yaml)",
     )
     p.add_argument(
         "--output",
@@ -148,14 +163,10 @@ def quiet_console(verbose: bool):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    needed = [
-        *args.methods,
-        *(["trust_region"] if "trust_region_gradients" in args.methods else []),
-        *(["tall_masks"] if "consensus" in args.methods else []),
-    ]
-    missing = [m for m in needed if not (args.configs / f"{m}.yaml").is_file()]
+    needed = [args.base, *([args.base.parent / f"{GRADIENTS}.yaml"] * (GRADIENTS in args.methods))]
+    missing = [path for path in needed if not path.is_file()]
     if missing:
-        raise SystemExit(f"mergelab embedded: no config {args.configs / missing[0]}.yaml")
+        raise SystemExit(f"mergelab embedded: no config {missing[0]}")
     if args.preset:
         os.environ[PRESET_ENV] = args.preset  # the runs' `embedded:` references read it
     if args.cache_dir:
@@ -177,25 +188,28 @@ def _benchmark(args: argparse.Namespace) -> dict:
         "embedded benchmark ready in %.0f s: %s", time.perf_counter() - started, benchmark.root
     )
     extra = [SHARED_SAMPLES, *([] if args.verbose else QUIET_RUN)]
+    configs = method_configs()
+
+    def config(name: str) -> list[str]:
+        return ["--config", str(args.base), "--config", str(configs[name].path), *extra]
+
     runs, folders, seconds = {}, {}, {}
     for method in args.methods:
         method_started = time.perf_counter()
-        config = ["--config", str(args.configs / f"{method}.yaml"), *extra]
-        if method == "trust_region_gradients":
-            statistics = _run(["fit", *config])
+        if method == GRADIENTS:
+            fit_config = str(args.base.parent / f"{GRADIENTS}.yaml")
+            statistics = _run(["fit", "--config", fit_config, *extra])
             gradients = f"--merge.method.gradient_stats={statistics.model.statistics_folder}"
-            trust_region = str(args.configs / "trust_region.yaml")
-            cli = _run(["test", "--config", trust_region, *extra, gradients])
-        elif method == "consensus":
-            if "tall_masks" not in folders:  # each task's λ comes from a TALL masks run
-                log.info("tall_masks: run first, for consensus's per-task λ")
-                tall_config = str(args.configs / "tall_masks.yaml")
-                tall = _run(["test", "--config", tall_config, *extra])
-                folders["tall_masks"] = tall.trainer.log_dir
-            picked = f"--merge.method.tall_results={folders['tall_masks']}"
-            cli = _run(["test", *config, picked, "--merge.method.tall_lambda=null"])
+            cli = _run(["test", *config("trust_region"), gradients])
+        elif configs[method].class_name == "Consensus":
+            tall = tall_masks_for(configs[method], configs)
+            if tall not in folders:  # each task's λ comes from a TALL masks run
+                log.info("%s: run first, for %s's per-task λ", tall, method)
+                folders[tall] = _run(["test", *config(tall)]).trainer.log_dir
+            picked = f"--merge.method.tall_results={folders[tall]}"
+            cli = _run(["test", *config(method), picked, "--merge.method.tall_lambda=null"])
         else:
-            cli = _run(["test", *config])
+            cli = _run(["test", *config(method)])
         runs[method], folders[method] = cli.model.results, cli.trainer.log_dir
         seconds[method] = time.perf_counter() - method_started
         headline = cli.model.results["headline"]

@@ -27,7 +27,7 @@ from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
 
 
-def _conflict_block(
+def conflict_block(
     pool: ModelPool, key: str, gradients, part: slice, workspace: Workspace
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(τ block, Ω in float32) of the flat slice ``part`` of one parameter; τ is a view of
@@ -54,7 +54,7 @@ def _conflict_chunks(
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(flat slice, τ block, Ω in float32) over one parameter, block by block."""
     for part in pool.blocks(key):
-        yield part, *_conflict_block(pool, key, gradients, part, workspace)
+        yield part, *conflict_block(pool, key, gradients, part, workspace)
 
 
 def _select(values: torch.Tensor, rank: int) -> float:
@@ -85,7 +85,7 @@ def conflict_floor(pool: ModelPool, gradients, q: float, workers: BlockWorkers) 
 
     def observe(item: tuple[str, slice, slice]) -> None:
         key, part, where = item
-        omega = _conflict_block(pool, key, gradients, part, workers.workspace())[1]
+        omega = conflict_block(pool, key, gradients, part, workers.workspace())[1]
         values.numpy()[where] = omega.numpy()  # numpy: torch's copy would start threads
 
     workers.run(observe, sample)
@@ -112,7 +112,7 @@ def one_pass_trust_region(
 
     def merge_block(key: str, part: slice) -> tuple[np.ndarray, np.ndarray]:
         """δ of the block, and the positions and Ω of its coordinates at or above the floor."""
-        taus, omega = _conflict_block(pool, key, gradients, part, workers.workspace())
+        taus, omega = conflict_block(pool, key, gradients, part, workers.workspace())
         task_vector_sum(taus, out=delta[key].view(-1)[part])
         above = np.flatnonzero(omega.numpy() >= floor)
         return above + part.start, omega.numpy()[above]

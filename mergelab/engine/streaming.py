@@ -27,7 +27,7 @@ from mergelab.engine.checkpoints import (
     read_into,
     tensor_spec,
 )
-from mergelab.engine.pool import check_same_layout, flat_blocks
+from mergelab.engine.pool import ModelPool, check_same_layout, flat_blocks
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.merging.task_arithmetic import apply_task_vector
 
@@ -203,3 +203,30 @@ def _check_reusable(specs: Mapping[str, TensorSpec], reuse: StateDict, output) -
 
 def single_or_list(results: list, scaling_factor) -> StateDict | list:
     return results[0] if is_single(scaling_factor) else results
+
+
+def scaled_models(
+    pool: ModelPool,
+    merged_vector: Callable[[], Mapping[str, torch.Tensor]],
+    scaling_factor: float | Sequence[float],
+    output=None,
+    overwrite: bool = False,
+    desc: str = "merge",
+) -> StateDict | Path | list:
+    """θ0 + λ·δ for one λ or a list of them (the Python API's functions): the factors and
+    outputs are checked before ``merged_vector()`` computes δ (held whole, as the methods
+    that need a model-wide statistic do), and the last model is built in δ's storage."""
+    factors = as_factor_list(scaling_factor, "scaling_factor")
+    outputs = output_paths(output, len(factors), overwrite)
+    delta = merged_vector()
+    results = build_models(
+        pool.pretrained,
+        pool.merged_keys,
+        delta.__getitem__,
+        factors,
+        outputs,
+        overwrite,
+        desc=desc,
+        consume=True,
+    )
+    return single_or_list(results, scaling_factor)

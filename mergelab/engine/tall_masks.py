@@ -29,6 +29,7 @@ from mergelab.engine.checkpoints import (
     save_state_dict,
     tensor_spec,
 )
+from mergelab.engine.parameterwise import TaskVectors
 from mergelab.engine.pool import CheckpointSource, ModelPool
 from mergelab.engine.streaming import (
     StateDict,
@@ -39,7 +40,7 @@ from mergelab.engine.streaming import (
     progress,
     single_or_list,
 )
-from mergelab.engine.ties import ties_majority, ties_thresholds
+from mergelab.engine.ties import ties_merged_vector
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.merging.consensus import consensus_mask
 from mergelab.merging.selection import pick_best
@@ -50,7 +51,6 @@ from mergelab.merging.tall_masks import (
     unpack_mask,
 )
 from mergelab.merging.task_arithmetic import task_vector_sum
-from mergelab.merging.ties import ties_vector
 
 # The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -94,6 +94,17 @@ def check_consensus_k(k: int) -> None:
         raise ValueError(f"consensus k must be ≥ 0, got {k}")
 
 
+def _check_multitask(pool: ModelPool, multitask: Mapping[str, torch.Tensor]) -> None:
+    for key in pool.merged_keys:
+        if key not in multitask:
+            raise KeyError(f"the multitask vector lacks {key!r}")
+        if tensor_spec(multitask, key).shape != pool.specs[key].shape:
+            raise ValueError(
+                f"the multitask vector's {key!r} is {tensor_spec(multitask, key).shape}, "
+                f"the model's {pool.specs[key].shape}"
+            )
+
+
 class TallMasks:
     """τMTL and per-task TALL masks over a λ grid; see the module docstring for the layout."""
 
@@ -104,6 +115,7 @@ class TallMasks:
         self.shapes: dict[str, tuple[int, ...]] = {k: tuple(s) for k, s in info["params"].items()}
         self.model: str = info["model"]
         self.ties: float | None = info.get("ties")
+        self.multitask: dict | None = info.get("multitask")
         self.chosen: dict[str, float] = {t: float(v) for t, v in info.get("chosen", {}).items()}
 
     # --- construction ---------------------------------------------------------------
@@ -117,19 +129,31 @@ class TallMasks:
         ties: float | None = None,
         output: str | os.PathLike | None = None,
         overwrite: bool = False,
+        multitask: Mapping[str, torch.Tensor] | None = None,
+        multitask_settings: Mapping | None = None,
     ) -> TallMasks:
         """Masks of every task for every λ, from one streamed pass over the models.
 
-        ``ties``: None for τMTL = Σt τt, or the share of each task vector TIES keeps
-        (0.2 in the paper) for a TIES-merged τMTL, which costs two more passes.
+        τMTL is Σt τt by default, or the merged task vector of another single-model method
+        (``multitask``, e.g. TIES's or TSV-M's δ, unscaled; ``multitask_settings`` names its
+        method and settings in the file). ``ties``: the share of each task vector TIES
+        keeps (0.2 in the paper), a shorthand for ``multitask`` = TIES's δ (the same rule
+        as the TIES method), which costs four more passes.
         ``output``: a safetensors path to stream the masks into (kept out of memory).
         """
         pool = ModelPool(pretrained, finetuned)
         pool.require_tasks(2, "TALL masks")
         lambdas = checked_lambdas(lambdas)
         check_ties(ties)
+        if ties is not None and multitask is not None:
+            raise ValueError("TALL masks: give ties or a multitask vector, not both")
+        if multitask is not None:
+            _check_multitask(pool, multitask)
         if output is not None:
             check_writable(output, overwrite)
+        if ties is not None:
+            multitask = ties_merged_vector(TaskVectors(pool, "cpu"), ties)
+            multitask_settings = {"method": "ties", "keep": ties}
         info = {
             "format": FORMAT,
             "tasks": pool.tasks,
@@ -137,6 +161,7 @@ class TallMasks:
             "params": {key: list(pool.specs[key].shape) for key in pool.merged_keys},
             "model": pool.fingerprint(),
             "ties": ties,
+            "multitask": None if multitask is None else dict(multitask_settings or {}),
         }
         specs: dict[str, TensorSpec] = {}
         for key in pool.merged_keys:
@@ -146,8 +171,6 @@ class TallMasks:
             for task in pool.tasks:
                 for lam in lambdas:
                     specs[mask_key(task, lam, key)] = packed
-        thresholds = None if ties is None else ties_thresholds(pool, ties)
-        majority = None if thresholds is None else ties_majority(pool, thresholds)
 
         in_memory = output is None
         metadata = {"mergelab": json.dumps(info)}
@@ -161,8 +184,8 @@ class TallMasks:
             taus = pool.read_task_vectors(key, part, scratch)
             block = task_vector_sum(taus, out=mtl[part])
             pool.check_finite(key, taus, block)
-            if thresholds is not None:
-                block.copy_(ties_vector(taus, thresholds, majority))
+            if multitask is not None:
+                block.copy_(multitask[key].reshape(-1)[part])
             # blocks start at multiples of 8, so packed blocks concatenate exactly
             bits = slice(part.start // 8, (part.stop + 7) // 8)
             pack_tall_masks(taus, block, lambdas, packed[:, :, bits], scratch)
@@ -223,6 +246,7 @@ class TallMasks:
             "params": {k: list(s) for k, s in self.shapes.items()},
             "model": self.model,
             "ties": self.ties,
+            "multitask": self.multitask,
             "chosen": self.chosen,
         }
 

@@ -7,23 +7,21 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from mergelab.engine.checkpoints import open_checkpoint
 from mergelab.engine.conflict_selection import (
+    conflict_block,
     conflict_floor,
     one_pass_trust_region,
     two_pass_trust_region,
 )
 from mergelab.engine.pool import CheckpointSource, ModelPool
-from mergelab.engine.streaming import (
-    StateDict,
-    as_factor_list,
-    build_models,
-    output_paths,
-    single_or_list,
-)
+from mergelab.engine.streaming import StateDict, scaled_models
 from mergelab.engine.task_arithmetic import task_arithmetic_vector
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.merging.quantile import quantile_rank
+from mergelab.merging.trust_region import trust_region_mask
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,8 @@ def check_threshold_quantile(threshold_quantile: float) -> None:
         raise ValueError(f"threshold_quantile must be in (0, 1], got {threshold_quantile}")
 
 
-def _gradient_checkpoints(pool: ModelPool, gradient_stats) -> dict[str, Mapping] | None:
+def gradient_checkpoints(pool: ModelPool, gradient_stats) -> dict[str, Mapping] | None:
+    """Each task's gradient statistics opened and checked against the pool (None: zero-shot)."""
     if gradient_stats is None:
         return None
     stats = {task: open_checkpoint(src) for task, src in gradient_stats.items()}
@@ -78,7 +77,7 @@ def trust_region_vector(
     """
     check_threshold_quantile(threshold_quantile)
     pool.require_tasks(2, "trust-region merging")
-    gradients = _gradient_checkpoints(pool, gradient_stats)
+    gradients = gradient_checkpoints(pool, gradient_stats)
     total = pool.num_merged_params
     rank = quantile_rank(threshold_quantile, total)
     if rank >= total:
@@ -107,6 +106,26 @@ def trust_region_vector(
     return result
 
 
+class TrustRegionMask:
+    """The transform τi ↦ τi ⊙ 1{Ω < threshold} of one whole parameter: TATR's mask applied
+    to every task vector before another rule merges them (TATR + TIES). Ω is computed on
+    the CPU as the block path computes it, so the mask is the one TATR's threshold was
+    selected over."""
+
+    def __init__(self, pool: ModelPool, threshold: float, gradients: Mapping | None = None):
+        self.pool = pool
+        self.threshold = threshold
+        self.gradients = gradients
+        self._workspace = Workspace()
+
+    def __call__(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
+        spec = self.pool.specs[key]
+        whole = slice(0, spec.numel)
+        omega = conflict_block(self.pool, key, self.gradients, whole, self._workspace)[1]
+        keep = trust_region_mask(omega, self.threshold).view(spec.shape)
+        return task_vectors * keep.to(task_vectors.device, task_vectors.dtype)
+
+
 def trust_region(
     pretrained: CheckpointSource,
     finetuned: Mapping[str, CheckpointSource],
@@ -123,17 +142,15 @@ def trust_region(
     of independent models; ``output`` as in :func:`task_arithmetic`.
     """
     pool = ModelPool(pretrained, finetuned)
-    factors = as_factor_list(scaling_factor, "scaling_factor")
-    outputs = output_paths(output, len(factors), overwrite)
-    merged = trust_region_vector(pool, threshold_quantile, gradient_stats)
-    results = build_models(
-        pool.pretrained,
-        pool.merged_keys,
-        merged.delta.__getitem__,
-        factors,
-        outputs,
+
+    def merged_vector() -> StateDict:
+        return trust_region_vector(pool, threshold_quantile, gradient_stats).delta
+
+    return scaled_models(
+        pool,
+        merged_vector,
+        scaling_factor,
+        output,
         overwrite,
         desc="trust region: models",
-        consume=True,
     )
-    return single_or_list(results, scaling_factor)

@@ -84,6 +84,7 @@ class MergeCallback(L.Callback):
             artifact_dir=artifact_dir,
             log_metrics=log_metrics,
             sharing=functools.partial(rank_zero_builds, trainer),
+            device=trainer.strategy.root_device,
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -6,7 +6,8 @@ the absolute value taken per sample, the pretrained encoder in eval mode, for ev
 merged parameter (mergelab.models.per_sample_gradients computes it from batched passes).
 
     mergelab fit --config configs/vit_b32/trust_region_gradients.yaml
-    mergelab test --config configs/vit_b32/trust_region.yaml --merge.method.gradient_stats=<folder>
+    mergelab test -c configs/vit_b32/base.yaml -c configs/methods/trust_region.yaml \\
+        --merge.method.gradient_stats=<folder>
 
 ``fit`` walks every task's train split once (no optimizer steps; with several devices
 each rank takes a disjoint, unpadded share and the sums and counts are all-reduced once

@@ -45,6 +45,7 @@ class RadixSelect:
 
     Usage: call :meth:`observe` on every chunk, :meth:`next_pass`, call :meth:`observe`
     on the same chunks again (any order, any chunking), then read :attr:`value`.
+    The values may be on any device (the histograms stay on the CPU).
     :meth:`observe` returns each value's upper-16-bit bucket; in the second pass,
     values in buckets below :attr:`bucket` are certainly smaller than the result and
     values above it certainly larger, so callers can act on them at once.
@@ -64,10 +65,10 @@ class RadixSelect:
         keys = _sortable_keys(values)
         buckets = (keys >> 16) + (_BINS // 2)
         if self.bucket is None:
-            self._counts += torch.bincount(buckets, minlength=_BINS)
+            self._counts += torch.bincount(buckets, minlength=_BINS).cpu()
         else:
             low = keys[buckets == self.bucket] & (_BINS - 1)
-            self._counts += torch.bincount(low, minlength=_BINS)
+            self._counts += torch.bincount(low, minlength=_BINS).cpu()
         self._seen += keys.numel()
         return buckets
 

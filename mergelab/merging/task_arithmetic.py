@@ -20,6 +20,15 @@ def task_vector_sum(task_vectors: torch.Tensor, out: torch.Tensor | None = None)
     return torch.from_numpy(total) if out is None else out
 
 
+def ordered_sum(task_vectors: torch.Tensor) -> torch.Tensor:
+    """Σt τt of τ stacked as [T, *shape] on any device (a new tensor), added task by task
+    as :func:`task_vector_sum` adds them, so both give the same bits."""
+    total = task_vectors[0].clone()
+    for tau in task_vectors[1:]:
+        total += tau
+    return total
+
+
 def apply_task_vector(
     pretrained: torch.Tensor,
     task_vector: torch.Tensor,

@@ -5,20 +5,28 @@ or ``class_path``/``init_args`` in YAML); a class of your own that subclasses
 
 from mergelab.methods.base import MergeContext, MergeMethod, ScaledMethod, Variants
 from mergelab.methods.consensus import Consensus
+from mergelab.methods.dare import Dare
 from mergelab.methods.finetuned import Finetuned
+from mergelab.methods.isotropic import Isotropic
 from mergelab.methods.tall_masks import TallMasks
 from mergelab.methods.task_arithmetic import TaskArithmetic
+from mergelab.methods.task_singular_vectors import TaskSingularVectors
+from mergelab.methods.ties import Ties
 from mergelab.methods.trust_region import TrustRegion
 from mergelab.methods.zero_shot import ZeroShot
 
 __all__ = [
     "Consensus",
+    "Dare",
     "Finetuned",
+    "Isotropic",
     "MergeContext",
     "MergeMethod",
     "ScaledMethod",
     "TallMasks",
     "TaskArithmetic",
+    "TaskSingularVectors",
+    "Ties",
     "TrustRegion",
     "Variants",
     "ZeroShot",

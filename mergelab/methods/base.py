@@ -79,8 +79,9 @@ def build_here(path: Path | None, build: Callable, load: Callable) -> Built:
 class MergeContext:
     """What a method may use: the tasks, θ0, the pool of θ0 and the fine-tuned models
     (loaded and checked on first call), the folder its artifact goes to (None: kept in
-    memory), a function that logs metrics to the run's loggers, and how a distributed run
-    builds once and shares (see :meth:`build_once`)."""
+    memory), a function that logs metrics to the run's loggers, how a distributed run
+    builds once and shares (see :meth:`build_once`), and the device the merge rules that
+    run on whole parameters compute on (the run's own: its GPU under a GPU trainer)."""
 
     tasks: list[str]
     pretrained: Callable[[], dict[str, torch.Tensor]]
@@ -88,6 +89,7 @@ class MergeContext:
     artifact_dir: Path | None = None
     log_metrics: Callable[[dict[str, float]], None] = lambda metrics: None
     sharing: Sharing = build_here
+    device: torch.device | str = "cpu"
 
     def build_once(
         self, filename: str, build: Callable[[Path | None], Built], load: Callable[[Path], Built]
@@ -131,8 +133,13 @@ class MergeMethod:
         return {name: getattr(self, name) for name in list(parameters)[1:]}
 
     def describe(self) -> dict:
-        """The method's name and settings: recorded in results.json and artifacts."""
-        return {"method": self.name} | self.init_args()
+        """The method's name and settings (a method among them described in turn):
+        recorded in results.json and artifacts."""
+        settings = {
+            name: value.describe() if isinstance(value, MergeMethod) else value
+            for name, value in self.init_args().items()
+        }
+        return {"method": self.name} | settings
 
     def check_tasks(self, tasks: Sequence[str]) -> None:
         if len(tasks) < self.min_tasks:

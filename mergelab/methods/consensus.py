@@ -11,20 +11,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergelab.engine.streaming import as_factor_list
-from mergelab.engine.tall_masks import check_consensus_k, check_ties, checked_lambdas
+from mergelab.engine.tall_masks import check_consensus_k, checked_lambdas
 from mergelab.methods.base import (
     MergeContext,
     MergeMethod,
+    ScaledMethod,
     Variants,
     joined,
     scaled_variants,
 )
-from mergelab.methods.tall_masks import built_masks
+from mergelab.methods.tall_masks import built_masks, check_multitask
 
 log = logging.getLogger(__name__)
 
 
-def picked_lambdas(path: str, ties: float | None) -> dict[str, float]:
+def picked_lambdas(path: str, multitask: dict | None) -> dict[str, float]:
     """Each task's λ picked on validation by the TALL masks run whose results.json (or
     run folder) is ``path``."""
     file = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
@@ -42,10 +43,10 @@ def picked_lambdas(path: str, ties: float | None) -> dict[str, float]:
             "a tall_masks run that picked each task's λ on validation (data.test_splits "
             "[val, test])"
         )
-    if results["settings"].get("ties") != ties:
+    if results["settings"].get("multitask") != multitask:
         raise ValueError(
-            f"tall_results: {file} masks a τMTL with ties={results['settings'].get('ties')}, "
-            f"this consensus ties={ties}"
+            f"tall_results: {file} masks the τMTL of {results['settings'].get('multitask')}, "
+            f"this consensus the τMTL of {multitask} (null: Σ τt)"
         )
     return {task: float(setting["lambda"]) for task, setting in picked.items()}
 
@@ -64,7 +65,9 @@ class Consensus(MergeMethod):
             reference code builds the consensus mask.
         tall_lambda: instead of tall_results, every task's mask at this one λ (for runs
             without validation data). Give exactly one of the two.
-        ties: the share each task keeps in a TIES-merged τMTL; null for τMTL = Σ τt.
+        multitask: null for τMTL = Σ τt; else the single-model method whose merged task
+            vector is τMTL, by class (as TallMasks's multitask; tall_results must come
+            from a TALL masks run with the same one).
     """
 
     min_tasks = 2
@@ -75,14 +78,14 @@ class Consensus(MergeMethod):
         scaling_factor: float | list[float] = 0.3,
         tall_results: str | None = None,
         tall_lambda: float | None = None,
-        ties: float | None = None,
+        multitask: ScaledMethod | None = None,
     ):
         self.ks = [k] if isinstance(k, int) else list(k)
         if not self.ks:
             raise ValueError("consensus k: no values given")
         for value in self.ks:
             check_consensus_k(value)
-        check_ties(ties)
+        check_multitask(multitask)
         if (tall_results is None) == (tall_lambda is None):
             raise ValueError(
                 "consensus needs each task's TALL λ: give tall_results (a TALL masks run's "
@@ -95,8 +98,9 @@ class Consensus(MergeMethod):
         self.scaling_factor = as_factor_list(scaling_factor, "scaling_factor")
         self.tall_results = tall_results
         self.tall_lambda = tall_lambda
-        self.ties = ties
-        self._picked = None if tall_results is None else picked_lambdas(tall_results, ties)
+        self.multitask = multitask
+        described = None if multitask is None else multitask.describe()
+        self._picked = None if tall_results is None else picked_lambdas(tall_results, described)
 
     def settings_scored(self) -> int:
         return len(self.ks) * len(self.scaling_factor)
@@ -128,7 +132,7 @@ class Consensus(MergeMethod):
 
     def variants(self, context: MergeContext) -> Variants:
         lambdas = self.task_lambdas(context.tasks)
-        masks = built_masks(context, sorted(set(lambdas.values())), self.ties)
+        masks = built_masks(context, sorted(set(lambdas.values())), self.multitask)
         pretrained, factors = context.pretrained(), self.scaling_factor
         parts = []
         for k in self.ks:

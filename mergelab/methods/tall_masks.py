@@ -10,24 +10,49 @@ import torch
 
 from mergelab.engine import tall_masks as masks_file
 from mergelab.engine.pool import ModelPool
-from mergelab.methods.base import MergeContext, MergeMethod, Variants
+from mergelab.methods.base import MergeContext, MergeMethod, ScaledMethod, Variants
 
 MASKS_FILE = "tall_masks.safetensors"
 
 
 def built_masks(
-    context: MergeContext, lambdas: Sequence[float], ties: float | None
+    context: MergeContext, lambdas: Sequence[float], multitask: ScaledMethod | None
 ) -> masks_file.TallMasks:
-    """Every task's masks over ``lambdas``, built once (streamed into the artifact folder's
-    tall_masks.safetensors when there is one, else kept in memory)."""
+    """Every task's masks over ``lambdas`` of τMTL (Σ τt, or the merged task vector of
+    ``multitask``), built once (streamed into the artifact folder's tall_masks.safetensors
+    when there is one, else kept in memory)."""
 
     def build(path: Path | None) -> masks_file.TallMasks:
         pool: ModelPool = context.pool()
+        vector = None if multitask is None else multitask.merged_task_vector(pool, context, None)
         return masks_file.TallMasks.build(
-            pool.pretrained, pool.finetuned, lambdas, ties, output=path, overwrite=True
+            pool.pretrained,
+            pool.finetuned,
+            lambdas,
+            output=path,
+            overwrite=True,
+            multitask=vector,
+            multitask_settings=None if multitask is None else multitask.describe(),
         )
 
     return context.build_once(MASKS_FILE, build, masks_file.TallMasks.load)
+
+
+def check_multitask(multitask: object) -> None:
+    """τMTL comes from one merged task vector: a single-model method with one setting."""
+    if multitask is None:
+        return
+    if not isinstance(multitask, ScaledMethod):
+        raise ValueError(
+            f"multitask: {type(multitask).__name__} does not merge into one task vector "
+            "(TALL masks and consensus take τMTL from a single-model method such as "
+            "TaskArithmetic, Ties, TaskSingularVectors or Isotropic)"
+        )
+    if len(multitask.grid()) != 1:
+        raise ValueError(
+            f"multitask: {multitask.name} is given {len(multitask.grid())} settings "
+            f"({multitask.grid()}); τMTL is one merged task vector: give one"
+        )
 
 
 class TallMasks(MergeMethod):
@@ -35,24 +60,28 @@ class TallMasks(MergeMethod):
 
     Args:
         lambdas: the λ grid; each task's λ is picked on its validation data.
-        ties: the share each task keeps in a TIES-merged τMTL (0.2 in the TALL paper); null
-            for τMTL = Σ τt.
+        multitask: null for τMTL = Σ τt; else the single-model method whose merged task
+            vector (unscaled: its scaling_factor is not used) is τMTL, by class, e.g.
+            ``{class_path: mergelab.methods.Ties, init_args: {keep: 0.2}}`` for the TALL
+            paper's "TALL mask + TIES", or TaskSingularVectors, Isotropic.
     """
 
     min_tasks = 2
 
     def __init__(
-        self, lambdas: Sequence[float] = masks_file.DEFAULT_LAMBDAS, ties: float | None = None
+        self,
+        lambdas: Sequence[float] = masks_file.DEFAULT_LAMBDAS,
+        multitask: ScaledMethod | None = None,
     ):
         self.lambdas = masks_file.checked_lambdas(list(lambdas))
-        masks_file.check_ties(ties)
-        self.ties = ties
+        check_multitask(multitask)
+        self.multitask = multitask
 
     def settings_scored(self) -> int:
         return len(self.lambdas)
 
     def variants(self, context: MergeContext) -> Variants:
-        masks = built_masks(context, self.lambdas, self.ties)
+        masks = built_masks(context, self.lambdas, self.multitask)
         pretrained = context.pretrained()
         names = [f"{self.name}@{lam!r}" for lam in self.lambdas]
         models: dict[str, dict[str, torch.Tensor]] = {}

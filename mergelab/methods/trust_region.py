@@ -1,5 +1,6 @@
 """Trust-region merging, TATR ("Task Arithmetic in Trust Region", openreview q3ztjJRQuJ):
-θ = θ0 + λ Σi τi ⊙ 1{Ω < threshold}, the most conflicting coordinates dropped."""
+θ = θ0 + λ Σi τi ⊙ 1{Ω < threshold}, the most conflicting coordinates dropped; or the
+masked task vectors TIES-merged (TATR + TIES)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from mergelab.engine.parameterwise import TaskVectors
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, as_factor_list
-from mergelab.engine.trust_region import check_threshold_quantile, trust_region_vector
+from mergelab.engine.ties import ties_merged_vector
+from mergelab.engine.trust_region import (
+    TrustRegionMask,
+    check_threshold_quantile,
+    gradient_checkpoints,
+    trust_region_vector,
+)
 from mergelab.io.gradient_statistics import load_task_statistics
+from mergelab.merging.ties import check_keep_fraction
 from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
 
 log = logging.getLogger(__name__)
@@ -28,6 +37,9 @@ class TrustRegion(ScaledMethod):
             mergelab.lightning.gradient_stats.GradientStatistics wrote (checked against the
             pretrained model); null for zero-shot TATR (conflicts from |τ|, no data). Under
             that fit, TATR is built with the statistics just computed when fit ends.
+        ties: null sums the masked task vectors; a share TIES-merges them instead, each
+            keeping that share of its largest magnitudes (the TATR paper's "TATR + TIES",
+            with 0.2).
     """
 
     min_tasks = 2
@@ -37,6 +49,7 @@ class TrustRegion(ScaledMethod):
         scaling_factor: float | list[float] = 0.3,
         threshold_quantile: float | list[float] = 0.99,
         gradient_stats: str | None = None,
+        ties: float | None = None,
     ):
         quantiles = as_factor_list(threshold_quantile, "threshold_quantile")
         for quantile in quantiles:
@@ -48,10 +61,13 @@ class TrustRegion(ScaledMethod):
                 f"gradient_stats: no folder {gradient_stats} (mergelab fit with "
                 "GradientStatistics writes it)"
             )
+        if ties is not None:
+            check_keep_fraction(ties)
         self.scaling_factor = as_factor_list(scaling_factor, "scaling_factor")
         self.threshold_quantile = threshold_quantile
         self.gradient_stats = gradient_stats
         self.quantiles = quantiles
+        self.ties = ties
 
     def grid(self) -> list[dict]:
         if len(self.quantiles) == 1:
@@ -78,6 +94,10 @@ class TrustRegion(ScaledMethod):
         metrics = {f"{prefix}/threshold": merged.threshold}
         metrics |= {f"{prefix}/density/{k}": v for k, v in merged.density().items()}
         context.log_metrics(metrics)
+        delta = merged.delta
+        if self.ties is not None:
+            mask = TrustRegionMask(pool, merged.threshold, gradient_checkpoints(pool, gradients))
+            delta = ties_merged_vector(TaskVectors(pool, context.device, [mask]), self.ties)
         settings = self.describe() | {"threshold_quantile": quantile, "threshold": merged.threshold}
-        save_task_vector(merged.delta, pool, output, settings)
-        return merged.delta
+        save_task_vector(delta, pool, output, settings)
+        return delta

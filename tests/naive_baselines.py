@@ -1,0 +1,70 @@
+"""Slow, literal transcriptions of DARE and the compositions with TIES (REFERENCE.md §5),
+beside tests/naive.py's rules. Nothing here imports mergelab."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import naive
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def ties_merged(
+    pretrained: StateDict, finetuned: Mapping[str, StateDict], share: float, mean: bool
+) -> StateDict:
+    """TIES's δ, coordinate by coordinate: the disjoint sum (the TALL code's "dis-sum") or
+    the disjoint mean (the TIES paper's "dis-mean": the sum over the count that agree)."""
+    total = naive.ties_multitask_vector(pretrained, finetuned, share)
+    if not mean:
+        return total
+    taus = naive.task_vectors(pretrained, finetuned)
+    thresholds = {t: naive.ties_threshold(taus[t], share) for t in taus}
+    result = {}
+    for key, summed in total.items():
+        counts = []
+        flat = summed.reshape(-1).tolist()
+        for i, value in enumerate(flat):
+            entries = [
+                taus[t][key].reshape(-1)[i].item()
+                for t in taus
+                if abs(taus[t][key].reshape(-1)[i].item()) >= thresholds[t]
+            ]
+            agreeing = [v for v in entries if v != 0 and (v > 0) == (value > 0)]
+            counts.append(max(1, len(agreeing)) if value != 0 else 1)
+        count = torch.tensor(counts, dtype=summed.dtype).reshape(summed.shape)
+        result[key] = summed / count
+    return result
+
+
+def dare_seed(seed: int, task: str, key: str) -> int:
+    """The documented seed of a task's drop mask of one parameter: the first 8 bytes of
+    SHA-256 of "seed NUL task NUL key", little-endian, shifted right by one bit."""
+    digest = hashlib.sha256(f"{seed}\0{task}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def dropped_task_vectors(pretrained, finetuned, p, seed) -> dict[str, StateDict]:
+    """τt ⊙ mt / (1 − p), computed directly (not as a difference of models)."""
+    taus = naive.task_vectors(pretrained, finetuned)
+    out = {}
+    for task, tau in taus.items():
+        out[task] = {}
+        for key, value in tau.items():
+            generator = torch.Generator().manual_seed(dare_seed(seed, task, key))
+            keep = torch.rand(tuple(value.shape), generator=generator) >= p
+            out[task][key] = torch.where(keep, value / (1 - p), 0.0)
+    return out
+
+
+def masked_models(pretrained, finetuned, q, gradients=None) -> dict[str, StateDict]:
+    """θ0 + τt ⊙ 1{Ω < threshold}: TATR's trust region applied to each task's model."""
+    mask = naive.trust_region_parts(pretrained, finetuned, q, gradients)[1]
+    taus = naive.task_vectors(pretrained, finetuned)
+    return {
+        task: dict(pretrained)
+        | {key: pretrained[key] + torch.where(mask[key], tau[key], 0.0) for key in tau}
+        for task, tau in taus.items()
+    }

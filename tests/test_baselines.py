@@ -1,0 +1,189 @@
+"""TIES, DARE, TATR + TIES and TALL masks over another method's τMTL, against the naive
+transcriptions of tests/naive.py and tests/naive_baselines.py on random models."""
+
+from __future__ import annotations
+
+import naive
+import naive_baselines
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import FACTORS, LAMBDA_GRID, assert_states_equal, families, make_family
+
+import mergelab
+from mergelab.engine.parameterwise import resolve_device
+from mergelab.methods import Dare, Isotropic, TallMasks, TaskArithmetic, Ties, TrustRegion
+
+SHARES = st.sampled_from([1.0, 0.5, 0.2, 0.05])
+
+
+def _close(actual, expected, scale=1.0):
+    for key in expected:
+        torch.testing.assert_close(
+            actual[key].double(), expected[key].double(), rtol=1e-6, atol=1e-5 * scale, msg=key
+        )
+
+
+@given(family=families(), factor=FACTORS, share=SHARES, mean=st.booleans())
+def test_ties_matches_naive(family, factor, share, mean):
+    """Integer-valued models: the trimmed sums are exact; the mean rounds once."""
+    merged = mergelab.ties(
+        family.pretrained, family.finetuned, factor, keep=share, disjoint_mean=mean, device="cpu"
+    )
+    delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
+    expected = naive.assemble(family.pretrained, delta, factor)
+    if mean:
+        _close(merged, expected)
+    else:
+        assert_states_equal(merged, expected)
+
+
+@given(family=families(), share=SHARES)
+def test_tall_ties_option_is_the_ties_methods_vector(family, share):
+    """One TIES implementation: TALL's ties= τMTL is the TIES method's δ."""
+    masks = mergelab.TallMasks.build(family.pretrained, family.finetuned, [0.4], ties=share)
+    pool = mergelab.ModelPool(family.pretrained, family.finetuned)
+    delta = mergelab.ties_merged_vector(mergelab.TaskVectors(pool, "cpu"), share)
+    for key, value in delta.items():
+        assert torch.equal(masks.multitask_vector(key), value), key
+
+
+@given(
+    family=families(),
+    factor=FACTORS,
+    p=st.sampled_from([0.0, 0.1, 0.5, 0.9]),
+    seed=st.integers(0, 3),
+)
+def test_dare_matches_naive(family, factor, p, seed):
+    """DARE + Task Arithmetic: the naive dropped vectors summed, task by task."""
+    merged = mergelab.dare(family.pretrained, family.finetuned, factor, p, seed, device="cpu")
+    dropped = naive_baselines.dropped_task_vectors(family.pretrained, family.finetuned, p, seed)
+    delta = {}
+    for key in naive.merged_keys(family.pretrained):
+        parts = [dropped[t][key] for t in dropped]
+        delta[key] = parts[0].clone()
+        for part in parts[1:]:
+            delta[key] = delta[key] + part
+    assert_states_equal(merged, naive.assemble(family.pretrained, delta, factor))
+
+
+@given(family=families(), p=st.sampled_from([0.1, 0.5]), share=SHARES)
+def test_dare_ties_is_ties_over_the_dropped_models(family, p, share):
+    """The naive TIES of the dropped vectors, given as models over a zero θ0 (so that
+    τ = θ − 0 is exact)."""
+    pool = mergelab.ModelPool(family.pretrained, family.finetuned)
+    delta = mergelab.dare_vector(pool, p, 0, ties=share, device="cpu")
+    dropped = naive_baselines.dropped_task_vectors(family.pretrained, family.finetuned, p, 0)
+    zero = {key: torch.zeros_like(value) for key, value in dropped[family.tasks[0]].items()}
+    # rescaled entries are no longer integers: sums in float32 against the naive float64
+    _close(delta, naive.ties_multitask_vector(zero, dropped, share), scale=10)
+
+
+def test_dare_drops_at_the_rate_and_keeps_the_expected_value():
+    family = make_family(0, [(400, 500)], 2, integer=False)
+    pool = mergelab.ModelPool(family.pretrained, family.finetuned)
+    taus = naive.task_vectors(family.pretrained, family.finetuned)
+    for p in (0.3, 0.9):
+        dropped = mergelab.TaskVectors(pool, "cpu", [mergelab.engine.dare.DareDrop(pool.tasks, p)])
+        values = dropped("blocks.0.weight")
+        for row, task in zip(values, pool.tasks, strict=True):
+            kept = row != 0
+            assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+            tau = taus[task]["blocks.0.weight"]
+            assert torch.equal(row[kept], tau[kept] / (1 - p))
+
+
+def test_dare_masks_do_not_depend_on_task_order():
+    family = make_family(1, [(6, 7), (5,)], 3, integer=False)
+    reordered = dict(reversed(list(family.finetuned.items())))
+    drop = mergelab.engine.dare.DareDrop
+    for key in ("blocks.0.weight", "blocks.1.weight"):
+        forward = mergelab.TaskVectors(
+            mergelab.ModelPool(family.pretrained, family.finetuned),
+            "cpu",
+            [drop(list(family.finetuned), 0.5)],
+        )(key).clone()
+        backward = mergelab.TaskVectors(
+            mergelab.ModelPool(family.pretrained, reordered), "cpu", [drop(list(reordered), 0.5)]
+        )(key)
+        assert torch.equal(forward, backward.flip(0))
+
+
+@given(family=families(), q=st.sampled_from([0.99, 0.9, 0.5]), share=SHARES, grads=st.booleans())
+@settings(max_examples=40)
+def test_trust_region_ties_is_ties_over_the_masked_models(family, q, share, grads):
+    """TATR + TIES: the trust region's mask applied to every task vector, then TIES."""
+    gradients = family.gradients if grads else None
+    pool = mergelab.ModelPool(family.pretrained, family.finetuned)
+    tatr = mergelab.trust_region_vector(pool, q, gradients)
+    mask = mergelab.engine.trust_region.TrustRegionMask(pool, tatr.threshold, gradients)
+    delta = mergelab.ties_merged_vector(mergelab.TaskVectors(pool, "cpu", [mask]), share)
+    masked = naive_baselines.masked_models(family.pretrained, family.finetuned, q, gradients)
+    expected = naive.ties_multitask_vector(family.pretrained, masked, share)
+    assert_states_equal(delta, expected)
+
+
+@given(
+    family=families(),
+    lambdas=st.sampled_from([LAMBDA_GRID, (0.5,), (0.3, 1.0)]),
+    share=SHARES,
+)
+def test_tall_masks_over_any_multitask_vector(family, lambdas, share):
+    """TALL's masks of a given τMTL (here TIES's, exact on integer models) are the naive
+    masks of that τMTL."""
+    pool = mergelab.ModelPool(family.pretrained, family.finetuned)
+    mtl = mergelab.ties_merged_vector(mergelab.TaskVectors(pool, "cpu"), share)
+    masks = mergelab.TallMasks.build(
+        family.pretrained,
+        family.finetuned,
+        lambdas,
+        multitask=mtl,
+        multitask_settings={"method": "ties"},
+    )
+    expected = naive.tall_masks(family.pretrained, family.finetuned, lambdas, mtl)
+    assert masks.multitask == {"method": "ties"}
+    for task in family.tasks:
+        for lam in lambdas:
+            for key in mtl:
+                assert torch.equal(masks.mask(task, lam, key), expected[task][lam][key])
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Ties(keep=0), "keep"),
+        (lambda: Ties(keep=1.5), "keep"),
+        (lambda: Dare(drop_rate=1.0), "drop_rate"),
+        (lambda: Dare(drop_rate=[0.5, -0.1]), "drop_rate"),
+        (lambda: Dare(ties=0), "keep"),
+        (lambda: Isotropic(common_subspace=1.5), "1.5"),
+        (lambda: TrustRegion(ties=2.0), "keep"),
+        (lambda: TallMasks(multitask=TallMasks()), "does not merge into one task vector"),
+        (lambda: TallMasks(multitask=TrustRegion(threshold_quantile=[0.9, 0.99])), "one"),
+    ],
+)
+def test_bad_settings_refused_when_constructed(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_tall_masks_describe_their_multitask_method():
+    described = TallMasks(multitask=Ties(keep=0.2)).describe()
+    assert described["multitask"] == {
+        "method": "ties",
+        "scaling_factor": [0.3],
+        "keep": 0.2,
+        "disjoint_mean": False,
+    }
+    assert (
+        TallMasks(multitask=TaskArithmetic()).describe()["multitask"]["method"] == "task_arithmetic"
+    )
+
+
+def test_a_missing_cuda_device_is_refused_by_name():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="'cuda:0': CUDA is not available"):
+        resolve_device("cuda:0")
+    assert resolve_device(None).type == "cpu"
