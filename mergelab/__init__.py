@@ -14,7 +14,8 @@ from mergelab.engine.spectral import (
     task_singular_vectors,
     tsv_vector,
 )
-from mergelab.engine.tall_masks import DEFAULT_LAMBDAS, TallMasks
+from mergelab.engine.tall_layout import DEFAULT_LAMBDAS
+from mergelab.engine.tall_masks import TallMasks
 from mergelab.engine.task_arithmetic import task_arithmetic, task_arithmetic_vector
 from mergelab.engine.ties import ties, ties_merged_vector
 from mergelab.engine.trust_region import TrustRegionVector, trust_region, trust_region_vector

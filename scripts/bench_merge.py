@@ -19,7 +19,17 @@ safetensors files into a work folder. Then, each in a fresh child process, from 
 ``tall``
     ``TallMasks.build(..., lambdas=[0.4], output=file)`` (every task's mask, streamed
     into one file), then ``masks.retrieve(θ0, task, 0.4, reuse=model)`` once per task,
-    in memory, each into the tensors of the one before (as the evaluation loop does).
+    in memory, each into the tensors of the one before (as the evaluation loop does);
+``ties``, ``dare``
+    ``mergelab.ties(..., 0.3, keep=0.2)`` and ``mergelab.dare(..., 0.3, 0.5, seed 0)`` on
+    the CPU, the merged model in memory (targets: 2× the floor);
+``tsv``, ``iso_c``, ``iso_cts``
+    ``mergelab.task_singular_vectors`` and ``mergelab.isotropic`` (Iso-CTS with a common
+    subspace of 0.8) on the CPU, the merged model in memory; each against ``svd_<rule>``,
+    the bare ``torch.linalg.svd`` calls of the same shapes that its rule needs for every
+    2-D parameter (timed alone, in the same run): target, the method within 1.5× of
+    those SVDs plus the floor. ``--methods`` picks a subset (the SVD methods of ViT-B/32
+    at 20 tasks take many minutes on two cores).
 
 Each child reports the wall time of its work alone (``time.perf_counter`` after the
 imports: torch, mergelab and, for ``tall``, the numba kernels of
@@ -163,11 +173,18 @@ def run_method(method: str, workdir: Path, args: argparse.Namespace, profile: bo
     return record
 
 
+def measured_methods(asked: list[str]) -> list[str]:
+    """``asked`` in METHODS's order, with the floor and each SVD method's bare SVDs."""
+    wanted = {"floor", *asked, *(f"svd_{m}" for m in asked if f"svd_{m}" in METHODS)}
+    return [method for method in METHODS if method in wanted]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=SCRIPT.name,
         description=(
-            "Benchmark mergelab's Task Arithmetic, zero-shot TATR and TALL masks on a "
+            "Benchmark mergelab's Task Arithmetic, zero-shot TATR, TALL masks, TIES, DARE, "
+            "TSV-M, Iso-C and Iso-CTS on a "
             "random-weight open_clip image encoder and N noisy fine-tuned copies, each merge "
             "run from safetensors files in a fresh process; reports wall time and peak RSS "
             "against the floor of just reading and summing the checkpoints."
@@ -232,6 +249,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "warm_free_memory): on a VM that hands freed memory back to its host, methods "
         "that write models or files then pay the host's page faults, the floor does not",
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        metavar="METHOD",
+        help="the methods to measure (default: all of %(choices)s; the floor always runs, "
+        "an SVD method's bare SVDs (svd_<rule>) with it)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show children's log lines")
     args = parser.parse_args(argv)
     if args.tasks < 2:
@@ -273,20 +299,23 @@ def main(argv: list[str] | None = None) -> int:
             run_generation(workdir, args)
         log.info("warm-up: floor run to fill the page cache, tall run to compile (discarded)")
         first = run_method("floor", workdir, args, profile=False)
-        run_method("tall", workdir, args, profile=False)  # numba caches its kernels on disk
+        if "tall" in args.methods:  # numba caches its kernels on disk
+            run_method("tall", workdir, args, profile=False)
         model_bytes = first["model_bytes"]
-        runs: dict[str, list[dict]] = {method: [] for method in METHODS}
+        runs: dict[str, list[dict]] = {method: [] for method in measured_methods(args.methods)}
         for repeat in range(args.repeat):
             log.info("measuring, round %d/%d", repeat + 1, args.repeat)
-            for method in METHODS:
+            for method in runs:
                 runs[method].append(run_method(method, workdir, args, profile=False))
         if args.profile is not None:
             log.info("profiling each method once (cProfile) into %s", args.profile)
-            for method in METHODS:
+            for method in runs:
                 run_method(method, workdir, args, profile=True)
         results = {method: combine(r) for method, r in runs.items()}
-        mask = {k: results["tall"][k] for k in ("masks", "mask_bytes", "mtl_bytes")}
-        mask["mask_bits_per_param"] = results["tall"]["mask_bits_per_param"]
+        mask = None
+        if "tall" in results:
+            mask = {k: results["tall"][k] for k in ("masks", "mask_bytes", "mtl_bytes")}
+            mask["mask_bits_per_param"] = results["tall"]["mask_bits_per_param"]
         log.info(
             "parent peak RSS %.1f MB (stays small: children inherit it)", peak_rss_bytes() / MB
         )

@@ -12,6 +12,7 @@ its names, and torch and mergelab are imported by the measuring child alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -29,8 +30,22 @@ from harness import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("floor", "task_arithmetic", "tatr", "tall")
+# each SVD method's rule, and the bare torch.linalg.svd calls that rule makes ("svd_<rule>")
+SVD_RULES = ("tsv", "iso_c", "iso_cts")
+METHODS = (
+    "floor",
+    "task_arithmetic",
+    "tatr",
+    "tall",
+    "ties",
+    "dare",
+    *SVD_RULES,
+    *(f"svd_{rule}" for rule in SVD_RULES),
+)
 SCALING = 0.3
+TIES_KEEP = 0.2
+DARE_DROP = 0.5
+ISO_CTS_COMMON = 0.8
 TATR_QUANTILE = 0.99
 TALL_LAMBDA = 0.4
 FORBIDDEN_IMPORTS = ("open_clip", "lightning", "pytorch_lightning")
@@ -100,11 +115,95 @@ def work_tall(w: Workload) -> dict:
     return phases
 
 
+def work_ties(w: Workload) -> dict:
+    import mergelab
+
+    merged = mergelab.ties(w.pretrained, w.finetuned, SCALING, keep=TIES_KEEP, device="cpu")
+    del merged
+    return {}
+
+
+def work_dare(w: Workload) -> dict:
+    import mergelab
+
+    merged = mergelab.dare(w.pretrained, w.finetuned, SCALING, DARE_DROP, 0, device="cpu")
+    del merged
+    return {}
+
+
+def work_tsv(w: Workload) -> dict:
+    import mergelab
+
+    merged = mergelab.task_singular_vectors(w.pretrained, w.finetuned, 1.0, device="cpu")
+    del merged
+    return {}
+
+
+def work_iso_c(w: Workload) -> dict:
+    import mergelab
+
+    merged = mergelab.isotropic(w.pretrained, w.finetuned, 1.0, device="cpu")
+    del merged
+    return {}
+
+
+def work_iso_cts(w: Workload) -> dict:
+    import mergelab
+
+    merged = mergelab.isotropic(
+        w.pretrained, w.finetuned, 1.0, common_subspace=ISO_CTS_COMMON, device="cpu"
+    )
+    del merged
+    return {}
+
+
+def svd_shapes(rule: str, rows: int, cols: int, tasks: int) -> list[tuple[int, int]]:
+    """The shapes of the SVDs that ``rule`` takes for one [rows, cols] matrix and ``tasks``
+    task vectors (mergelab/merging/task_singular_vectors.py and isotropic.py): a thin SVD
+    per task vector or residual, of Σ τt, and of the concatenated U and Vᵀ it
+    orthogonalises."""
+    rank = min(rows, cols)
+    if rule == "iso_c":
+        return [(rows, cols)]
+    if rule == "tsv":
+        kept = tasks * (rank // tasks)
+        return [(rows, cols)] * tasks + [(rows, kept), (kept, cols)]
+    return [(rows, cols)] * (tasks + 1) + [(rows, rank), (rank, cols)]
+
+
+def bare_svds(w: Workload, rule: str) -> dict:
+    """The floor of an SVD method: ``torch.linalg.svd`` on random float32 matrices of the
+    shapes its rule decomposes for every 2-D parameter, timed alone (the drawing is not)."""
+    import torch
+
+    from mergelab import SafetensorsCheckpoint
+
+    pretrained = SafetensorsCheckpoint(w.pretrained)
+    generator = torch.Generator().manual_seed(0)
+    seconds = 0.0
+    for key in pretrained:
+        spec = pretrained.spec(key)
+        if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
+            continue
+        for shape in svd_shapes(rule, *spec.shape, len(w.finetuned)):
+            matrix = torch.randn(shape, generator=generator)
+            start = time.perf_counter()
+            torch.linalg.svd(matrix, full_matrices=False)
+            seconds += time.perf_counter() - start
+    return {"svd": seconds}
+
+
 WORK = {
     "floor": work_floor,
     "task_arithmetic": work_task_arithmetic,
     "tatr": work_tatr,
     "tall": work_tall,
+    "ties": work_ties,
+    "dare": work_dare,
+    "tsv": work_tsv,
+    "iso_c": work_iso_c,
+    "iso_cts": work_iso_cts,
+    **{f"svd_{rule}": functools.partial(bare_svds, rule=rule) for rule in SVD_RULES},
 }
 
 

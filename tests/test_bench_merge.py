@@ -11,11 +11,16 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_merge.py"
 TARGETS = ("tatr_vs_floor", "tatr_rss_models", "tall_vs_floor", "tall_rss_models")
+TARGETS += ("ties_vs_floor", "ties_rss_models", "dare_vs_floor", "dare_rss_models")
+# the SVD methods' workloads take minutes even on ViT-S-32 (hundreds of SVDs): by hand,
+# python scripts/bench_merge.py --methods tsv iso_c iso_cts
+METHODS = ("task_arithmetic", "tatr", "tall", "ties", "dare")
 
 
 def test_bench_merge_reports_every_target(tmp_path):
+    options = ["--model", "ViT-S-32", "--tasks", "2", "--workdir", tmp_path]
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--model", "ViT-S-32", "--tasks", "2", "--workdir", tmp_path],
+        [sys.executable, str(SCRIPT), *options, "--methods", *METHODS],
         capture_output=True,
         text=True,
         timeout=600,

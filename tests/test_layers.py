@@ -16,7 +16,16 @@ LAYERS = [
     ("models and tasks", ("mergelab.models", "mergelab.tasks")),
     ("methods", ("mergelab.methods",)),
     ("lightning adapters", ("mergelab.lightning",)),
-    ("applications", ("mergelab.cli", "mergelab.console", "mergelab.sweep", "mergelab.embedded")),
+    (
+        "applications",
+        (
+            "mergelab.cli",
+            "mergelab.console",
+            "mergelab.sweep",
+            "mergelab.embedded",
+            "mergelab.registry",
+        ),
+    ),
     ("public api", ("mergelab",)),
 ]
 

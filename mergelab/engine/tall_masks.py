@@ -40,6 +40,17 @@ from mergelab.engine.streaming import (
     progress,
     single_or_list,
 )
+from mergelab.engine.tall_layout import (
+    DEFAULT_LAMBDAS,
+    FORMAT,
+    check_consensus_k,
+    check_multitask_vector,
+    check_ties,
+    checked_lambdas,
+    lambda_name,
+    mask_key,
+    mtl_key,
+)
 from mergelab.engine.ties import ties_merged_vector
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.merging.consensus import consensus_mask
@@ -52,57 +63,9 @@ from mergelab.merging.tall_masks import (
 )
 from mergelab.merging.task_arithmetic import task_vector_sum
 
-# The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
-DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
-FORMAT = "mergelab.tall_masks/1"
 # Retrieval blocks, in ModelPool chunks (so a multiple of 8, as the packed masks need): a
 # retrieval does little work per element, so larger blocks keep the call overhead small.
 RETRIEVE_BLOCKS = 4
-
-
-def _lambda_name(lam: float) -> str:
-    """λ as stored in keys: the shortest repr that reads back as the same float."""
-    return repr(float(lam))
-
-
-def mtl_key(key: str) -> str:
-    return f"mtl/{key}"
-
-
-def mask_key(task: str, lam: float, key: str) -> str:
-    return f"mask/{task}/{_lambda_name(lam)}/{key}"
-
-
-def checked_lambdas(lambdas: Sequence[float]) -> list[float]:
-    """A TALL λ grid as floats, refused if empty, not positive or with a value twice."""
-    lambdas = as_factor_list(lambdas, "lambdas")
-    for lam in lambdas:
-        if not lam > 0:
-            raise ValueError(f"TALL mask λ must be > 0, got {lam}")
-    if len(set(lambdas)) != len(lambdas):
-        raise ValueError(f"a TALL λ is listed twice: {lambdas}")
-    return lambdas
-
-
-def check_ties(ties: float | None) -> None:
-    if ties is not None and not 0 < ties <= 1:
-        raise ValueError(f"ties (share of each task vector kept) must be in (0, 1], got {ties}")
-
-
-def check_consensus_k(k: int) -> None:
-    if k < 0:
-        raise ValueError(f"consensus k must be ≥ 0, got {k}")
-
-
-def _check_multitask(pool: ModelPool, multitask: Mapping[str, torch.Tensor]) -> None:
-    for key in pool.merged_keys:
-        if key not in multitask:
-            raise KeyError(f"the multitask vector lacks {key!r}")
-        if tensor_spec(multitask, key).shape != pool.specs[key].shape:
-            raise ValueError(
-                f"the multitask vector's {key!r} is {tensor_spec(multitask, key).shape}, "
-                f"the model's {pool.specs[key].shape}"
-            )
 
 
 class TallMasks:
@@ -148,7 +111,7 @@ class TallMasks:
         if ties is not None and multitask is not None:
             raise ValueError("TALL masks: give ties or a multitask vector, not both")
         if multitask is not None:
-            _check_multitask(pool, multitask)
+            check_multitask_vector(pool, multitask)
         if output is not None:
             check_writable(output, overwrite)
         if ties is not None:
@@ -259,7 +222,7 @@ class TallMasks:
     def _check(self, task: str, lam: float) -> None:
         if task not in self.tasks:
             raise KeyError(f"no TALL masks for task {task!r}; tasks: {self.tasks}")
-        if _lambda_name(lam) not in {_lambda_name(v) for v in self.lambdas}:
+        if lambda_name(lam) not in {lambda_name(v) for v in self.lambdas}:
             raise KeyError(f"no TALL mask for λ={lam}; built for {self.lambdas}")
 
     def lambda_for(self, task: str, lam: float | None = None) -> float:
@@ -380,11 +343,11 @@ class TallMasks:
         for task in self.tasks:
             if task not in scores:
                 raise KeyError(f"no validation scores for task {task!r}")
-            by_name = {_lambda_name(float(lam)): s for lam, s in scores[task].items()}
-            missing = [lam for lam in self.lambdas if _lambda_name(lam) not in by_name]
+            by_name = {lambda_name(float(lam)): s for lam, s in scores[task].items()}
+            missing = [lam for lam in self.lambdas if lambda_name(lam) not in by_name]
             if missing:
                 raise KeyError(f"no validation score for task {task!r} at λ={missing[0]}")
-            score = {lam: by_name[_lambda_name(lam)] for lam in self.lambdas}
+            score = {lam: by_name[lambda_name(lam)] for lam in self.lambdas}
             chosen[task] = pick_best(self.lambdas, score.__getitem__)
         self.chosen = chosen
         return chosen

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergelab.engine.streaming import as_factor_list
-from mergelab.engine.tall_masks import check_consensus_k, checked_lambdas
+from mergelab.engine.tall_layout import check_consensus_k, checked_lambdas
 from mergelab.methods.base import (
     MergeContext,
     MergeMethod,

@@ -10,6 +10,7 @@ import torch
 
 from mergelab.engine import tall_masks as masks_file
 from mergelab.engine.pool import ModelPool
+from mergelab.engine.tall_layout import DEFAULT_LAMBDAS, checked_lambdas
 from mergelab.methods.base import MergeContext, MergeMethod, ScaledMethod, Variants
 
 MASKS_FILE = "tall_masks.safetensors"
@@ -70,10 +71,10 @@ class TallMasks(MergeMethod):
 
     def __init__(
         self,
-        lambdas: Sequence[float] = masks_file.DEFAULT_LAMBDAS,
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
         multitask: ScaledMethod | None = None,
     ):
-        self.lambdas = masks_file.checked_lambdas(list(lambdas))
+        self.lambdas = checked_lambdas(list(lambdas))
         check_multitask(multitask)
         self.multitask = multitask
 
