@@ -23,13 +23,11 @@ import re
 from collections import defaultdict
 
 import torch
+from embedded_models import embedded_models
 
-from mergelab.embedded.build import EmbeddedBenchmark
-from mergelab.embedded.preset import MODEL_NAME
 from mergelab.embedded.scenes import TASKS
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.trust_region import trust_region_vector
-from mergelab.models.clip import load_clip, load_image_encoder
 
 
 def layer_of(key: str) -> str:
@@ -44,15 +42,7 @@ def main() -> None:
     parser.add_argument("--quantiles", type=float, nargs="+", default=[0.9, 0.99])
     args = parser.parse_args()
 
-    benchmark = EmbeddedBenchmark(args.preset)
-    root = benchmark.ensure()
-    clip = load_clip(
-        MODEL_NAME, str(benchmark.asset("pretrained")), model_config=benchmark.asset("model_config")
-    )
-    pretrained = clip.visual_state_dict()
-    finetuned = {
-        t: load_image_encoder(benchmark.asset(f"finetuned/{t}"), pretrained) for t in TASKS
-    }
+    root, pretrained, finetuned = embedded_models(args.preset)
     pool = ModelPool(pretrained, finetuned)
     keys = pool.merged_keys
     taus = {t: {k: finetuned[t][k].float() - pretrained[k].float() for k in keys} for t in TASKS}

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+from embedded_models import embedded_models
 
-from mergelab.embedded.build import EmbeddedBenchmark
-from mergelab.embedded.preset import MODEL_NAME
 from mergelab.embedded.scenes import TASKS
 from mergelab.engine.parameterwise import TaskVectors
 from mergelab.engine.pool import ModelPool
-from mergelab.engine.ties import ties_majority, ties_merged_vector, ties_thresholds
+from mergelab.engine.ties import ties_majority, ties_thresholds
 from mergelab.merging.ties import ties_vector, trim
-from mergelab.models.clip import load_clip, load_image_encoder
 
 
 def main() -> None:
@@ -32,37 +30,30 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.2, help="TIES's kept share (0.2)")
     args = parser.parse_args()
 
-    benchmark = EmbeddedBenchmark(args.preset)
-    benchmark.ensure()
-    clip = load_clip(
-        MODEL_NAME, str(benchmark.asset("pretrained")), model_config=benchmark.asset("model_config")
-    )
-    pretrained = clip.visual_state_dict()
-    finetuned = {
-        t: load_image_encoder(benchmark.asset(f"finetuned/{t}"), pretrained) for t in TASKS
-    }
+    _, pretrained, finetuned = embedded_models(args.preset)
     pool = ModelPool(pretrained, finetuned)
     vectors = TaskVectors(pool, "cpu")
     thresholds = ties_thresholds(vectors, args.keep)
     majority = ties_majority(vectors, thresholds)
     energy = torch.zeros(len(TASKS), 3, dtype=torch.float64)  # all, trimmed, elected
+    dot = delta_norm = total_norm = 0.0  # of TIES's δ (the disjoint sum) and Σ τt
     for _, taus in vectors.walk("measuring"):
         flat = taus.reshape(len(TASKS), -1).double()
         trimmed = trim(taus, thresholds).reshape(len(TASKS), -1).double()
-        merged_sign = torch.sign(ties_vector(taus, thresholds, majority, False)).reshape(-1)
-        elected = torch.where(torch.sign(trimmed) == merged_sign, trimmed, 0)
+        delta = ties_vector(taus, thresholds, majority, False).reshape(-1).double()
+        elected = torch.where(torch.sign(trimmed) == torch.sign(delta), trimmed, 0)
         for column, part in enumerate((flat, trimmed, elected)):
             energy[:, column] += (part**2).sum(1)
-    delta = ties_merged_vector(vectors, args.keep)
-    total = {key: taus.sum(0) for key, taus in vectors.walk("Σ τ")}
-    dot = sum((delta[k].double() * total[k].double()).sum() for k in total)
-    norms = [sum((v[k].double() ** 2).sum() for k in total) ** 0.5 for v in (delta, total)]
+        total = flat.sum(0)
+        dot += float(delta @ total)
+        delta_norm += float(delta @ delta)
+        total_norm += float(total @ total)
     print(f"TIES keep {args.keep}: share of each task's ‖τt‖² that is left")
     print(f"{'task':<12}{'after trim':>12}{'after election':>16}")
     for index, task in enumerate(TASKS):
         kept, elected = (energy[index, 1:] / energy[index, 0]).tolist()
         print(f"{task:<12}{100 * kept:>11.1f}%{100 * elected:>15.1f}%")
-    print(f"cosine(TIES δ, Σ τt) = {float(dot / (norms[0] * norms[1])):.3f}")
+    print(f"cosine(TIES δ, Σ τt) = {dot / (delta_norm * total_norm) ** 0.5:.3f}")
 
 
 if __name__ == "__main__":

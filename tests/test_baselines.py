@@ -39,16 +39,6 @@ def test_ties_matches_naive(family, factor, share, mean):
         assert_states_equal(merged, expected)
 
 
-@given(family=families(), share=SHARES)
-def test_tall_ties_option_is_the_ties_methods_vector(family, share):
-    """One TIES implementation: TALL's ties= τMTL is the TIES method's δ."""
-    masks = mergelab.TallMasks.build(family.pretrained, family.finetuned, [0.4], ties=share)
-    pool = mergelab.ModelPool(family.pretrained, family.finetuned)
-    delta = mergelab.ties_merged_vector(mergelab.TaskVectors(pool, "cpu"), share)
-    for key, value in delta.items():
-        assert torch.equal(masks.multitask_vector(key), value), key
-
-
 @given(
     family=families(),
     factor=FACTORS,

@@ -41,11 +41,6 @@ def checked_lambdas(lambdas: Sequence[float]) -> list[float]:
     return lambdas
 
 
-def check_ties(ties: float | None) -> None:
-    if ties is not None and not 0 < ties <= 1:
-        raise ValueError(f"ties (share of each task vector kept) must be in (0, 1], got {ties}")
-
-
 def check_consensus_k(k: int) -> None:
     if k < 0:
         raise ValueError(f"consensus k must be ≥ 0, got {k}")

@@ -45,7 +45,6 @@ from mergelab.engine.tall_layout import (
     FORMAT,
     check_consensus_k,
     check_multitask_vector,
-    check_ties,
     checked_lambdas,
     lambda_name,
     mask_key,
@@ -62,6 +61,7 @@ from mergelab.merging.tall_masks import (
     unpack_mask,
 )
 from mergelab.merging.task_arithmetic import task_vector_sum
+from mergelab.merging.ties import check_keep_fraction
 
 # Retrieval blocks, in ModelPool chunks (so a multiple of 8, as the packed masks need): a
 # retrieval does little work per element, so larger blocks keep the call overhead small.
@@ -107,7 +107,8 @@ class TallMasks:
         pool = ModelPool(pretrained, finetuned)
         pool.require_tasks(2, "TALL masks")
         lambdas = checked_lambdas(lambdas)
-        check_ties(ties)
+        if ties is not None:
+            check_keep_fraction(ties)
         if ties is not None and multitask is not None:
             raise ValueError("TALL masks: give ties or a multitask vector, not both")
         if multitask is not None:
