@@ -32,8 +32,8 @@ safetensors files into a work folder. Then, each in a fresh child process, from 
     at 20 tasks take many minutes on two cores).
 
 Each child reports the wall time of its work alone (``time.perf_counter`` after the
-imports: torch, mergelab and, for ``tall``, the numba kernels of
-``mergelab.merging.tall_kernels``; the import seconds are shown too), the seconds of the
+imports: torch, mergelab and, for ``tall``, ``ties`` and ``dare``, their numba kernels
+(``mergelab.merging.*_kernels``); the import seconds are shown too), the seconds of the
 TALL build and of each retrieval, its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss`` at
 the end) and, for information, its RSS right after the imports (torch alone is about
 0.5 GB). Peak RSS is divided by the pretrained checkpoint's tensor bytes ("models"), and

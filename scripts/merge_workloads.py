@@ -205,6 +205,8 @@ WORK = {
     "iso_cts": work_iso_cts,
     **{f"svd_{rule}": functools.partial(bare_svds, rule=rule) for rule in SVD_RULES},
 }
+# the methods whose rules call compiled kernels, and their module (mergelab.merging.*)
+KERNELS = {"tall": "tall_kernels", "ties": "ties_kernels", "dare": "dare_kernels"}
 
 
 def checkpoint_stats(w: Workload) -> dict:
@@ -260,11 +262,13 @@ def measure(
 
     import mergelab
 
-    if method == "tall":
-        # TALL's compiled kernels are a module of their own, imported on first use (numba's
-        # start-up is about 0.5 s and 125 MB, which the other methods should not pay); it is
-        # imported here so that, like torch's, its import is not part of the timed work
-        from mergelab.merging import tall_kernels  # noqa: F401
+    if method in KERNELS:
+        # TALL's, TIES's and DARE's compiled kernels are modules of their own, imported on
+        # first use (numba's start-up is about 0.5 s and 125 MB, which the other methods
+        # should not pay); imported here so that, like torch's, it is not timed work
+        from mergelab.merging.compiled import kernels
+
+        kernels(KERNELS[method])
 
     if threads:
         torch.set_num_threads(threads)

@@ -20,8 +20,8 @@ from embedded_models import embedded_models
 from mergelab.embedded.scenes import TASKS
 from mergelab.engine.parameterwise import TaskVectors
 from mergelab.engine.pool import ModelPool
-from mergelab.engine.ties import ties_majority, ties_thresholds
-from mergelab.merging.ties import ties_vector, trim
+from mergelab.engine.ties import ties_merged_vector, ties_thresholds
+from mergelab.merging.ties import trim
 
 
 def main() -> None:
@@ -34,13 +34,13 @@ def main() -> None:
     pool = ModelPool(pretrained, finetuned)
     vectors = TaskVectors(pool, "cpu")
     thresholds = ties_thresholds(vectors, args.keep)
-    majority = ties_majority(vectors, thresholds)
+    merged = ties_merged_vector(vectors, args.keep)
     energy = torch.zeros(len(TASKS), 3, dtype=torch.float64)  # all, trimmed, elected
     dot = delta_norm = total_norm = 0.0  # of TIES's δ (the disjoint sum) and Σ τt
-    for _, taus in vectors.walk("measuring"):
+    for key, taus in vectors.walk("measuring"):
         flat = taus.reshape(len(TASKS), -1).double()
         trimmed = trim(taus, thresholds).reshape(len(TASKS), -1).double()
-        delta = ties_vector(taus, thresholds, majority, False).reshape(-1).double()
+        delta = merged[key].reshape(-1).double()
         elected = torch.where(torch.sign(trimmed) == torch.sign(delta), trimmed, 0)
         for column, part in enumerate((flat, trimmed, elected)):
             energy[:, column] += (part**2).sum(1)

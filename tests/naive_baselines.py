@@ -40,10 +40,10 @@ def ties_merged(
 
 
 def dare_seed(seed: int, task: str, key: str) -> int:
-    """The documented seed of a task's drop mask of one parameter: the first 8 bytes of
-    SHA-256 of "seed NUL task NUL key", little-endian, shifted right by one bit."""
+    """The documented key of a task's drop mask of one parameter: the first 4 bytes of
+    SHA-256 of "seed NUL task NUL key", little-endian."""
     digest = hashlib.sha256(f"{seed}\0{task}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(digest[:4], "little")
 
 
 def dropped_task_vectors(pretrained, finetuned, p, seed) -> dict[str, StateDict]:
@@ -53,10 +53,25 @@ def dropped_task_vectors(pretrained, finetuned, p, seed) -> dict[str, StateDict]
     for task, tau in taus.items():
         out[task] = {}
         for key, value in tau.items():
-            generator = torch.Generator().manual_seed(dare_seed(seed, task, key))
-            keep = torch.rand(tuple(value.shape), generator=generator) >= p
+            draws = hashed_draws(dare_seed(seed, task, key), value.numel())
+            keep = torch.tensor([d / 2**24 >= p for d in draws]).reshape(value.shape)
             out[task][key] = torch.where(keep, value / (1 - p), 0.0)
     return out
+
+
+def hashed_draws(key: int, n: int) -> list[int]:
+    """lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) >> 8 for i in 0..n-1, with
+    lowbias32 as Chris Wellons published it (Hash Prospector), in Python integers."""
+    mask = (1 << 32) - 1
+
+    def lowbias32(h: int) -> int:
+        h ^= h >> 16
+        h = (h * 0x7FEB352D) & mask
+        h ^= h >> 15
+        h = (h * 0x846CA68B) & mask
+        return h ^ (h >> 16)
+
+    return [lowbias32(lowbias32(key ^ (i >> 32)) ^ (i & mask)) >> 8 for i in range(n)]
 
 
 def masked_models(pretrained, finetuned, q, gradients=None) -> dict[str, StateDict]:

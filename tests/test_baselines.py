@@ -177,3 +177,34 @@ def test_a_missing_cuda_device_is_refused_by_name():
     with pytest.raises(ValueError, match="'cuda:0': CUDA is not available"):
         resolve_device("cuda:0")
     assert resolve_device(None).type == "cpu"
+
+
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
+    tasks=st.integers(1, 3),
+    p=st.sampled_from([0.0, 0.1, 0.5, 0.9]),
+    keys=st.lists(st.integers(0, 2**32 - 1), min_size=3, max_size=3),
+    float64=st.booleans(),
+)
+def test_dare_drop_kernel_and_torch_path_match_the_hash(shape, tasks, p, keys, float64):
+    """Both ways of dropping (in place on the CPU, or a mask and torch.where for another
+    device) against the transcribed hash of tests/naive_baselines.py."""
+    from mergelab.merging.dare import dare_drop, dare_drop_
+
+    dtype = torch.float64 if float64 else torch.float32
+    taus = torch.randn(tasks, *shape, generator=torch.Generator().manual_seed(keys[0]))
+    taus = taus.to(dtype)
+    keys = keys[:tasks]
+    numel = taus[0].numel()
+    expected = torch.stack(
+        [
+            torch.where(
+                torch.tensor([d / 2**24 >= p for d in naive_baselines.hashed_draws(k, numel)]),
+                row.reshape(-1) / (1 - p),
+                0.0,
+            ).reshape(shape)
+            for k, row in zip(keys, taus, strict=True)
+        ]
+    )
+    assert torch.equal(dare_drop(taus, p, keys), expected)
+    assert torch.equal(dare_drop_(taus.clone(), p, keys), expected)

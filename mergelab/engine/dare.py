@@ -11,7 +11,7 @@ from mergelab.engine.parameterwise import TaskVectors, summed_vector
 from mergelab.engine.pool import CheckpointSource, ModelPool
 from mergelab.engine.streaming import StateDict, scaled_models
 from mergelab.engine.ties import ties_merged_vector
-from mergelab.merging.dare import check_drop_rate, dare_drop, drop_seed
+from mergelab.merging.dare import check_drop_rate, dare_drop, dare_drop_, drop_seed
 from mergelab.merging.ties import check_keep_fraction
 
 
@@ -27,6 +27,9 @@ class DareDrop:
 
     def __call__(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         seeds = [drop_seed(self.seed, task, key) for task in self.tasks]
+        if task_vectors.device.type == "cpu" and task_vectors.is_contiguous():
+            # the stack is TaskVectors' own (a buffer or a transform's result): in place
+            return dare_drop_(task_vectors, self.drop_rate, seeds)
         return dare_drop(task_vectors, self.drop_rate, seeds)
 
 

@@ -22,6 +22,7 @@ import torch
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.workspace import Workspace, empty
+from mergelab.merging.finite import all_finite
 from mergelab.merging.task_arithmetic import ordered_sum
 
 # (key, τ stacked as [T, *shape] on the device) -> the same, transformed (DARE's drop,
@@ -57,6 +58,7 @@ class TaskVectors:
         self.device = resolve_device(device)
         self.transforms = list(transforms)
         self._workspace = Workspace()
+        self._checked: set[str] = set()  # a second pass reads the same values
 
     def __call__(self, key: str) -> torch.Tensor:
         """τ of ``key`` stacked as [T, *shape]: a view of a reused buffer on the CPU (valid
@@ -65,7 +67,10 @@ class TaskVectors:
         spec = pool.specs[key]
         taus = pool.read_task_vectors(key, slice(0, spec.numel), self._workspace)
         taus = taus.view(len(pool.tasks), *spec.shape)
-        pool.check_finite(key, taus, taus.sum(0))
+        if key not in self._checked:
+            if not all_finite(taus):
+                pool.check_finite(key, taus, taus.sum(0))  # names the task
+            self._checked.add(key)
         taus = taus.to(self.device)
         for transform in self.transforms:
             taus = transform(key, taus)
@@ -91,11 +96,16 @@ def merged_vector(task_vectors: TaskVectors, rule: Rule, desc: str = "merge") ->
                 f"the merge rule gave {key!r} the shape {tuple(merged.shape)}, "
                 f"the model has {spec.shape}"
             )
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging {key!r} gives NaN or Inf values: task vectors too large")
+        check_merged_finite(key, merged)
         out = empty(spec.shape, pool.compute_dtype(key))
         delta[key] = out.copy_(merged)
     return delta
+
+
+def check_merged_finite(key: str, merged: torch.Tensor) -> None:
+    """A merged δ that is not finite, from finite task vectors: a rule's overflow."""
+    if not all_finite(merged):
+        raise ValueError(f"merging {key!r} gives NaN or Inf values: task vectors too large")
 
 
 def summed_vector(task_vectors: TaskVectors, desc: str = "sum") -> StateDict:

@@ -101,7 +101,7 @@ class TallMasks:
         (``multitask``, e.g. TIES's or TSV-M's δ, unscaled; ``multitask_settings`` names its
         method and settings in the file). ``ties``: the share of each task vector TIES
         keeps (0.2 in the paper), a shorthand for ``multitask`` = TIES's δ (the same rule
-        as the TIES method), which costs four more passes.
+        as the TIES method), which costs two more passes.
         ``output``: a safetensors path to stream the masks into (kept out of memory).
         """
         pool = ModelPool(pretrained, finetuned)

@@ -3,18 +3,26 @@ coordinate of each task vector with probability p and rescale what is left by 1/
 so that each coordinate keeps its expected value; Task Arithmetic or TIES then merges the
 sparse vectors.
 
-The draw is reproducible: task t's keep mask of a parameter comes from a generator seeded
-with a hash of (seed, task name, parameter key) (:func:`drop_seed`), drawn on the CPU, so
-it is the same whatever the device, the order of the tasks or which parameters are merged.
-A coordinate is kept where its uniform draw u ∈ [0, 1) satisfies u ≥ p.
+The draw is reproducible: task t's keep mask of a parameter is a counter hash
+(:mod:`mergelab.merging.dare_kernels`) of each coordinate's flat index under a seed made
+of (seed, task name, parameter key) (:func:`drop_seed`), so it is the same whatever the
+device, the order of the tasks, which parameters are merged or the torch version. A
+coordinate is kept where its uniform draw u = (top 24 bits of the hash) / 2^24 in [0, 1)
+satisfies u ≥ p.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from mergelab.merging.compiled import kernels
+
+_DRAWS = 1 << 24  # a draw's values: 24-bit uniforms, like float32's mantissa
 
 
 def check_drop_rate(drop_rate: float) -> None:
@@ -23,23 +31,42 @@ def check_drop_rate(drop_rate: float) -> None:
 
 
 def drop_seed(seed: int, task: str, key: str) -> int:
-    """The generator seed of one task's mask of one parameter: 63 bits of SHA-256."""
+    """The key of one task's mask of one parameter: 32 bits of SHA-256."""
     digest = hashlib.sha256(f"{seed}\0{task}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(digest[:4], "little")
 
 
-def keep_mask(shape: Sequence[int], drop_rate: float, seed: int) -> torch.Tensor:
-    """1{u ≥ p} for u uniform in [0, 1) from a CPU generator seeded with ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(tuple(shape), generator=generator) >= drop_rate
+def drop_cutoff(drop_rate: float) -> int:
+    """The smallest 24-bit draw that is kept: u = draw / 2^24 ≥ p ⟺ draw ≥ ⌈p · 2^24⌉
+    (p · 2^24 is exact in float64)."""
+    return math.ceil(drop_rate * _DRAWS)
+
+
+def keep_mask(shape: Sequence[int], drop_rate: float, seeds: Sequence[int]) -> torch.Tensor:
+    """1{u ≥ p} of every coordinate of a [T, *shape] stack, task t drawn with ``seeds[t]``
+    (on the CPU)."""
+    out = torch.empty(len(seeds), math.prod(shape), dtype=torch.bool)
+    keys = np.asarray(seeds, dtype=np.uint32)
+    kernels("dare_kernels").keep_masks(keys, drop_cutoff(drop_rate), out.numpy())
+    return out.reshape(len(seeds), *shape)
 
 
 def dare_drop(task_vectors: torch.Tensor, drop_rate: float, seeds: Sequence[int]) -> torch.Tensor:
-    """τt ⊙ mt / (1 − p) for τ stacked as [T, *shape], mt = :func:`keep_mask` with
-    ``seeds[t]`` (a new tensor, on τ's device); p = 0 returns τ unchanged."""
+    """τt ⊙ mt / (1 − p) for τ stacked as [T, *shape], mt the keep mask drawn with
+    ``seeds[t]``: a new tensor on τ's device; p = 0 returns τ unchanged."""
     if drop_rate == 0:
         return task_vectors
-    shape = task_vectors.shape[1:]
-    keep = torch.stack([keep_mask(shape, drop_rate, seed) for seed in seeds])
-    rescaled = task_vectors / (1 - drop_rate)
-    return torch.where(keep.to(task_vectors.device), rescaled, 0)
+    keep = keep_mask(task_vectors.shape[1:], drop_rate, seeds).to(task_vectors.device)
+    return torch.where(keep, task_vectors / (1 - drop_rate), 0)
+
+
+def dare_drop_(task_vectors: torch.Tensor, drop_rate: float, seeds: Sequence[int]) -> torch.Tensor:
+    """:func:`dare_drop` in place, for a contiguous CPU tensor, in one compiled pass (the
+    division by 1 − p in τ's dtype, as torch divides a tensor by a number)."""
+    if drop_rate == 0:
+        return task_vectors
+    flat = task_vectors.view(len(seeds), -1).numpy()
+    divisor = flat.dtype.type(1 - drop_rate)
+    keys = np.asarray(seeds, dtype=np.uint32)
+    kernels("dare_kernels").drop_and_rescale(flat, keys, drop_cutoff(drop_rate), divisor)
+    return task_vectors

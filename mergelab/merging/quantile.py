@@ -94,3 +94,107 @@ class RadixSelect:
     def _check_seen(self) -> None:
         if self._seen != self.total:
             raise RuntimeError(f"RadixSelect saw {self._seen} values, expected {self.total}")
+
+
+# A magnitude's float32 bits (sign bit 0) order like the magnitudes: the upper 20 of its 31
+# bits locate a bucket 2^-12 of a value wide, the lower 11 pin the value inside it
+MAGNITUDE_LOW_BITS = 11
+MAGNITUDE_BUCKETS = 1 << (31 - MAGNITUDE_LOW_BITS)
+_LOW_BINS = 1 << MAGNITUDE_LOW_BITS
+
+
+def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
+    """The int32 bits of each float32(|value|), flat: their order is the magnitudes'."""
+    return values.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+
+def _bits_to_float(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+class MagnitudeSelect:
+    """The value of 0-based ``rank`` among ``total`` magnitudes (float32 |values|), for
+    each of ``rows`` streams at once (TIES: one per task vector).
+
+    The first pass counts each row's magnitudes per bucket into :attr:`counts` [rows,
+    2^20] (:meth:`observe`, or a compiled kernel adding to the same array); :meth:`locate`
+    then finds each row's bucket holding the rank. Magnitudes below its :meth:`bounds`
+    are certainly smaller than the result, those at or above them certainly not. The
+    value is pinned either from every magnitude of that bucket (:meth:`resolve`: callers
+    that kept them) or by a second pass counting the low bits inside the bucket
+    (:meth:`observe_low`, then :meth:`value`).
+    """
+
+    def __init__(self, rank: int, total: int, rows: int):
+        if not 0 <= rank < total:
+            raise ValueError(f"rank {rank} is outside 0..{total - 1}")
+        self.rank = rank
+        self.total = total
+        self.counts = torch.zeros(rows, MAGNITUDE_BUCKETS, dtype=torch.int64)
+        self.buckets: list[int] | None = None
+        self._low = torch.zeros(rows, _LOW_BINS, dtype=torch.int64)
+        self._rank_in_bucket: list[int] = []
+        self._in_bucket: list[int] = []
+
+    def observe(self, values: torch.Tensor) -> None:
+        """First pass: add the magnitudes of ``values`` [rows, …] (any device) to the counts."""
+        for row, part in zip(self.counts, values, strict=True):
+            buckets = magnitude_bits(part) >> MAGNITUDE_LOW_BITS
+            row += torch.bincount(buckets, minlength=MAGNITUDE_BUCKETS).cpu()
+
+    def locate(self) -> None:
+        """End of the first pass: each row's bucket and the rank inside it."""
+        seen = self.counts.sum(1)
+        if (seen != self.total).any():
+            raise RuntimeError(f"MagnitudeSelect saw {seen.tolist()} values, expected {self.total}")
+        cumulative = self.counts.cumsum(1)
+        self.buckets = (
+            torch.searchsorted(cumulative, torch.full((len(cumulative), 1), self.rank), right=True)
+            .reshape(-1)
+            .tolist()
+        )
+        for row, bucket in enumerate(self.buckets):
+            below = int(cumulative[row, bucket - 1]) if bucket else 0
+            self._rank_in_bucket.append(self.rank - below)
+            self._in_bucket.append(int(self.counts[row, bucket]))
+
+    def bounds(self) -> tuple[list[float], list[float]]:
+        """Each row's bucket as [low, high): the smallest magnitude in it, the smallest above."""
+        lows = [_bits_to_float(bucket << MAGNITUDE_LOW_BITS) for bucket in self._located()]
+        highs = [_bits_to_float((bucket + 1) << MAGNITUDE_LOW_BITS) for bucket in self._located()]
+        return lows, highs
+
+    def resolve(self, row: int, in_bucket: torch.Tensor) -> float:
+        """The row's value from every one of its magnitudes inside its bucket."""
+        self._located()
+        if in_bucket.numel() != self._in_bucket[row]:
+            raise RuntimeError(
+                f"MagnitudeSelect row {row}: {in_bucket.numel()} values in the bucket, "
+                f"the first pass counted {self._in_bucket[row]}"
+            )
+        magnitudes = in_bucket.abs().to(torch.float32).reshape(-1)
+        return torch.kthvalue(magnitudes.cpu(), self._rank_in_bucket[row] + 1).values.item()
+
+    def observe_low(self, values: torch.Tensor) -> None:
+        """Second pass: add the low bits of the magnitudes of ``values`` [rows, …] that lie
+        in their row's bucket."""
+        for row, (bucket, part) in enumerate(zip(self._located(), values, strict=True)):
+            bits = magnitude_bits(part)
+            inside = bits[(bits >> MAGNITUDE_LOW_BITS) == bucket] & (_LOW_BINS - 1)
+            self._low[row] += torch.bincount(inside, minlength=_LOW_BINS).cpu()
+
+    def values(self) -> list[float]:
+        """After the second pass: each row's value."""
+        found = []
+        for row, bucket in enumerate(self._located()):
+            if int(self._low[row].sum()) != self._in_bucket[row]:
+                raise RuntimeError("MagnitudeSelect.values needs a complete second pass")
+            cumulative = self._low[row].cumsum(0)
+            low = int(torch.searchsorted(cumulative, self._rank_in_bucket[row], right=True))
+            found.append(_bits_to_float((bucket << MAGNITUDE_LOW_BITS) | low))
+        return found
+
+    def _located(self) -> list[int]:
+        if self.buckets is None:
+            raise RuntimeError("MagnitudeSelect: locate() after the first pass")
+        return self.buckets

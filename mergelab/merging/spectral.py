@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mergelab.merging.finite import all_finite
+
 
 def takes_svd(shape: tuple[int, ...]) -> bool:
     """The authors merge every 2-D parameter through its SVD (for a CLIP image encoder:
@@ -50,7 +52,7 @@ def checked_svd(
     except torch.linalg.LinAlgError as error:
         error.add_note(f"while taking the SVD of {culprit}, shape {tuple(matrix.shape)}")
         raise
-    if not (torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(vh).all()):
+    if not (all_finite(u) and all_finite(s) and all_finite(vh)):
         raise ValueError(f"the SVD of {culprit} gives NaN or Inf values")
     return u, s, vh
 

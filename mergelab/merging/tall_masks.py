@@ -12,11 +12,12 @@ so that the caller can run blocks on several threads at once (see
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Protocol
 
 import numpy as np
 import torch
+
+from mergelab.merging.compiled import kernels
 
 
 class Scratch(Protocol):
@@ -24,15 +25,6 @@ class Scratch(Protocol):
     valid until the next request of its name."""
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
-
-
-def _kernels() -> ModuleType:
-    """The compiled kernels, imported on first use: numba and loading (or, the first time,
-    compiling) the kernels cost about 125 MB and half a second, which only TALL masks
-    should pay."""
-    from mergelab.merging import tall_kernels
-
-    return tall_kernels
 
 
 def pack_tall_masks(
@@ -54,7 +46,8 @@ def pack_tall_masks(
     keep = workspace.get("keep", (taus.shape[1],), torch.uint8).numpy()
     # the kernel writes contiguous rows; ``out`` is often a block of wider rows
     packed = out if out.is_contiguous() else workspace.get("packed", out.shape, torch.uint8)
-    _kernels().pack_masks(taus, multitask_vector.contiguous().numpy(), scales, packed.numpy(), keep)
+    multitask = multitask_vector.contiguous().numpy()
+    kernels("tall_kernels").pack_masks(taus, multitask, scales, packed.numpy(), keep)
     if packed is not out:
         np.copyto(out.numpy(), packed.numpy())  # numpy: torch's copy_ would start threads
 
@@ -69,7 +62,7 @@ def add_masked(
     rule written out in tensors does.
     """
     bits = workspace.get("bits", (8 * packed.numel(),), torch.uint8).numpy()
-    _kernels().add_masked(target.numpy(), vector.numpy(), packed.numpy(), bits)
+    kernels("tall_kernels").add_masked(target.numpy(), vector.numpy(), packed.numpy(), bits)
     return target
 
 

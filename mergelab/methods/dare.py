@@ -20,9 +20,9 @@ class Dare(ScaledMethod):
         scaling_factor: λ; a list scores every value and picks on validation.
         drop_rate: p, the probability that a coordinate of a task vector is dropped; a
             list scores every p (with every λ) and picks on validation.
-        seed: the seed of the drop masks (each task's mask of each parameter is drawn
-            from a generator seeded by the seed, the task and the parameter's key, so a
-            run is reproducible on any device and in any task order).
+        seed: the seed of the drop masks (each task's mask of each parameter is a counter
+            hash under the seed, the task and the parameter's key, so a run is
+            reproducible on any device, in any task order and with any torch version).
         ties: null merges the dropped vectors as Task Arithmetic; a share keeps that share
             of each dropped vector's largest magnitudes and TIES-merges them (DARE + TIES;
             1.0 elects signs without trimming, as mergekit's dare_ties).

@@ -1,0 +1,168 @@
+"""The TIES rule's parts on their own: MagnitudeSelect (the streamed exact per-task
+threshold) against torch.kthvalue, the torch rule and the compiled CPU kernel (with
+undecided coordinates and a pending majority) against a per-coordinate transcription, and
+the engine's fallback when the undecided values exceed their budget."""
+
+from __future__ import annotations
+
+import math
+
+import naive
+import naive_baselines
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import FACTORS, assert_states_equal, families
+
+import mergelab
+import mergelab.engine.ties as engine_ties
+from mergelab.merging.quantile import MagnitudeSelect
+from mergelab.merging.ties import PENDING, ties_vector
+from mergelab.merging.ties_kernels import add_magnitude_counts, ties_merge
+
+# integers and halves: many equal magnitudes, exact sums, both zeros
+ENTRIES = st.one_of(st.integers(-4, 4).map(float), st.integers(-9, 9).map(lambda v: v / 2))
+ENTRIES = st.one_of(ENTRIES, st.just(-0.0), st.floats(-1e3, 1e3, width=32))
+
+
+@st.composite
+def stacks(draw, max_tasks: int = 5, max_size: int = 40) -> torch.Tensor:
+    tasks = draw(st.integers(1, max_tasks))
+    size = draw(st.integers(1, max_size))
+    values = draw(st.lists(ENTRIES, min_size=tasks * size, max_size=tasks * size))
+    return torch.tensor(values, dtype=torch.float32).reshape(tasks, size)
+
+
+@given(taus=stacks(max_size=300), data=st.data())
+def test_magnitude_select_matches_kthvalue(taus, data):
+    tasks, size = taus.shape
+    rank = data.draw(st.integers(0, size - 1), label="rank")
+    kernel = data.draw(st.booleans(), label="kernel")
+    cut = data.draw(st.integers(0, size), label="cut")
+    select = MagnitudeSelect(rank, size, tasks)
+    for part in (taus[:, :cut], taus[:, cut:]):  # any chunking of the stream
+        if kernel:
+            add_magnitude_counts(part.contiguous().numpy(), select.counts.numpy())
+        else:
+            select.observe(part)
+    select.locate()
+    expected = [torch.kthvalue(row.abs(), rank + 1).values.item() for row in taus]
+    lows, highs = select.bounds()
+    for task in range(tasks):
+        assert lows[task] <= expected[task] < highs[task]
+        magnitudes = taus[task].abs()
+        inside = taus[task][(magnitudes >= lows[task]) & (magnitudes < highs[task])]
+        assert select.resolve(task, inside) == expected[task]
+    select.observe_low(taus[:, cut:])
+    select.observe_low(taus[:, :cut])
+    assert select.values() == expected
+
+
+def test_magnitude_select_refuses_misuse():
+    with pytest.raises(ValueError, match="rank"):
+        MagnitudeSelect(3, 3, 1)
+    select = MagnitudeSelect(0, 3, 1)
+    with pytest.raises(RuntimeError, match="locate"):
+        select.bounds()
+    select.observe(torch.ones(1, 2))
+    with pytest.raises(RuntimeError, match="saw"):
+        select.locate()  # one value missing
+    select.observe(torch.ones(1, 1))
+    select.locate()
+    with pytest.raises(RuntimeError, match="1 values in the bucket"):
+        select.resolve(0, torch.ones(1))  # the bucket holds 3
+
+
+def _naive_rule(taus, thresholds, undecided_from, majority, mean):
+    """Coordinate by coordinate, in Python floats: (merged with None where undecided,
+    votes, sign ties), as ties_vector's docstring defines them."""
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    merged, votes, ties = [], 0, 0
+    for column in taus.T.tolist():
+        magnitudes = [abs(float(np.float32(v))) for v in column]
+        limits = list(zip(magnitudes, thresholds, undecided_from, strict=True))
+        kept = [v if m >= t else 0.0 for v, (m, t, _) in zip(column, limits, strict=True)]
+        open_ = any(u <= m < t for m, t, u in limits)
+        total = sum(kept)
+        tie = total == 0 and any(v != 0 for v in kept)
+        if open_ or (tie and majority == PENDING):
+            merged.append(None)
+            continue
+        elected = sign(total) or (1 if majority > 0 else -1)
+        agreeing = [v for v in kept if (v > 0 if elected > 0 else v < 0)]
+        merged.append(sum(agreeing) / (len(agreeing) if mean and agreeing else 1))
+        votes += sign(total)
+        ties += tie
+    return merged, votes, ties
+
+
+@given(
+    taus=stacks(),
+    data=st.data(),
+    majority=st.sampled_from([1, 0, -1, PENDING]),
+    mean=st.booleans(),
+    float64=st.booleans(),
+)
+@settings(max_examples=300)
+def test_rule_and_kernel_match_the_transcription(taus, data, majority, mean, float64):
+    """Thresholds drawn among the magnitudes themselves, so that ties at a threshold and
+    entries inside the undecided range are common."""
+    tasks = taus.shape[0]
+    magnitudes = [*sorted(set(taus.abs().reshape(-1).tolist())), math.inf]
+    thresholds = [data.draw(st.sampled_from(magnitudes), label="threshold") for _ in range(tasks)]
+    undecided = data.draw(st.booleans(), label="undecided")
+    lows = [data.draw(st.sampled_from([m for m in magnitudes if m <= t])) for t in thresholds]
+    lows = lows if undecided else thresholds
+    if float64:
+        taus = taus.double()
+    expected, votes, ties = _naive_rule(taus, thresholds, lows, majority, mean)
+    part = ties_vector(taus, thresholds, majority, mean, lows)
+    out = torch.empty(taus.shape[1], dtype=taus.dtype)
+    limits = [np.asarray(v, dtype=np.float32) for v in (thresholds, lows)]
+    kernel = ties_merge(taus.numpy(), *limits, majority, mean, out.numpy())
+    for merged, counts in ((part.merged, (part.votes, part.sign_ties)), (out, kernel)):
+        assert counts == (votes, ties)
+        for got, want in zip(merged.tolist(), expected, strict=True):
+            if want is None:
+                assert math.isnan(got)
+            else:  # integer sums are exact; a mean rounds once
+                assert got == pytest.approx(want, rel=1e-6, abs=0)
+
+
+@given(
+    family=families(),
+    factor=FACTORS,
+    share=st.sampled_from([1.0, 0.5, 0.2, 0.05]),
+    budget=st.sampled_from([0, 10]),
+)
+@settings(max_examples=60)
+def test_ties_with_and_without_room_for_undecided_values(family, factor, share, budget):
+    """Room for every undecided value (the thresholds pinned from them, the held
+    coordinates merged again), or none (a second counting pass pins the thresholds, and
+    the parameters with sign ties are read and merged again)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
+        merged = mergelab.ties(family.pretrained, family.finetuned, factor, keep=share)
+    delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, False)
+    assert_states_equal(merged, naive.assemble(family.pretrained, delta, factor))
+
+
+@pytest.mark.parametrize("budget", [0, 10])  # none, or room for every value
+def test_undecided_votes_decide_the_majority(budget):
+    """Hand-worked: each task keeps its top half, threshold 1; the coordinates 0 and 1 sum
+    to exactly 0 (elected by the majority), coordinate 2's entries lie on the thresholds
+    (undecided in the merge pass) and its vote, +1, is the only one: δ = [5, 5, 2, 0]."""
+    pretrained = {"w": torch.zeros(4)}
+    finetuned = {
+        "a": {"w": torch.tensor([5.0, 5.0, 1.0, 0.0])},
+        "b": {"w": torch.tensor([-5.0, -5.0, 1.0, 0.0])},
+    }
+    expected = naive.ties_multitask_vector(pretrained, finetuned, 0.5)
+    assert expected["w"].tolist() == [5.0, 5.0, 2.0, 0.0]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
+        pool = mergelab.ModelPool(pretrained, finetuned)
+        delta = mergelab.ties_merged_vector(mergelab.TaskVectors(pool, "cpu"), 0.5)
+    assert_states_equal(delta, expected)
