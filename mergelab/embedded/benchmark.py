@@ -10,7 +10,7 @@ statistics, cached), then the ``trust_region`` test run with
 ``--merge.method.gradient_stats`` set to them. A consensus method takes each task's mask
 at the λ that the TALL masks run over the same τMTL picked for it on validation
 (``--merge.method.tall_results``), as the TALL reference code does; that run goes first
-when it is not among the methods.
+(once, and into the table) when it has not run yet.
 
 The console shows the build's progress, one line per method with its seconds, and the
 table; Lightning's banners, the runs' progress bars and known harmless warnings are
@@ -194,35 +194,45 @@ def _benchmark(args: argparse.Namespace) -> dict:
         return ["--config", str(args.base), "--config", str(configs[name].path), *extra]
 
     runs, folders, seconds = {}, {}, {}
-    for method in args.methods:
-        method_started = time.perf_counter()
-        if method == GRADIENTS:
-            fit_config = str(args.base.parent / f"{GRADIENTS}.yaml")
-            statistics = _run(["fit", "--config", fit_config, *extra])
-            gradients = f"--merge.method.gradient_stats={statistics.model.statistics_folder}"
-            cli = _run(["test", *config("trust_region"), gradients])
-        elif configs[method].class_name == "Consensus":
-            tall = tall_masks_for(configs[method], configs)
-            if tall not in folders:  # each task's λ comes from a TALL masks run
-                log.info("%s: run first, for %s's per-task λ", tall, method)
-                folders[tall] = _run(["test", *config(tall)]).trainer.log_dir
-            picked = f"--merge.method.tall_results={folders[tall]}"
-            cli = _run(["test", *config(method), picked, "--merge.method.tall_lambda=null"])
-        else:
-            cli = _run(["test", *config(method)])
-        runs[method], folders[method] = cli.model.results, cli.trainer.log_dir
-        seconds[method] = time.perf_counter() - method_started
+
+    def test_run(name: str, method_config: str, *options: str, since: float | None = None):
+        started_at = time.perf_counter() if since is None else since
+        cli = _run(["test", *config(method_config), *options])
+        runs[name], folders[name] = cli.model.results, cli.trainer.log_dir
+        seconds[name] = time.perf_counter() - started_at
         headline = cli.model.results["headline"]
         normalized = headline.get("avg_normalized_acc")
         log.info(
             "%s: %.0f s, %.1f %% avg%s",
-            method,
-            seconds[method],
+            name,
+            seconds[name],
             100 * headline["avg_acc"],
             "" if normalized is None else f", {100 * normalized:.1f} % normalized",
         )
+
+    for method in args.methods:
+        if method in runs:  # run earlier, for a consensus method's per-task λ
+            continue
+        if method == GRADIENTS:
+            fit_started = time.perf_counter()
+            fit_config = str(args.base.parent / f"{GRADIENTS}.yaml")
+            statistics = _run(["fit", "--config", fit_config, *extra])
+            gradients = f"--merge.method.gradient_stats={statistics.model.statistics_folder}"
+            test_run(method, "trust_region", gradients, since=fit_started)
+        elif configs[method].class_name == "Consensus":
+            tall = tall_masks_for(configs[method], configs)
+            if tall not in runs:  # each task's λ comes from a TALL masks run
+                log.info("%s: run first, for %s's per-task λ", tall, method)
+                test_run(tall, tall)
+            picked = f"--merge.method.tall_results={folders[tall]}"
+            test_run(method, method, picked, "--merge.method.tall_lambda=null")
+        else:
+            test_run(method, method)
     from mergelab.lightning.results import write_comparison
 
+    # the methods in the order asked, then the TALL runs only consensus needed
+    order = [*args.methods, *(name for name in runs if name not in args.methods)]
+    runs = {name: runs[name] for name in order}
     paths = write_comparison(runs, args.output)
     print(f"\nembedded benchmark ({benchmark.preset.name} preset), test top-1 accuracy (%):\n")
     print(paths["markdown"].read_text())
