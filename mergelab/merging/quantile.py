@@ -130,7 +130,11 @@ class MagnitudeSelect:
             raise ValueError(f"rank {rank} is outside 0..{total - 1}")
         self.rank = rank
         self.total = total
-        self.counts = torch.zeros(rows, MAGNITUDE_BUCKETS, dtype=torch.int64)
+        # int32 where no count can reach 2^31: half the memory (T × 4 MiB)
+        wide = total >= 2**31
+        self.counts = torch.zeros(
+            rows, MAGNITUDE_BUCKETS, dtype=torch.int64 if wide else torch.int32
+        )
         self.buckets: list[int] | None = None
         self._low = torch.zeros(rows, _LOW_BINS, dtype=torch.int64)
         self._rank_in_bucket: list[int] = []
@@ -140,14 +144,14 @@ class MagnitudeSelect:
         """First pass: add the magnitudes of ``values`` [rows, …] (any device) to the counts."""
         for row, part in zip(self.counts, values, strict=True):
             buckets = magnitude_bits(part) >> MAGNITUDE_LOW_BITS
-            row += torch.bincount(buckets, minlength=MAGNITUDE_BUCKETS).cpu()
+            row += torch.bincount(buckets, minlength=MAGNITUDE_BUCKETS).cpu().to(row.dtype)
 
     def locate(self) -> None:
         """End of the first pass: each row's bucket and the rank inside it."""
-        seen = self.counts.sum(1)
+        seen = self.counts.sum(1, dtype=torch.int64)
         if (seen != self.total).any():
             raise RuntimeError(f"MagnitudeSelect saw {seen.tolist()} values, expected {self.total}")
-        cumulative = self.counts.cumsum(1)
+        cumulative = self.counts.cumsum(1, dtype=torch.int64)
         self.buckets = (
             torch.searchsorted(cumulative, torch.full((len(cumulative), 1), self.rank), right=True)
             .reshape(-1)

@@ -21,7 +21,12 @@ _MAGNITUDE = 0x7FFFFFFF  # a float32's bits without the sign: its magnitude's bi
 _BLOCK = 1024  # coordinates per parallel block: its running sums stay in the L1 cache
 
 
-@numba.njit("void(float32[:, ::1], int64[:, ::1])", cache=True, nogil=True, parallel=True)
+@numba.njit(
+    [f"void(float32[:, ::1], {count}[:, ::1])" for count in ("int32", "int64")],
+    cache=True,
+    nogil=True,
+    parallel=True,
+)
 def add_magnitude_counts(task_vectors, counts):
     """counts[t, bucket of |τt[i]|] += 1 for every i: the first pass of
     :class:`~mergelab.merging.quantile.MagnitudeSelect` (float32 τ; rows run in parallel)."""
