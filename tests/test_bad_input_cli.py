@@ -36,6 +36,7 @@ def assets(tmp_path_factory) -> Path:
     bad.mkdir()
     mirror.write_three_tasks(bad / "data", {"train": 70, "test": 41})
     mirror.write_dataset(bad / "data", "tanganke/eurosat", 12, {"train": 70, "test": 41}, seed=1)
+    mirror.write_three_tasks(bad / "tiny_train", {"train": 5, "test": 41})  # no val rows
     save_file(
         mirror.finetune(visual, 9) | {"extra.weight": torch.ones(2)}, bad / "extra.safetensors"
     )
@@ -52,11 +53,23 @@ def assets(tmp_path_factory) -> Path:
     (bad / "text.pt").write_text("not a checkpoint\n")
     whole = (root / "eurosat.safetensors").read_bytes()
     (bad / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    finetuned = {"method": "finetuned"}
     (bad / "accuracy_missing_task.json").write_text(
-        json.dumps({"headline": {"accuracy": {"mnist": 0.9, "svhn": 0.8}}})
+        json.dumps({"settings": finetuned, "headline": {"accuracy": {"mnist": 0.9, "svhn": 0.8}}})
     )
     (bad / "accuracy_zero.json").write_text(
-        json.dumps({"headline": {"accuracy": {"mnist": 0.9, "eurosat": 0.0, "svhn": 0.8}}})
+        json.dumps(
+            {
+                "settings": finetuned,
+                "headline": {"accuracy": {"mnist": 0.9, "eurosat": 0.0, "svhn": 0.8}},
+            }
+        )
+    )
+    (bad / "accuracy_percent.json").write_text(json.dumps({"mnist": 91.2, "eurosat": 80}))
+    (bad / "accuracy_booleans.json").write_text(json.dumps({"mnist": True, "eurosat": True}))
+    (bad / "accuracy_malformed.json").write_text('{"mnist": 0.9,\n}')
+    (bad / "accuracy_of_a_merge.json").write_text(
+        json.dumps({"settings": {"method": "ties"}, "headline": {"accuracy": {"mnist": 0.5}}})
     )
     (bad / "not_results.json").write_text(json.dumps({"accuracy": 0.9}))
     (bad / "empty_stats").mkdir()
@@ -181,6 +194,30 @@ CASES = {
         ["--model.finetuned_accuracy={bad}/not_results.json"],
         "not_results.json",
     ),
+    "accuracy in percent": (
+        ["--model.finetuned_accuracy={bad}/accuracy_percent.json"],
+        "accuracy_percent.json: the accuracy of task 'mnist' is 91.2",
+    ),
+    "accuracy of booleans": (
+        ["--model.finetuned_accuracy={bad}/accuracy_booleans.json"],
+        "accuracy_booleans.json: the accuracy of task 'mnist' is True",
+    ),
+    "accuracy file malformed": (
+        ["--model.finetuned_accuracy={bad}/accuracy_malformed.json"],
+        "accuracy_malformed.json is not JSON",
+    ),
+    "accuracy file of a merge run": (
+        ["--model.finetuned_accuracy={bad}/accuracy_of_a_merge.json"],
+        "accuracy_of_a_merge.json is the results of a 'ties' run",
+    ),
+    "test run without a test split": (
+        ["--data.test_splits=[val]"],
+        "data.test_splits ['val'] has no test split",
+    ),
+    "validation split empty": (
+        ["--data.dataset_root={bad}/tiny_train", "--data.test_splits=[val, test]"],
+        "its val split has no samples",
+    ),
     "dataset mirror missing": (["--data.dataset_root={root}/nowhere"], "nowhere"),
     "labels outside the classes": (
         ["--data.dataset_root={bad}/data"],
@@ -235,6 +272,23 @@ def test_bad_input_is_named_with_exit_status_two_and_nothing_written(
 
 
 # --- a run that fails after it produced something keeps its folder, marked as failed ------
+
+
+def test_merged_weights_that_overflow_are_named(assets, tmp_path, monkeypatch, capsys, offline):
+    """λ = 1e308 overflows θ0 + λ·δ: refused naming λ and the parameter, exit status 2;
+    the run had written its merged task vector, so its folder stays, marked FAILED."""
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    args = ["--merge.method=TaskArithmetic", "--merge.method.scaling_factor=1e308"]
+    args.append(f"--model.cache_dir={tmp_path / 'cache'}")
+    code, error = run_main(
+        monkeypatch, capsys, cwd, ["test", "-c", str(assets / "base.yaml"), *args]
+    )
+    assert code == 2, error
+    assert "Traceback" not in error
+    assert "scaling factor 1e+308: θ0 + λ·δ of '" in error
+    [folder] = (cwd / "lightning_logs" / "task_arithmetic").iterdir()
+    assert (folder / "FAILED").is_file() and not (folder / "results.json").exists()
 
 
 class WritesThenFails(MergeMethod):
@@ -333,3 +387,14 @@ def test_a_run_folder_that_cannot_be_made_is_named(assets, tmp_path, monkeypatch
     assert code == 2 and "mergelab: error: " in error and "lightning_logs" in error, error
     assert [p.name for p in tmp_path.iterdir()] == ["lightning_logs"]
     assert (tmp_path / "lightning_logs").is_file()
+
+
+def test_the_same_model_for_two_tasks_is_warned_about(tmp_path, caplog):
+    from mergelab.lightning.evaluation import _warn_shared_sources
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="mergelab.lightning.evaluation"):
+        _warn_shared_sources({"a": str(model), "b": str(tmp_path / "." / model.name), "c": "x"})
+    [record] = caplog.records
+    assert "['a', 'b']" in record.getMessage() and str(model) in record.getMessage()

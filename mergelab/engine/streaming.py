@@ -29,6 +29,7 @@ from mergelab.engine.checkpoints import (
 )
 from mergelab.engine.pool import ModelPool, check_same_layout, flat_blocks
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
+from mergelab.merging.finite import all_finite
 from mergelab.merging.task_arithmetic import apply_task_vector
 
 StateDict = dict[str, torch.Tensor]
@@ -126,7 +127,13 @@ def build_models(
                     reuse = None
                     if i == last and isinstance(sink, dict):
                         reuse = delta if consume else theta0 if own_pretrained else None
-                    sink[key] = apply_task_vector(theta0, delta, factor, out=reuse)
+                    model = apply_task_vector(theta0, delta, factor, out=reuse)
+                    if not all_finite(model):
+                        raise ValueError(
+                            f"scaling factor {factor}: θ0 + λ·δ of {key!r} has NaN or Inf "
+                            f"values (too large for {model.dtype})"
+                        )
+                    sink[key] = model
             else:
                 for sink in sinks:
                     sink[key] = theta0.clone()

@@ -47,8 +47,14 @@ class MergeCallback(L.Callback):
         self._shared_dir: Path | None = None
 
     def check(self, stage: str, test_splits: Sequence[str]) -> None:
-        """Refuse, before any model is loaded, a test run that scores several settings and
-        could pick none on validation."""
+        """Refuse, before any model is loaded, a test run without a test split, and one
+        that scores several settings and could pick none on validation."""
+        if stage == "test" and "test" not in test_splits:
+            raise ValueError(
+                f"data.test_splits {list(test_splits)} has no test split for a test run to "
+                "score: add test (--data.test_splits=[val, test]), or score validation "
+                "alone with `mergelab validate`"
+            )
         count = self.method.settings_scored()
         several = stage == "test" and count > 1 and "val" not in test_splits
         if several and not self.report_without_pick:
@@ -96,7 +102,8 @@ class MergeCallback(L.Callback):
         self.check(stage, datamodule.test_splits)
         datamodule.check_data("val" if stage == "validate" else stage)
         tasks = datamodule.task_names
-        check_reference(pl_module.finetuned_accuracy, tasks)  # before the merge, not after
+        # before the merge, not after
+        check_reference(pl_module.finetuned_accuracy, tasks, pl_module.finetuned_accuracy_source)
         self.method.check_tasks(tasks)
         pool = functools.partial(pl_module.model_pool, tasks)
         variants = self.method.variants(self._context(trainer, pl_module, tasks, pool))

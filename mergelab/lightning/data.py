@@ -214,6 +214,13 @@ class TaskDataModule(L.LightningDataModule):
         world, _ = self._world()
         for task, split in self.plan(stage):
             _, indices = self._rows(by_name[task], split)
+            if not len(indices):  # it would score 0 % and, on val, decide the pick
+                source = by_name[task].test_split if split == "test" else by_name[task].train_split
+                raise ValueError(
+                    f"task {task!r}: its {split} split has no samples (hub split {source!r} "
+                    f"of {by_name[task].dataset}); give it data or leave {split!r} out of "
+                    "--data.test_splits"
+                )
             # a process with no sample would leave the loop while the others wait for it
             # at the metrics' synchronisation
             if world > 1 and len(indices) < world:

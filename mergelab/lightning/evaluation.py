@@ -16,6 +16,7 @@ scores and scores only the picked setting on test, as the TALL reference code do
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from mergelab.models.heads import zero_shot_head
 from mergelab.models.logits import zero_shot_logits
 
 StateDict = Mapping[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class MergeEvaluator(L.LightningModule):
@@ -67,7 +69,13 @@ class MergeEvaluator(L.LightningModule):
         self.encoder.requires_grad_(False)
         self.logit_scale = float(self.clip.model.logit_scale.detach().exp())
         self.finetuned_sources = dict(finetuned or {})
+        _warn_shared_sources(self.finetuned_sources)
         self.finetuned_accuracy = _reference_accuracy(finetuned_accuracy)
+        self.finetuned_accuracy_source = (
+            f"finetuned_accuracy ({finetuned_accuracy})"
+            if isinstance(finetuned_accuracy, str)
+            else "finetuned_accuracy"
+        )
         self.cache_dir = cache_dir
         self.variants: Variants | None = None
         self.results: dict = {}
@@ -226,30 +234,64 @@ def top1(num_classes: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes, average="micro")
 
 
+def _warn_shared_sources(sources: Mapping[str, str]) -> None:
+    """Two tasks given the same fine-tuned model: legal, but rarely meant (a copy-paste
+    in a config), and it weighs that model twice."""
+    by_source: dict[str, list[str]] = {}
+    for task, source in sources.items():
+        key = str(Path(source).resolve()) if Path(source).exists() else str(source)
+        by_source.setdefault(key, []).append(task)
+    for source, tasks in by_source.items():
+        if len(tasks) > 1:
+            log.warning("tasks %s are given the same fine-tuned model %s", tasks, source)
+
+
 def _reference_accuracy(value: dict[str, float] | str | None) -> dict[str, float] | None:
-    """Fine-tuned accuracies given directly or read from a results.json."""
+    """Fine-tuned accuracies given directly (fractions) or read from the results.json of a
+    ``finetuned`` run; anything else is refused naming the file or the task."""
     if value is None or isinstance(value, Mapping):
-        return dict(value) if value else None
+        return _fractions(dict(value), "finetuned_accuracy") if value else None
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"finetuned_accuracy: {path} not found")
-    data = json.loads(path.read_text())
     try:
-        return dict(data["headline"]["accuracy"])
-    except KeyError as err:
-        raise ValueError(f"finetuned_accuracy: {path} is not a mergelab results.json") from err
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"finetuned_accuracy: {path} is not JSON ({error})") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"finetuned_accuracy: {path} holds no mapping of task accuracies")
+    if "headline" not in data:  # a plain mapping of task → fraction
+        return _fractions(data, f"finetuned_accuracy: {path}")
+    method = data.get("settings", {}).get("method")
+    if method != "finetuned":
+        raise ValueError(
+            f"finetuned_accuracy: {path} is the results of a {method!r} run; the reference "
+            "is a 'finetuned' run's (configs/methods/finetuned.yaml)"
+        )
+    return _fractions(dict(data["headline"]["accuracy"]), f"finetuned_accuracy: {path}")
 
 
-def check_reference(reference: Mapping[str, float] | None, tasks: list[str]) -> None:
-    """The fine-tuned accuracies normalise every task: one positive entry per task."""
+def _fractions(accuracy: dict, source: str) -> dict[str, float]:
+    """Accuracies as fractions in (0, 1], one number per task."""
+    for task, value in accuracy.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not 0 < value <= 1:
+            raise ValueError(
+                f"{source}: the accuracy of task {task!r} is {value!r}; accuracies are "
+                "fractions in (0, 1] (0.912, not 91.2)"
+            )
+    return {task: float(value) for task, value in accuracy.items()}
+
+
+def check_reference(
+    reference: Mapping[str, float] | None, tasks: list[str], source: str = "finetuned_accuracy"
+) -> None:
+    """The fine-tuned accuracies normalise every task: one entry per task."""
     if not reference:
         return
     missing = [t for t in tasks if t not in reference]
     if missing:
-        raise KeyError(f"finetuned_accuracy has no entry for task {missing[0]!r}")
-    zero = [t for t in tasks if not reference[t] > 0]
-    if zero:
-        raise ValueError(f"finetuned_accuracy of task {zero[0]!r} is {reference[zero[0]]}")
+        raise KeyError(f"{source} has no entry for task {missing[0]!r}")
 
 
 def summarize(

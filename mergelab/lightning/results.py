@@ -40,31 +40,31 @@ def results_document(results: Mapping) -> dict:
 
 def markdown_table(results: Mapping) -> str:
     """Rows: each variant on the split it was scored on for the pick (validation, when the
-    settings were picked there; else the stage), then the headline on the stage;
-    columns: tasks, average, normalised."""
+    settings were picked there; else the stage), then the headline on the stage when it is
+    another split or another row; columns: setting, split, tasks, average, normalised."""
     stage, tasks = results["stage"], results["tasks"]
     reference = results.get("finetuned_accuracy")
     split = results.get("picked_on") or stage
-    header = ["setting", *tasks, "avg"] + (["normalized avg"] if reference else [])
+    header = ["setting", "split", *tasks, "avg"] + (["normalized avg"] if reference else [])
     rows = []
     for name, by_split in results["accuracy"].items():
         accs = [by_split[split][t] for t in tasks]
-        rows.append(_row(name, accs, tasks, reference))
-    if len(results["accuracy"]) > 1:
-        label = f"picked on val, {stage}" if results.get("picked_on") else "headline"
+        rows.append(_row(name, split, accs, tasks, reference))
+    if split != stage or len(results["accuracy"]) > 1:
+        label = f"picked on {split}" if results.get("picked_on") else "headline"
         accs = [results["headline"]["accuracy"][t] for t in tasks]
-        rows.append(_row(f"**{label}**", accs, tasks, reference))
+        rows.append(_row(f"**{label}**", stage, accs, tasks, reference))
     method = results["variants_description"].get("method")
-    title = f"{split} top-1 accuracy (%) of each setting, method {method}"
+    title = f"top-1 accuracy (%) of each setting on {split}, method {method}"
     if split != stage:
-        title += f"; the pick's {stage} accuracy last"
+        title += f"; last, the pick on {stage}"
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def _row(name: str, accs: list[float], tasks: list[str], reference) -> list[str]:
-    cells = [name, *(f"{100 * a:.1f}" for a in accs), f"{100 * sum(accs) / len(accs):.1f}"]
+def _row(name: str, split: str, accs: list[float], tasks: list[str], reference) -> list[str]:
+    cells = [name, split, *(f"{100 * a:.1f}" for a in accs), f"{100 * sum(accs) / len(accs):.1f}"]
     if reference:
         normalized = [a / reference[t] for a, t in zip(accs, tasks, strict=True)]
         cells.append(f"{100 * sum(normalized) / len(normalized):.1f}")
