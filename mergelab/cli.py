@@ -47,6 +47,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
 from mergelab.embedded import expand
+from mergelab.errors import BadValue
+from mergelab.io.cache import check_folder_path
 from mergelab.lightning.callbacks import MergeCallback, ResultsReport
 from mergelab.lightning.data import TaskDataModule
 from mergelab.lightning.evaluation import MergeEvaluator
@@ -103,8 +105,12 @@ class MergelabCLI(LightningCLI):
         name = self.run_name(config)
         given = changed_settings(self.command_line, config.merge.method)
         loggers = config.trainer.logger
+        if config.trainer.default_root_dir is not None:
+            check_folder_path(config.trainer.default_root_dir, "trainer.default_root_dir")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init_args = getattr(logger, "init_args", None)
+            if init_args is not None and init_args.get("save_dir"):
+                check_folder_path(init_args.save_dir, "the run folder of trainer.logger")
             if init_args is None or "name" not in init_args or init_args.get("name") is not None:
                 continue
             wandb = class_of(logger.class_path).__name__ == "WandbLogger"
@@ -215,7 +221,7 @@ def check_strategy(strategy) -> None:
         if issubclass(cls, EXACT_STRATEGIES):
             return
         found = cls.__name__
-    raise ValueError(
+    raise BadValue(
         f"trainer.strategy {found!r}: mergelab scores merged models exactly under auto, ddp "
         "(ddp_spawn, ddp_fork) or one device, where each rank holds whole models and a "
         "disjoint share of the samples"

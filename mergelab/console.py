@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from mergelab.errors import BAD_INPUT, message_of
+from mergelab.errors import BadValue, bad_input_in, message_of
 
 TRACEBACK_ENV = "MERGELAB_TRACEBACK"
 HANDLER_NAME = "mergelab-console"
@@ -31,10 +31,11 @@ def main() -> None:
     logger.propagate = False  # a library's root handler would print every line twice
     try:
         dispatch(sys.argv[1] if len(sys.argv) > 1 else None)
-    except BAD_INPUT as error:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-            raise
-        print(f"mergelab: error: {message_of(error)}", file=sys.stderr)
+    except Exception as error:
+        bad = bad_input_in(error)
+        if bad is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise  # a crash: its traceback, never a one-line error
+        print(f"mergelab: error: {message_of(bad)}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 to see where)", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -56,4 +57,4 @@ def dispatch(command: str | None) -> None:
         try:
             run()
         except ArgumentError as error:  # an option the CLI cannot parse: bad input too
-            raise ValueError(f"{error} (`mergelab {command} --help` lists the options)") from error
+            raise BadValue(f"{error} (`mergelab {command} --help` lists the options)") from error

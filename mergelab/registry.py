@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from mergelab.errors import BadValue
+
 # configs/ sits beside the package in a source checkout (the README installs it editable)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHOD_CONFIGS = CONFIGS / "methods"
@@ -45,7 +47,7 @@ def read_method_config(path: Path) -> MethodConfig:
     document = yaml.safe_load(path.read_text()) or {}
     method = (document.get("merge") or {}).get("method")
     if not isinstance(method, dict) or "class_path" not in method:
-        raise ValueError(f"{path}: no merge.method.class_path")
+        raise BadValue(f"{path}: no merge.method.class_path")
     return MethodConfig(path.stem, path, method["class_path"], method.get("init_args") or {})
 
 

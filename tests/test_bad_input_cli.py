@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 from console import run_console
 
+from mergelab.errors import BadInput, BadValue
 from mergelab.methods import MergeMethod
 
 
@@ -301,10 +302,12 @@ class WritesThenFails(MergeMethod):
         (context.artifact_dir / "partial.safetensors").write_bytes(b"")
         if self.error == "crash":
             raise RuntimeError("crashed after writing")
-        raise ValueError("bad input found after writing")
+        if self.error == "bug":  # a lookup that fails: a KeyError, but no check raised it
+            return {}["test"]
+        raise BadValue("bad input found after writing")
 
 
-@pytest.mark.parametrize("error", ["crash", "bad input"])
+@pytest.mark.parametrize("error", ["crash", "bug", "bad input"])
 def test_a_run_failing_after_its_first_output_is_marked_failed(
     error, assets, tmp_path, monkeypatch, capsys, offline
 ):
@@ -317,12 +320,16 @@ def test_a_run_failing_after_its_first_output_is_marked_failed(
     if error == "crash":  # a crash keeps its traceback
         with pytest.raises(RuntimeError, match="crashed after writing"):
             run_main(monkeypatch, capsys, cwd, args)
+    elif error == "bug":  # of a type bad input also has: still a crash, not exit status 2
+        with pytest.raises(KeyError, match="test") as raised:
+            run_main(monkeypatch, capsys, cwd, args)
+        assert not isinstance(raised.value, BadInput)
     else:
         code, message = run_main(monkeypatch, capsys, cwd, args)
         assert code == 2 and "mergelab: error: bad input found after writing" in message
     [folder] = (cwd / "lightning_logs" / "writes_then_fails").iterdir()
     assert (folder / "partial.safetensors").is_file()
-    assert "after writing" in (folder / "FAILED").read_text()
+    assert ("'test'" if error == "bug" else "after writing") in (folder / "FAILED").read_text()
     assert not (folder / "results.json").exists()
     assert wandb.run is None  # finished (as failed), not left open
     assert list((cwd / "lightning_logs" / "wandb").glob("offline-run-*"))

@@ -33,6 +33,7 @@ import torch
 
 from mergelab.embedded.preset import MODEL_NAME, Preset, get_preset
 from mergelab.embedded.scenes import TASKS
+from mergelab.errors import MissingKey, NotPermitted
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class EmbeddedBenchmark:
         """The path of an asset (``pretrained``, ``tasks/<task>``, ...), building first if
         the cache does not hold a complete, intact benchmark."""
         if name not in ASSETS:
-            raise KeyError(f"unknown embedded asset {name!r}; assets are {sorted(ASSETS)}")
+            raise MissingKey(f"unknown embedded asset {name!r}; assets are {sorted(ASSETS)}")
         return self.ensure() / ASSETS[name]
 
     def ensure(self) -> Path:
@@ -132,7 +133,7 @@ class EmbeddedBenchmark:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as err:
-            raise PermissionError(
+            raise NotPermitted(
                 f"cannot build the embedded benchmark: the cache folder {folder} is not "
                 f"writable ({err.strerror or err}); choose another with --cache-dir or "
                 "$MERGELAB_CACHE"

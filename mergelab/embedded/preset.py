@@ -14,6 +14,8 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
+from mergelab.errors import MissingKey
+
 # Bump when the scenes, the captions or the build's recipe change what a preset yields:
 # the cache folder's name changes with it, so old assets are never mixed with new ones.
 GENERATOR_VERSION = 4
@@ -113,7 +115,7 @@ def get_preset(name: str | None = None) -> Preset:
     ``default``."""
     name = name or os.environ.get(PRESET_ENV) or "default"
     if name not in PRESETS:
-        raise KeyError(
+        raise MissingKey(
             f"unknown embedded preset {name!r} (from ${PRESET_ENV} or --preset); "
             f"choose from {sorted(PRESETS)}"
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mergelab.engine.workspace import empty
+from mergelab.errors import BadValue, FileInTheWay, MissingFile, MissingKey, NotAFile, NotPermitted
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec).
 _DTYPE_CODES = {
@@ -65,7 +67,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         self._fd: int | None = None  # before any check: __del__ runs after a failed init too
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {self.path}")
+            raise MissingFile(f"checkpoint not found: {self.path}")
         try:
             with safe_open(self.path, framework="pt") as f:
                 self.metadata: dict[str, str] = f.metadata() or {}
@@ -77,7 +79,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
                 (header_size,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(header_size))
         except (OSError, ValueError, KeyError, SafetensorError) as err:
-            raise ValueError(f"{self.path}: not a readable safetensors file ({err})") from err
+            raise BadValue(f"{self.path}: not a readable safetensors file ({err})") from err
         self._specs = specs
         self._offsets = {k: 8 + header_size + header[k]["data_offsets"][0] for k in specs}
 
@@ -108,7 +110,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
         spec = self._spec_of(key)
         stop = spec.numel if stop is None else stop
         if out.numel() != stop - start or not 0 <= start <= stop <= spec.numel:
-            raise ValueError(
+            raise BadValue(
                 f"{self.path}: cannot read elements {start}:{stop} of {key!r} "
                 f"({spec.numel} values) into {out.numel()}"
             )
@@ -118,14 +120,14 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
             offset = self._offsets[key] + start * buffer.element_size()
             if os.preadv(self._descriptor(), [view], offset) != view.nbytes:
-                raise ValueError(f"{self.path}: truncated data for {key!r}")
+                raise BadValue(f"{self.path}: truncated data for {key!r}")
         if target is None:
             out.copy_(buffer.reshape(out.shape))
         return out
 
     def _spec_of(self, key: str) -> TensorSpec:
         if key not in self._specs:
-            raise KeyError(f"{key!r} is not in {self.path}")
+            raise MissingKey(f"{key!r} is not in {self.path}")
         return self._specs[key]
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -160,6 +162,12 @@ def read_into(
     return out.copy_(flat.reshape(out.shape))
 
 
+# what torch.load raises for a file that is not a readable state dict: a corrupt or
+# truncated archive (RuntimeError, EOFError), a pickle that weights_only refuses or cannot
+# parse, a file of another format
+UNREADABLE_CHECKPOINT = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError)
+
+
 def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Mapping:
     """A state dict from a mapping (returned as is) or a file path (read lazily).
 
@@ -172,11 +180,11 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> M
     if path.suffix == ".safetensors":
         return SafetensorsCheckpoint(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFile(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # torch's own messages name neither the file nor the fix
-        raise ValueError(
+    except UNREADABLE_CHECKPOINT as err:  # torch's messages name neither file nor fix
+        raise BadValue(
             f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); give a .safetensors or "
             "torch.save state dict file"
@@ -184,7 +192,7 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> M
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+        raise BadValue(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
 
 
@@ -200,13 +208,13 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     """Fail early, before any long work, if ``path`` cannot be written as asked."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise FileInTheWay(f"{path} exists; pass overwrite=True to replace it")
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, expected a file path")
+        raise NotAFile(f"{path} is a directory, expected a file path")
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write into {parent}")
+        raise NotPermitted(f"cannot write into {parent}")
     return path
 
 
@@ -254,10 +262,10 @@ class SafetensorsWriter:
     def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order) or self._order[self._next] != key:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
-            raise KeyError(f"{self.path}: wrote {key!r}, expected {expected!r} next")
+            raise MissingKey(f"{self.path}: wrote {key!r}, expected {expected!r} next")
         spec = self._specs[key]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(
+            raise BadValue(
                 f"{self.path}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"declared {spec.shape} {spec.dtype}"
             )

@@ -22,6 +22,7 @@ from mergelab.engine.checkpoints import read_into
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.workspace import BlockWorkers, Workspace
+from mergelab.errors import BadValue
 from mergelab.merging.quantile import RadixSelect, quantile_rank
 from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
@@ -42,7 +43,7 @@ def conflict_block(
             read_into(gradients[task], key, row, part.start, part.stop)
             with np.errstate(all="ignore"):
                 if not np.isfinite(row.numpy().sum()) and not np.isfinite(row.numpy()).all():
-                    raise ValueError(f"gradient statistics of {task!r} have NaN or Inf at {key!r}")
+                    raise BadValue(f"gradient statistics of {task!r} have NaN or Inf at {key!r}")
         omega = conflict(grads, taus, scratch)
     omega = torch.from_numpy(omega.numpy().astype(np.float32, copy=False))
     pool.check_finite(key, taus, omega)

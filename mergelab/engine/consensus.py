@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from mergelab.engine.pool import CheckpointSource
 from mergelab.engine.tall_masks import TallMasks
+from mergelab.errors import BadValue
 
 
 def consensus_merge(
@@ -24,7 +25,7 @@ def consensus_merge(
     where data is available.
     """
     if k < 0:
-        raise ValueError(f"consensus k must be ≥ 0, got {k}")
+        raise BadValue(f"consensus k must be ≥ 0, got {k}")
     masks = TallMasks.build(pretrained, finetuned, lambdas=[tall_lambda])
     fixed = dict.fromkeys(masks.tasks, tall_lambda)
     return masks.consensus(pretrained, k, scaling_factor, fixed, output, overwrite)

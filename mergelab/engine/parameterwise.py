@@ -22,6 +22,7 @@ import torch
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.workspace import Workspace, empty
+from mergelab.errors import BadValue
 from mergelab.merging.finite import all_finite
 from mergelab.merging.task_arithmetic import ordered_sum
 
@@ -38,9 +39,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
+        raise BadValue(f"device {str(device)!r}: CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r}: mergelab merges on 'cpu' or 'cuda'")
+        raise BadValue(f"device {str(device)!r}: mergelab merges on 'cpu' or 'cuda'")
     return device
 
 
@@ -92,7 +93,7 @@ def merged_vector(task_vectors: TaskVectors, rule: Rule, desc: str = "merge") ->
         spec = pool.specs[key]
         merged = rule(key, taus)
         if tuple(merged.shape) != spec.shape:
-            raise ValueError(
+            raise BadValue(
                 f"the merge rule gave {key!r} the shape {tuple(merged.shape)}, "
                 f"the model has {spec.shape}"
             )
@@ -105,7 +106,7 @@ def merged_vector(task_vectors: TaskVectors, rule: Rule, desc: str = "merge") ->
 def check_merged_finite(key: str, merged: torch.Tensor) -> None:
     """A merged δ that is not finite, from finite task vectors: a rule's overflow."""
     if not all_finite(merged):
-        raise ValueError(f"merging {key!r} gives NaN or Inf values: task vectors too large")
+        raise BadValue(f"merging {key!r} gives NaN or Inf values: task vectors too large")
 
 
 def summed_vector(task_vectors: TaskVectors, desc: str = "sum") -> StateDict:

@@ -17,6 +17,7 @@ from mergelab.engine.checkpoints import (
     tensor_spec,
 )
 from mergelab.engine.workspace import Workspace
+from mergelab.errors import BadValue, MissingKey
 
 CheckpointSource = str | os.PathLike | Mapping[str, torch.Tensor]
 
@@ -49,7 +50,7 @@ class ModelPool:
         finetuned: Mapping[str, CheckpointSource],
     ):
         if not finetuned:
-            raise ValueError("no fine-tuned models given")
+            raise BadValue("no fine-tuned models given")
         self.pretrained = open_checkpoint(pretrained)
         self.finetuned = {str(task): open_checkpoint(src) for task, src in finetuned.items()}
         self.specs: dict[str, TensorSpec] = {
@@ -59,7 +60,7 @@ class ModelPool:
             check_same_layout(self.specs, checkpoint, f"fine-tuned model {task!r}")
         self.merged_keys = [k for k, s in self.specs.items() if s.dtype.is_floating_point]
         if not self.merged_keys:
-            raise ValueError("the pretrained model has no floating-point parameters to merge")
+            raise BadValue("the pretrained model has no floating-point parameters to merge")
 
     @property
     def tasks(self) -> list[str]:
@@ -71,7 +72,7 @@ class ModelPool:
 
     def require_tasks(self, minimum: int, method: str) -> None:
         if len(self.finetuned) < minimum:
-            raise ValueError(
+            raise BadValue(
                 f"{method} needs at least {minimum} fine-tuned models, got {len(self.finetuned)}"
             )
 
@@ -118,20 +119,20 @@ class ModelPool:
                 return
         for task, row in zip(self.tasks, taus, strict=True):
             if not torch.isfinite(row).all():
-                raise ValueError(f"task vector of {task!r} has NaN or Inf values at {key!r}")
-        raise ValueError(f"merging {key!r} overflows {summary.dtype}: task vectors too large")
+                raise BadValue(f"task vector of {task!r} has NaN or Inf values at {key!r}")
+        raise BadValue(f"merging {key!r} overflows {summary.dtype}: task vectors too large")
 
     def check_companions(self, stats: Mapping[str, Mapping[str, torch.Tensor]], what: str) -> None:
         """Check per-task tensors (e.g. gradient statistics) cover every merged parameter."""
         if set(stats) != set(self.finetuned):
-            raise ValueError(f"{what} are for tasks {sorted(stats)}, the models for {self.tasks}")
+            raise BadValue(f"{what} are for tasks {sorted(stats)}, the models for {self.tasks}")
         for task, tensors in stats.items():
             for key in self.merged_keys:
                 if key not in tensors:
-                    raise KeyError(f"{what} of {task!r} lack {key!r}")
+                    raise MissingKey(f"{what} of {task!r} lack {key!r}")
                 spec = tensor_spec(tensors, key)
                 if spec.shape != self.specs[key].shape:
-                    raise ValueError(
+                    raise BadValue(
                         f"{what} of {task!r}: {key!r} has shape {spec.shape}, "
                         f"the model {self.specs[key].shape}"
                     )
@@ -165,14 +166,14 @@ def check_same_layout(specs: Mapping[str, TensorSpec], checkpoint: Mapping, name
     keys = set(checkpoint)
     missing = [k for k in specs if k not in keys]
     if missing:
-        raise KeyError(f"{name} lacks {missing[0]!r} (and {len(missing) - 1} more keys)")
+        raise MissingKey(f"{name} lacks {missing[0]!r} (and {len(missing) - 1} more keys)")
     extra = [k for k in checkpoint if k not in specs]
     if extra:
-        raise KeyError(f"{name} has {extra[0]!r}, which the pretrained model does not")
+        raise MissingKey(f"{name} has {extra[0]!r}, which the pretrained model does not")
     for key, spec in specs.items():
         other = tensor_spec(checkpoint, key)
         if other != spec:
-            raise ValueError(
+            raise BadValue(
                 f"{name}: {key!r} is {other.shape} {other.dtype}, "
                 f"the pretrained model has {spec.shape} {spec.dtype}"
             )

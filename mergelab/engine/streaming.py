@@ -29,6 +29,7 @@ from mergelab.engine.checkpoints import (
 )
 from mergelab.engine.pool import ModelPool, check_same_layout, flat_blocks
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
+from mergelab.errors import BadValue
 from mergelab.merging.finite import all_finite
 from mergelab.merging.task_arithmetic import apply_task_vector
 
@@ -48,10 +49,10 @@ def is_single(value) -> bool:
 def as_factor_list(scaling_factor: float | Sequence[float], name: str) -> list[float]:
     factors = [scaling_factor] if is_single(scaling_factor) else list(scaling_factor)
     if not factors:
-        raise ValueError(f"{name}: no values given")
+        raise BadValue(f"{name}: no values given")
     for value in factors:
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+            raise BadValue(f"{name} must be finite, got {value}")
     return [float(v) for v in factors]
 
 
@@ -61,11 +62,11 @@ def output_paths(output, count: int, overwrite: bool) -> list[Path | None]:
         return [None] * count
     paths = [output] if isinstance(output, (str, os.PathLike)) else list(output)
     if len(paths) != count:
-        raise ValueError(f"{count} models to build but {len(paths)} output paths given")
+        raise BadValue(f"{count} models to build but {len(paths)} output paths given")
     resolved = [Path(p).resolve() for p in paths]
     duplicate = next((p for p in resolved if resolved.count(p) > 1), None)
     if duplicate is not None:
-        raise ValueError(f"output path {duplicate} is given twice")
+        raise BadValue(f"output path {duplicate} is given twice")
     return [check_writable(p, overwrite) for p in paths]
 
 
@@ -129,7 +130,7 @@ def build_models(
                         reuse = delta if consume else theta0 if own_pretrained else None
                     model = apply_task_vector(theta0, delta, factor, out=reuse)
                     if not all_finite(model):
-                        raise ValueError(
+                        raise BadValue(
                             f"scaling factor {factor}: θ0 + λ·δ of {key!r} has NaN or Inf "
                             f"values (too large for {model.dtype})"
                         )
@@ -199,11 +200,11 @@ def fill_model(
 
 def _check_reusable(specs: Mapping[str, TensorSpec], reuse: StateDict, output) -> None:
     if output is not None:
-        raise ValueError("reuse writes the model into tensors in memory, not to an output file")
+        raise BadValue("reuse writes the model into tensors in memory, not to an output file")
     check_same_layout(specs, reuse, "the model to reuse")
     for key, tensor in reuse.items():
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.requires_grad:
-            raise ValueError(
+            raise BadValue(
                 f"the model to reuse: {key!r} must be a contiguous CPU tensor without grad"
             )
 

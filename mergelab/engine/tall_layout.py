@@ -11,6 +11,7 @@ import torch
 from mergelab.engine.checkpoints import tensor_spec
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import as_factor_list
+from mergelab.errors import BadValue, MissingKey
 
 # The λ grid of the TALL masks paper (Wang et al., ICML 2024, §4).
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -35,23 +36,23 @@ def checked_lambdas(lambdas: Sequence[float]) -> list[float]:
     lambdas = as_factor_list(lambdas, "lambdas")
     for lam in lambdas:
         if not lam > 0:
-            raise ValueError(f"TALL mask λ must be > 0, got {lam}")
+            raise BadValue(f"TALL mask λ must be > 0, got {lam}")
     if len(set(lambdas)) != len(lambdas):
-        raise ValueError(f"a TALL λ is listed twice: {lambdas}")
+        raise BadValue(f"a TALL λ is listed twice: {lambdas}")
     return lambdas
 
 
 def check_consensus_k(k: int) -> None:
     if k < 0:
-        raise ValueError(f"consensus k must be ≥ 0, got {k}")
+        raise BadValue(f"consensus k must be ≥ 0, got {k}")
 
 
 def check_multitask_vector(pool: ModelPool, multitask: Mapping[str, torch.Tensor]) -> None:
     for key in pool.merged_keys:
         if key not in multitask:
-            raise KeyError(f"the multitask vector lacks {key!r}")
+            raise MissingKey(f"the multitask vector lacks {key!r}")
         if tensor_spec(multitask, key).shape != pool.specs[key].shape:
-            raise ValueError(
+            raise BadValue(
                 f"the multitask vector's {key!r} is {tensor_spec(multitask, key).shape}, "
                 f"the model's {pool.specs[key].shape}"
             )

@@ -52,6 +52,7 @@ from mergelab.engine.tall_layout import (
 )
 from mergelab.engine.ties import ties_merged_vector
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
+from mergelab.errors import BadValue, MissingKey
 from mergelab.merging.consensus import consensus_mask
 from mergelab.merging.selection import pick_best
 from mergelab.merging.tall_masks import (
@@ -110,7 +111,7 @@ class TallMasks:
         if ties is not None:
             check_keep_fraction(ties)
         if ties is not None and multitask is not None:
-            raise ValueError("TALL masks: give ties or a multitask vector, not both")
+            raise BadValue("TALL masks: give ties or a multitask vector, not both")
         if multitask is not None:
             check_multitask_vector(pool, multitask)
         if output is not None:
@@ -197,9 +198,9 @@ class TallMasks:
         try:
             info = json.loads(store.metadata["mergelab"])
             if info.get("format") != FORMAT:
-                raise ValueError(f"format {info.get('format')!r}")
+                raise BadValue(f"format {info.get('format')!r}")
         except (KeyError, ValueError) as err:
-            raise ValueError(f"{path} is not a mergelab TALL masks file ({err})") from err
+            raise BadValue(f"{path} is not a mergelab TALL masks file ({err})") from err
         return cls(store, info)
 
     def _info(self) -> dict:
@@ -222,15 +223,15 @@ class TallMasks:
 
     def _check(self, task: str, lam: float) -> None:
         if task not in self.tasks:
-            raise KeyError(f"no TALL masks for task {task!r}; tasks: {self.tasks}")
+            raise MissingKey(f"no TALL masks for task {task!r}; tasks: {self.tasks}")
         if lambda_name(lam) not in {lambda_name(v) for v in self.lambdas}:
-            raise KeyError(f"no TALL mask for λ={lam}; built for {self.lambdas}")
+            raise MissingKey(f"no TALL mask for λ={lam}; built for {self.lambdas}")
 
     def lambda_for(self, task: str, lam: float | None = None) -> float:
         """``lam`` if given, else the λ chosen for ``task``."""
         if lam is None:
             if task not in self.chosen:
-                raise KeyError(f"no λ chosen for task {task!r}; pass lam or call choose_lambdas")
+                raise MissingKey(f"no λ chosen for task {task!r}; pass lam or call choose_lambdas")
             lam = self.chosen[task]
         self._check(task, lam)
         return lam
@@ -268,9 +269,9 @@ class TallMasks:
     def _check_pretrained(self, pretrained: Mapping[str, torch.Tensor]) -> None:
         for key, shape in self.shapes.items():
             if key not in pretrained:
-                raise KeyError(f"the pretrained model lacks {key!r}, which the masks cover")
+                raise MissingKey(f"the pretrained model lacks {key!r}, which the masks cover")
             if tensor_spec(pretrained, key).shape != shape:
-                raise ValueError(
+                raise BadValue(
                     f"the pretrained model's {key!r} is {tensor_spec(pretrained, key).shape}, "
                     f"the masks' {shape}"
                 )
@@ -343,11 +344,11 @@ class TallMasks:
         chosen = {}
         for task in self.tasks:
             if task not in scores:
-                raise KeyError(f"no validation scores for task {task!r}")
+                raise MissingKey(f"no validation scores for task {task!r}")
             by_name = {lambda_name(float(lam)): s for lam, s in scores[task].items()}
             missing = [lam for lam in self.lambdas if lambda_name(lam) not in by_name]
             if missing:
-                raise KeyError(f"no validation score for task {task!r} at λ={missing[0]}")
+                raise MissingKey(f"no validation score for task {task!r} at λ={missing[0]}")
             score = {lam: by_name[lambda_name(lam)] for lam in self.lambdas}
             chosen[task] = pick_best(self.lambdas, score.__getitem__)
         self.chosen = chosen

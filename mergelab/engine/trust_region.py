@@ -20,6 +20,7 @@ from mergelab.engine.pool import CheckpointSource, ModelPool
 from mergelab.engine.streaming import StateDict, scaled_models
 from mergelab.engine.task_arithmetic import task_arithmetic_vector
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
+from mergelab.errors import BadValue
 from mergelab.merging.quantile import quantile_rank
 from mergelab.merging.trust_region import trust_region_mask
 
@@ -45,7 +46,7 @@ class TrustRegionVector:
 
 def check_threshold_quantile(threshold_quantile: float) -> None:
     if not 0 < threshold_quantile <= 1:
-        raise ValueError(f"threshold_quantile must be in (0, 1], got {threshold_quantile}")
+        raise BadValue(f"threshold_quantile must be in (0, 1], got {threshold_quantile}")
 
 
 def gradient_checkpoints(pool: ModelPool, gradient_stats) -> dict[str, Mapping] | None:

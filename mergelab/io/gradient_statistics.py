@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from mergelab.engine.checkpoints import SafetensorsCheckpoint
+from mergelab.errors import BadValue, MissingFile
 
 KIND = "tatr_gradient_statistics"
 
@@ -23,13 +24,13 @@ def read_statistics(path: Path, task: str, fingerprint: str) -> SafetensorsCheck
         meta = json.loads(checkpoint.metadata["mergelab"])
         found_kind, found_task, found_model = meta["kind"], meta["task"], meta["model"]
     except (KeyError, ValueError) as err:
-        raise ValueError(f"{path}: not gradient statistics saved by mergelab fit") from err
+        raise BadValue(f"{path}: not gradient statistics saved by mergelab fit") from err
     if found_kind != KIND:
-        raise ValueError(f"{path}: holds {found_kind!r}, not gradient statistics")
+        raise BadValue(f"{path}: holds {found_kind!r}, not gradient statistics")
     if found_task != task:
-        raise ValueError(f"{path}: gradient statistics of task {found_task!r}, not {task!r}")
+        raise BadValue(f"{path}: gradient statistics of task {found_task!r}, not {task!r}")
     if found_model != fingerprint:
-        raise ValueError(
+        raise BadValue(
             f"{path}: gradient statistics of another pretrained model (fingerprint "
             f"{found_model}, this model {fingerprint}); recompute them with mergelab fit"
         )
@@ -52,7 +53,7 @@ def load_task_statistics(
     """Every task's saved statistics from ``folder``, checked; a missing task is named."""
     missing = [t for t in tasks if not statistics_file(folder, t).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"no gradient statistics of task {missing[0]!r} in {folder} "
             f"(expected {statistics_file(folder, missing[0])}; mergelab fit writes them)"
         )

@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from mergelab.errors import BadValue
+
 
 def write_image_split(
     folder: str | os.PathLike,
@@ -24,7 +26,7 @@ def write_image_split(
     import datasets
 
     if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels for split {split!r}")
+        raise BadValue(f"{len(images)} images but {len(labels)} labels for split {split!r}")
     subdir = Path(folder) / (config or "data")
     subdir.mkdir(parents=True, exist_ok=True)
     features = datasets.Features({"image": datasets.Image(), label_column: datasets.Value("int64")})

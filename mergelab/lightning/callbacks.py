@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 
+from mergelab.errors import BadValue
 from mergelab.lightning.evaluation import MergeEvaluator, check_reference
 from mergelab.lightning.gradient_stats import GradientStatistics
 from mergelab.lightning.results import write_report
@@ -50,7 +51,7 @@ class MergeCallback(L.Callback):
         """Refuse, before any model is loaded, a test run without a test split, and one
         that scores several settings and could pick none on validation."""
         if stage == "test" and "test" not in test_splits:
-            raise ValueError(
+            raise BadValue(
                 f"data.test_splits {list(test_splits)} has no test split for a test run to "
                 "score: add test (--data.test_splits=[val, test]), or score validation "
                 "alone with `mergelab validate`"
@@ -58,7 +59,7 @@ class MergeCallback(L.Callback):
         count = self.method.settings_scored()
         several = stage == "test" and count > 1 and "val" not in test_splits
         if several and not self.report_without_pick:
-            raise ValueError(
+            raise BadValue(
                 f"{self.method.name} scores {count} settings but data.test_splits "
                 f"{list(test_splits)} has no val to pick one on: add val "
                 "(--data.test_splits=[val, test]), give one setting, or report every "

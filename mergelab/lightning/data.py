@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mergelab.errors import BadValue, MissingKey
 from mergelab.tasks import EIGHT_TASKS, TaskSpec, load_task
 from mergelab.tasks.splits import SPLIT_SEED, load_split, protocol_split
 
@@ -124,16 +125,16 @@ class TaskDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if keep_in_memory_mb < 0:
-            raise ValueError(f"keep_in_memory_mb must be ≥ 0, got {keep_in_memory_mb}")
+            raise BadValue(f"keep_in_memory_mb must be ≥ 0, got {keep_in_memory_mb}")
         unknown = [s for s in test_splits if s not in ("val", "test")]
         if unknown or not test_splits:
-            raise ValueError(f"test_splits takes 'val' and 'test', got {test_splits}")
+            raise BadValue(f"test_splits takes 'val' and 'test', got {test_splits}")
         if max_samples is not None and max_samples <= 0:
-            raise ValueError(f"max_samples must be positive, got {max_samples}")
+            raise BadValue(f"max_samples must be positive, got {max_samples}")
         self.specs = [load_task(t) for t in tasks]
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
-            raise ValueError(f"a task is listed twice: {names}")
+            raise BadValue(f"a task is listed twice: {names}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.max_samples = max_samples
@@ -216,7 +217,7 @@ class TaskDataModule(L.LightningDataModule):
             _, indices = self._rows(by_name[task], split)
             if not len(indices):  # it would score 0 % and, on val, decide the pick
                 source = by_name[task].test_split if split == "test" else by_name[task].train_split
-                raise ValueError(
+                raise BadValue(
                     f"task {task!r}: its {split} split has no samples (hub split {source!r} "
                     f"of {by_name[task].dataset}); give it data or leave {split!r} out of "
                     "--data.test_splits"
@@ -225,7 +226,7 @@ class TaskDataModule(L.LightningDataModule):
             # at the metrics' synchronisation
             if world > 1 and len(indices) < world:
                 count = f"{len(indices)} {split} sample" + "s" * (len(indices) != 1)
-                raise ValueError(
+                raise BadValue(
                     f"task {task!r}: {count}, fewer than the {world} processes of this run, "
                     "which each score at least one (run on fewer devices, or raise "
                     "--data.max_samples)"
@@ -272,7 +273,9 @@ class TaskDataModule(L.LightningDataModule):
         or None for a task already done], i)."""
         unknown = [t for t in tasks if t not in self.task_names]
         if unknown:
-            raise KeyError(f"task {unknown[0]!r} is not one of the data module's {self.task_names}")
+            raise MissingKey(
+                f"task {unknown[0]!r} is not one of the data module's {self.task_names}"
+            )
         self._once = list(tasks)
 
     def _loaders_once(self) -> CombinedLoader:

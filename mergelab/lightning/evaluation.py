@@ -26,6 +26,7 @@ from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
 from mergelab.engine.pool import ModelPool
+from mergelab.errors import BadValue, MissingFile, MissingKey
 from mergelab.merging.selection import pick_best
 from mergelab.methods.base import Variants
 from mergelab.models.clip import load_clip, load_image_encoder
@@ -102,7 +103,7 @@ class MergeEvaluator(L.LightningModule):
         ``tasks``, converted and checked up front."""
         missing = [t for t in tasks if t not in self.finetuned_sources]
         if missing:
-            raise KeyError(f"no fine-tuned model given for task {missing[0]!r} (model.finetuned)")
+            raise MissingKey(f"no fine-tuned model given for task {missing[0]!r} (model.finetuned)")
         pretrained = self.pretrained_state() if pretrained is None else pretrained
         finetuned = {
             t: load_image_encoder(self.finetuned_sources[t], pretrained, self.cache_dir)
@@ -253,18 +254,18 @@ def _reference_accuracy(value: dict[str, float] | str | None) -> dict[str, float
         return _fractions(dict(value), "finetuned_accuracy") if value else None
     path = Path(value)
     if not path.is_file():
-        raise FileNotFoundError(f"finetuned_accuracy: {path} not found")
+        raise MissingFile(f"finetuned_accuracy: {path} not found")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"finetuned_accuracy: {path} is not JSON ({error})") from None
+        raise BadValue(f"finetuned_accuracy: {path} is not JSON ({error})") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"finetuned_accuracy: {path} holds no mapping of task accuracies")
+        raise BadValue(f"finetuned_accuracy: {path} holds no mapping of task accuracies")
     if "headline" not in data:  # a plain mapping of task → fraction
         return _fractions(data, f"finetuned_accuracy: {path}")
     method = data.get("settings", {}).get("method")
     if method != "finetuned":
-        raise ValueError(
+        raise BadValue(
             f"finetuned_accuracy: {path} is the results of a {method!r} run; the reference "
             "is a 'finetuned' run's (configs/methods/finetuned.yaml)"
         )
@@ -276,7 +277,7 @@ def _fractions(accuracy: dict, source: str) -> dict[str, float]:
     for task, value in accuracy.items():
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if not number or not 0 < value <= 1:
-            raise ValueError(
+            raise BadValue(
                 f"{source}: the accuracy of task {task!r} is {value!r}; accuracies are "
                 "fractions in (0, 1] (0.912, not 91.2)"
             )
@@ -291,7 +292,7 @@ def check_reference(
         return
     missing = [t for t in tasks if t not in reference]
     if missing:
-        raise KeyError(f"{source} has no entry for task {missing[0]!r}")
+        raise MissingKey(f"{source} has no entry for task {missing[0]!r}")
 
 
 def summarize(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning as L
 
-from mergelab.errors import BAD_INPUT
+from mergelab.errors import bad_input_in
 
 FAILED_FILE = "FAILED"
 # what Lightning writes into a run folder before mergelab writes anything of its own
@@ -39,7 +39,7 @@ class FailedRunCleanup(L.Callback):
         produced = any(
             p.name not in BOOKKEEPING for f in folders if f.is_dir() for p in f.iterdir()
         )
-        discard = isinstance(exception, BAD_INPUT) and not produced
+        discard = bad_input_in(exception) is not None and not produced
         roots = [Path(lg.save_dir).absolute() for lg in trainer.loggers if lg.save_dir]
         wandb_folder = _finish_wandb_run_as_failed(roots)
         if discard:

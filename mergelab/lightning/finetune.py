@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from mergelab.engine.checkpoints import check_writable, save_state_dict
 from mergelab.engine.pool import fingerprint
+from mergelab.errors import BadValue
 from mergelab.lightning.evaluation import top1
 from mergelab.models.clip import load_clip
 from mergelab.models.heads import zero_shot_head
@@ -76,11 +77,11 @@ class FineTuner(L.LightningModule):
     ):
         super().__init__()
         if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+            raise BadValue(f"lr must be positive, got {lr}")
         if weight_decay < 0:
-            raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
+            raise BadValue(f"weight_decay must be ≥ 0, got {weight_decay}")
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be ≥ 0, got {warmup_steps}")
+            raise BadValue(f"warmup_steps must be ≥ 0, got {warmup_steps}")
         self.save_hyperparameters()
         self.spec = load_task(task)
         self.clip = load_clip(model, pretrained, cache_dir, model_config)
@@ -104,7 +105,7 @@ class FineTuner(L.LightningModule):
         dm = self.trainer.datamodule
         names = getattr(dm, "task_names", None)
         if names != [self.task]:
-            raise ValueError(
+            raise BadValue(
                 f"FineTuner trains task {self.task!r}: the data module must hold exactly that "
                 f"task (data.tasks: [{self.task}]), got {names}"
             )

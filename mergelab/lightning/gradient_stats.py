@@ -38,6 +38,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from mergelab.engine.checkpoints import check_writable, save_state_dict
+from mergelab.errors import BadValue
 from mergelab.io.cache import cache_root
 from mergelab.io.gradient_statistics import (
     KIND,
@@ -83,7 +84,7 @@ class GradientStatistics(MergeEvaluator):
         chunk_size: int = 8,
     ):
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+            raise BadValue(f"chunk_size must be ≥ 1, got {chunk_size}")
         super().__init__(model, pretrained, finetuned, None, cache_dir, model_config)
         self.automatic_optimization = False
         self.encoder.requires_grad_(True)  # the parameters whose gradients are taken
@@ -105,7 +106,7 @@ class GradientStatistics(MergeEvaluator):
         parameters = dict(self.encoder.named_parameters())
         buffers = [k for k in self.pool.merged_keys if k not in parameters]
         if buffers:
-            raise ValueError(f"merged tensor {buffers[0]!r} is not a parameter: it has no gradient")
+            raise BadValue(f"merged tensor {buffers[0]!r} is not a parameter: it has no gradient")
         fingerprint = self.pool.fingerprint()
         # the samples too: a cache keyed by the model alone would serve statistics of
         # other data (a rebuilt dataset, another max_samples) as if they were these
@@ -119,7 +120,7 @@ class GradientStatistics(MergeEvaluator):
             if path.is_file():
                 saved = read_statistics(path, task, fingerprint)
                 if statistics_data(saved) != self._data[task]:
-                    raise ValueError(
+                    raise BadValue(
                         f"{path}: statistics over other samples of {task!r} than this run's "
                         f"({statistics_samples(saved)} saved, {count} now: another dataset "
                         "or data.max_samples); delete the file or choose another "

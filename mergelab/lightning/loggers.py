@@ -14,6 +14,8 @@ import os
 
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
+from mergelab.errors import BadValue
+
 # the values of W&B's Settings.mode (wandb/sdk/wandb_settings.py, wandb 0.31)
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
@@ -22,9 +24,7 @@ def check_wandb_mode() -> None:
     """Refuse a ``WANDB_MODE`` that W&B does not know, before any work."""
     mode = os.environ.get("WANDB_MODE")
     if mode is not None and mode not in WANDB_MODES:
-        raise ValueError(
-            f"WANDB_MODE={mode!r} is not a W&B mode; W&B takes {', '.join(WANDB_MODES)}"
-        )
+        raise BadValue(f"WANDB_MODE={mode!r} is not a W&B mode; W&B takes {', '.join(WANDB_MODES)}")
 
 
 def wandb_logged_in() -> bool:

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 import torch
 
+from mergelab.errors import BadValue
+
 
 def consensus_mask(task_masks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
     """1{number of tasks whose mask keeps the coordinate ≥ k} for one parameter."""
@@ -17,5 +19,5 @@ def consensus_mask(task_masks: Iterable[torch.Tensor], k: int) -> torch.Tensor:
     for mask in task_masks:
         votes = mask.to(torch.int32) if votes is None else votes.add_(mask)
     if votes is None:
-        raise ValueError("no task masks given")
+        raise BadValue("no task masks given")
     return votes >= k

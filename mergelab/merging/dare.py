@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mergelab.errors import BadValue
 from mergelab.merging.compiled import kernels
 
 _DRAWS = 1 << 24  # a draw's values: 24-bit uniforms, like float32's mantissa
@@ -27,7 +28,7 @@ _DRAWS = 1 << 24  # a draw's values: 24-bit uniforms, like float32's mantissa
 
 def check_drop_rate(drop_rate: float) -> None:
     if not 0 <= drop_rate < 1:
-        raise ValueError(f"DARE drop_rate must be in [0, 1), got {drop_rate}")
+        raise BadValue(f"DARE drop_rate must be in [0, 1), got {drop_rate}")
 
 
 def drop_seed(seed: int, task: str, key: str) -> int:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergelab.errors import BadValue
 from mergelab.merging.spectral import checked_svd, recombined, significant, task_name
 from mergelab.merging.task_arithmetic import ordered_sum
 
@@ -26,9 +27,9 @@ def check_common_fraction(fraction: float) -> None:
     """Iso-CTS's common share f of each matrix's rank: a number in [0, 1] (0.8 in the
     paper)."""
     if isinstance(fraction, bool) or not isinstance(fraction, int | float):
-        raise ValueError(f"common_subspace must be a number in [0, 1], got {fraction!r}")
+        raise BadValue(f"common_subspace must be a number in [0, 1], got {fraction!r}")
     if not 0 <= fraction <= 1:
-        raise ValueError(f"common_subspace must be in [0, 1], got {fraction}")
+        raise BadValue(f"common_subspace must be in [0, 1], got {fraction}")
 
 
 def common_space_size(
@@ -40,7 +41,7 @@ def common_space_size(
     per_task = round((rank - common) / num_tasks)
     common = rank - per_task * num_tasks
     if common < 0:
-        raise ValueError(
+        raise BadValue(
             f"parameter {label!r}, shape {shape}: common_subspace {fraction} leaves "
             f"{rank - int(rank * fraction)} task-specific directions, which round to "
             f"{per_task} for each of {num_tasks} tasks, more than its rank {rank}; "

@@ -15,6 +15,8 @@ from fractions import Fraction
 
 import torch
 
+from mergelab.errors import BadValue
+
 _BINS = 1 << 16
 _SIGN_FLIP = 0x7FFFFFFF
 
@@ -53,7 +55,7 @@ class RadixSelect:
 
     def __init__(self, rank: int, total: int):
         if not 0 <= rank < total:
-            raise ValueError(f"rank {rank} is outside 0..{total - 1}")
+            raise BadValue(f"rank {rank} is outside 0..{total - 1}")
         self.rank = rank
         self.total = total
         self.bucket: int | None = None
@@ -127,7 +129,7 @@ class MagnitudeSelect:
 
     def __init__(self, rank: int, total: int, rows: int):
         if not 0 <= rank < total:
-            raise ValueError(f"rank {rank} is outside 0..{total - 1}")
+            raise BadValue(f"rank {rank} is outside 0..{total - 1}")
         self.rank = rank
         self.total = total
         # int32 where no count can reach 2^31: half the memory (T × 4 MiB)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from mergelab.errors import BadValue
+
 Setting = TypeVar("Setting")
 
 
@@ -21,5 +23,5 @@ def pick_best(settings: Iterable[Setting], score: Callable[[Setting], float]) ->
         if best_score is None or value > best_score:
             best, best_score = setting, value
     if best_score is None:
-        raise ValueError("no settings to pick from")
+        raise BadValue("no settings to pick from")
     return best

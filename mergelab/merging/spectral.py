@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergelab.errors import BadValue
 from mergelab.merging.finite import all_finite
 
 
@@ -53,7 +54,7 @@ def checked_svd(
         error.add_note(f"while taking the SVD of {culprit}, shape {tuple(matrix.shape)}")
         raise
     if not (all_finite(u) and all_finite(s) and all_finite(vh)):
-        raise ValueError(f"the SVD of {culprit} gives NaN or Inf values")
+        raise BadValue(f"the SVD of {culprit} gives NaN or Inf values")
     return u, s, vh
 
 

@@ -21,12 +21,13 @@ from typing import NamedTuple
 
 import torch
 
+from mergelab.errors import BadValue
 from mergelab.merging.quantile import quantile_rank
 
 
 def check_keep_fraction(keep_fraction: float) -> None:
     if not 0 < keep_fraction <= 1:
-        raise ValueError(
+        raise BadValue(
             f"TIES keep (share of each task vector kept) must be in (0, 1], got {keep_fraction}"
         )
 

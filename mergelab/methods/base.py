@@ -26,6 +26,7 @@ import torch
 from mergelab.engine.checkpoints import SafetensorsCheckpoint, save_state_dict
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import build_models
+from mergelab.errors import BadValue
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class MergeMethod:
 
     def check_tasks(self, tasks: Sequence[str]) -> None:
         if len(tasks) < self.min_tasks:
-            raise ValueError(f"{self.name} needs at least {self.min_tasks} tasks, got {tasks}")
+            raise BadValue(f"{self.name} needs at least {self.min_tasks} tasks, got {tasks}")
 
     def settings_scored(self) -> int:
         """How many settings a run scores (a list of scaling factors, a λ grid): with more

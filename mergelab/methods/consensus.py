@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mergelab.engine.streaming import as_factor_list
 from mergelab.engine.tall_layout import check_consensus_k, checked_lambdas
+from mergelab.errors import BadValue
 from mergelab.methods.base import (
     MergeContext,
     MergeMethod,
@@ -34,17 +35,17 @@ def picked_lambdas(path: str, multitask: dict | None) -> dict[str, float]:
         method, picked_on = results["settings"]["method"], results["picked_on"]
         picked = results["picked_settings"]
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(
+        raise BadValue(
             f"tall_results: {file} is not the results.json of a mergelab TALL masks run ({err})"
         ) from err
     if method != "tall_masks" or picked_on != "val":
-        raise ValueError(
+        raise BadValue(
             f"tall_results: {file} is a {method} run picked on {picked_on}; consensus needs "
             "a tall_masks run that picked each task's λ on validation (data.test_splits "
             "[val, test])"
         )
     if results["settings"].get("multitask") != multitask:
-        raise ValueError(
+        raise BadValue(
             f"tall_results: {file} masks the τMTL of {results['settings'].get('multitask')}, "
             f"this consensus the τMTL of {multitask} (null: Σ τt)"
         )
@@ -82,12 +83,12 @@ class Consensus(MergeMethod):
     ):
         self.ks = [k] if isinstance(k, int) else list(k)
         if not self.ks:
-            raise ValueError("consensus k: no values given")
+            raise BadValue("consensus k: no values given")
         for value in self.ks:
             check_consensus_k(value)
         check_multitask(multitask)
         if (tall_results is None) == (tall_lambda is None):
-            raise ValueError(
+            raise BadValue(
                 "consensus needs each task's TALL λ: give tall_results (a TALL masks run's "
                 "results.json, λ picked per task on validation) or one tall_lambda, not "
                 f"{'both' if tall_results else 'neither'}"
@@ -111,7 +112,7 @@ class Consensus(MergeMethod):
             return dict.fromkeys(tasks, self.tall_lambda)
         missing = [t for t in tasks if t not in self._picked]
         if missing:
-            raise ValueError(
+            raise BadValue(
                 f"tall_results {self.tall_results} has no λ for task {missing[0]!r} "
                 f"(it picked for {sorted(self._picked)})"
             )

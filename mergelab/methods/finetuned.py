@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from mergelab.errors import BadValue
 from mergelab.methods.base import MergeContext, MergeMethod, Variants
 
 
@@ -24,7 +25,7 @@ class Finetuned(MergeMethod):
             model = dict(pool.finetuned[task].items())
             for key, tensor in model.items():
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise ValueError(f"fine-tuned model of {task!r} has NaN or Inf at {key!r}")
+                    raise BadValue(f"fine-tuned model of {task!r} has NaN or Inf at {key!r}")
             return {self.name: model}
 
         return Variants([self.name], per_task=model_of)

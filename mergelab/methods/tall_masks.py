@@ -11,6 +11,7 @@ import torch
 from mergelab.engine import tall_masks as masks_file
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.tall_layout import DEFAULT_LAMBDAS, checked_lambdas
+from mergelab.errors import BadValue
 from mergelab.methods.base import MergeContext, MergeMethod, ScaledMethod, Variants
 
 MASKS_FILE = "tall_masks.safetensors"
@@ -44,13 +45,13 @@ def check_multitask(multitask: object) -> None:
     if multitask is None:
         return
     if not isinstance(multitask, ScaledMethod):
-        raise ValueError(
+        raise BadValue(
             f"multitask: {type(multitask).__name__} does not merge into one task vector "
             "(TALL masks and consensus take τMTL from a single-model method such as "
             "TaskArithmetic, Ties, TaskSingularVectors or Isotropic)"
         )
     if len(multitask.grid()) != 1:
-        raise ValueError(
+        raise BadValue(
             f"multitask: {multitask.name} is given {len(multitask.grid())} settings "
             f"({multitask.grid()}); τMTL is one merged task vector: give one"
         )

@@ -18,6 +18,7 @@ from mergelab.engine.trust_region import (
     gradient_checkpoints,
     trust_region_vector,
 )
+from mergelab.errors import MissingFile
 from mergelab.io.gradient_statistics import load_task_statistics
 from mergelab.merging.ties import check_keep_fraction
 from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
@@ -57,7 +58,7 @@ class TrustRegion(ScaledMethod):
             if quantile == 1:
                 log.warning("TATR threshold_quantile=1 drops no coordinate: Task Arithmetic")
         if gradient_stats is not None and not Path(gradient_stats).is_dir():
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"gradient_stats: no folder {gradient_stats} (mergelab fit with "
                 "GradientStatistics writes it)"
             )

@@ -21,12 +21,14 @@ import open_clip
 import torch
 
 from mergelab.engine.checkpoints import (
+    UNREADABLE_CHECKPOINT,
     SafetensorsCheckpoint,
     open_checkpoint,
     save_state_dict,
     tensor_spec,
 )
 from mergelab.engine.pool import check_same_layout
+from mergelab.errors import BadValue, MissingFile, MissingKey
 from mergelab.io.cache import cache_root
 from mergelab.models.hf_clip import convert_clip_vision_state_dict, is_clip_vision_state_dict
 
@@ -69,24 +71,24 @@ def load_clip(
     if model_config is not None:
         path = Path(model_config)
         if not path.is_file():
-            raise FileNotFoundError(f"open_clip model config not found: {path}")
+            raise MissingFile(f"open_clip model config not found: {path}")
         open_clip.add_model_config(path)
     if name not in open_clip.list_models():
-        raise KeyError(
+        raise MissingKey(
             f"unknown open_clip architecture {name!r}; register a config with "
             "open_clip.add_model_config or use one of open_clip.list_models()"
         )
     local = pretrained is not None and looks_like_a_path(pretrained)
     if local and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"pretrained: no such file {pretrained} (model.pretrained)")
+        raise MissingFile(f"pretrained: no such file {pretrained} (model.pretrained)")
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, cache_dir=str(cache_root(cache_dir) / "open_clip")
         )
-    except Exception as err:
+    except (*UNREADABLE_CHECKPOINT, OSError) as err:
         if local:  # a file that is there and that open_clip cannot read
             first_line = (str(err).splitlines() or [""])[0]
-            raise ValueError(
+            raise BadValue(
                 f"pretrained: {pretrained} is not a {name!r} checkpoint that open_clip can "
                 f"read ({type(err).__name__}: {first_line})"
             ) from err
@@ -99,7 +101,7 @@ def load_clip(
         raise
     for key, tensor in model.state_dict().items():  # every path that reads θ0 starts here
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"pretrained: {pretrained} has NaN or Inf at {key!r}")
+            raise BadValue(f"pretrained: {pretrained} has NaN or Inf at {key!r}")
     model.eval()
     return CLIPBundle(
         name, pretrained, model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
@@ -133,9 +135,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
     except HFValidationError as err:
-        raise FileNotFoundError(f"{repo_id!r} is neither a local path nor a hub id") from err
-    except Exception as err:  # offline, unknown repo, no network: all mean "not reachable"
-        raise FileNotFoundError(
+        raise MissingFile(f"{repo_id!r} is neither a local path nor a hub id") from err
+    except OSError as err:  # offline, unknown repo, no network (the hub's errors are OSErrors)
+        raise MissingFile(
             f"cannot reach the fine-tuned model {repo_id!r} on the Hugging Face hub "
             f"(offline or missing: {type(err).__name__}); download it or give a local path"
         ) from err
@@ -146,7 +148,7 @@ def _read_weights(path: Path) -> Mapping[str, torch.Tensor]:
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).is_file():
                 return open_checkpoint(path / name)
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+        raise MissingFile(f"{path}: no model.safetensors or pytorch_model.bin")
     return open_checkpoint(path)
 
 
@@ -173,7 +175,7 @@ def load_image_encoder(
     path = Path(source)
     if not path.exists():
         if looks_like_a_path(str(source)):
-            raise FileNotFoundError(f"fine-tuned model {str(source)!r}: no such file or folder")
+            raise MissingFile(f"fine-tuned model {str(source)!r}: no such file or folder")
         path = _hub_snapshot(str(source))
     if path.suffix == ".safetensors":
         checkpoint = SafetensorsCheckpoint(path)
@@ -192,7 +194,7 @@ def load_image_encoder(
         visual = _open_clip_visual_keys(state, expected)
         if visual is None:
             missing = sorted(expected - set(state))[:1]
-            raise ValueError(
+            raise BadValue(
                 f"{source}: not an open_clip image encoder nor a Hugging Face CLIPVisionModel "
                 f"(no {missing[0] if missing else 'matching'} key under any known prefix)"
             )

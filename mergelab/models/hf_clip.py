@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from mergelab.errors import BadValue
+
 __all__ = ["convert_clip_vision_state_dict", "is_clip_vision_state_dict"]
 
 # ``CLIPVisionModel.state_dict()`` keys lack this prefix since transformers 5 (which strips it
@@ -117,18 +119,18 @@ def convert_clip_vision_state_dict(
     unexpected = [k for k in stripped if k not in expected_set]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ValueError(
+        raise BadValue(
             f"unexpected key {prefix + unexpected[0]!r}{_where(unexpected[0])}{more}: "
             "not an HF CLIPVisionModel state dict"
         )
     present = set(stripped)
     for key in expected:
         if key not in present:
-            raise ValueError(
+            raise BadValue(
                 f"missing key {prefix + key!r}{_where(key)} in the HF CLIPVisionModel state dict"
             )
     if layers == 0:
-        raise ValueError("the HF CLIPVisionModel state dict has no encoder layers")
+        raise BadValue("the HF CLIPVisionModel state dict has no encoder layers")
 
     sd = {key: hf_state_dict[prefix + key] for key in expected}
     width = _leading_dim(sd, prefix, "embeddings.class_embedding", ndim=1)
@@ -138,12 +140,12 @@ def convert_clip_vision_state_dict(
         if not _fits(actual, shape):
             dims = ["*" if e is None else str(e) for e in shape]
             want = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
-            raise ValueError(
+            raise BadValue(
                 f"key {prefix + key!r}{_where(key)} has shape {actual}, expected {want} "
                 f"for width {width} and MLP width {hidden}"
             )
     if projection.ndim != 2 or projection.shape[0] != width:
-        raise ValueError(
+        raise BadValue(
             f"projection has shape {tuple(projection.shape)}, expected ({width}, embed_dim): "
             "open_clip's visual.proj is [width, embed_dim], the transpose of HF CLIPModel's "
             "visual_projection.weight"
@@ -169,7 +171,7 @@ def _prefix(keys: Iterable[str]) -> str:
         return PREFIX
     if any(with_prefix):
         odd = keys[with_prefix.index(False)]
-        raise ValueError(f"key {odd!r} lacks the {PREFIX!r} prefix that other keys have")
+        raise BadValue(f"key {odd!r} lacks the {PREFIX!r} prefix that other keys have")
     return ""
 
 
@@ -201,7 +203,7 @@ def _leading_dim(sd: Mapping[str, torch.Tensor], prefix: str, key: str, ndim: in
     """The width (or MLP width) as ``sd[key]`` has it, the tensor having ``ndim`` dims."""
     shape = tuple(sd[key].shape)
     if len(shape) != ndim:
-        raise ValueError(
+        raise BadValue(
             f"key {prefix + key!r}{_where(key)} has shape {shape}, expected {ndim} dimensions"
         )
     return shape[0]

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mergelab.engine.workspace import Workspace
+from mergelab.errors import BadValue, MissingKey
 from mergelab.models.logits import zero_shot_logits
 
 
@@ -68,7 +69,7 @@ class _Sink:
     def batch_first(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """``tensor`` as [B, -1, last dim], checking that dim 0 is the batch."""
         if tensor.shape[0] != self.batch:
-            raise ValueError(
+            raise BadValue(
                 f"per-sample gradients: {what} has shape {tuple(tensor.shape)}, expected the "
                 f"batch ({self.batch}) first"
             )
@@ -179,7 +180,7 @@ class _Broadcast(torch.autograd.Function):
         out = parameter.expand(sizes) if x is None else x + parameter
         padded = (1,) * (out.ndim - parameter.ndim) + tuple(parameter.shape)
         if out.shape[0] != sink.batch or padded[0] != 1:
-            raise ValueError(
+            raise BadValue(
                 f"per-sample gradients: {name!r} of shape {tuple(parameter.shape)} is "
                 f"broadcast to {tuple(out.shape)}, not over the batch ({sink.batch}) first"
             )
@@ -230,7 +231,7 @@ class _PerSampleMode(TorchFunctionMode):
                 args, kwargs, names, (None, 1, 0, 1, 1)
             )
             if groups != 1 or isinstance(padding, str):
-                raise ValueError(
+                raise BadValue(
                     f"per-sample gradients: conv2d of {used[0]!r} with groups={groups}, "
                     f"padding={padding!r} is not supported (groups 1, numeric padding only)"
                 )
@@ -258,12 +259,12 @@ class _PerSampleMode(TorchFunctionMode):
         if func in _VIEWS and self.name(args[0]) is not None:
             out = func(*args, **kwargs)
             if out.dtype != args[0].dtype:
-                raise ValueError(f"per-sample gradients: {used[0]!r} is cast to {out.dtype}")
+                raise BadValue(f"per-sample gradients: {used[0]!r} is cast to {out.dtype}")
             self.names[out] = used[0]
             return out
         out = func(*args, **kwargs)
         if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
-            raise ValueError(
+            raise BadValue(
                 f"per-sample gradients: parameter {used[0]!r} is used by {_name_of(func)}, "
                 "which is not supported (see mergelab.models.per_sample_gradients)"
             )
@@ -311,7 +312,7 @@ class _PerSampleMode(TorchFunctionMode):
         }
         found = [what for what, present in unsupported.items() if present]
         if found:
-            raise ValueError(f"per-sample gradients: attention with {found[0]} is not supported")
+            raise BadValue(f"per-sample gradients: attention with {found[0]} is not supported")
         sink = self.sink
         x = query.transpose(0, 1)  # MultiheadAttention hands over [tokens, batch, dim]
         qkv = _Linear.apply(
@@ -379,13 +380,13 @@ def accumulate_abs_gradients(
     held at a time.
     """
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+        raise BadValue(f"chunk_size must be ≥ 1, got {chunk_size}")
     parameters = dict(module.named_parameters())
     for name, accumulator in accumulators.items():
         if name not in parameters:
-            raise KeyError(f"per-sample gradients: the module has no parameter {name!r}")
+            raise MissingKey(f"per-sample gradients: the module has no parameter {name!r}")
         if accumulator.shape != parameters[name].shape:
-            raise ValueError(
+            raise BadValue(
                 f"per-sample gradients: accumulator of {name!r} has shape "
                 f"{tuple(accumulator.shape)}, the parameter {tuple(parameters[name].shape)}"
             )

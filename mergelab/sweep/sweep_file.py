@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from mergelab.errors import BadValue
+
 # the top-level keys of a W&B sweep file (https://docs.wandb.ai/guides/sweeps/sweep-config-keys)
 SWEEP_KEYS = {
     "program", "method", "metric", "parameters", "command", "name", "description",
@@ -44,7 +46,7 @@ DISTRIBUTIONS: dict[str, tuple[tuple[str, ...], Callable[[random.Random, Mapping
 }
 
 
-class SweepError(ValueError):
+class SweepError(BadValue):
     """A sweep that cannot run as written, found before its first trial."""
 
 

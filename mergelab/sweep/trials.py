@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mergelab.errors import BAD_INPUT, message_of
+from mergelab.errors import bad_input_in, message_of
 from mergelab.sweep.sweep_file import SweepFile
 
 # the subcommands whose runs log evaluation metrics, and the stage they log them under
@@ -130,9 +130,12 @@ def check_settings(
 
     try:
         check_evaluation(subcommand, config)
-    except BAD_INPUT as err:
+    except Exception as err:
+        bad = bad_input_in(err)
+        if bad is None:
+            raise
         described = " ".join(f"{name}={value}" for name, value in setting.items())
-        raise sweep.error(f"trial {number} ({described}): {message_of(err)}") from err
+        raise sweep.error(f"trial {number} ({described}): {message_of(bad)}") from err
 
 
 def prepare(sweep: SweepFile, trial_settings: list[dict], output: Path) -> list[Trial]:

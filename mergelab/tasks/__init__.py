@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from mergelab.errors import BadValue, MissingFile, MissingKey
+
 BUILTIN = Path(__file__).with_name("builtin")
 
 # The eight vision tasks of Ilharco et al. (2023) in the protocol's order.
@@ -87,16 +89,16 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
     if path.suffix not in (".yaml", ".yml"):
         path = BUILTIN / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise KeyError(
+            raise MissingKey(
                 f"unknown task {str(name_or_path)!r}: built-in tasks are {builtin_tasks()}, "
                 "or give the path of a task YAML file"
             )
     elif not path.is_file():
-        raise FileNotFoundError(f"task file not found: {path}")
+        raise MissingFile(f"task file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"task file {path} is not valid YAML: {err}") from err
+        raise BadValue(f"task file {path} is not valid YAML: {err}") from err
     if isinstance(data, dict) and str(data.get("dataset", "")).startswith(("./", "../")):
         data["dataset"] = str((path.parent / data["dataset"]).resolve())
     return parse_task(data, source=str(path))
@@ -105,28 +107,28 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
 def parse_task(data: object, source: str) -> TaskSpec:
     """Check a task's fields (naming the file and key on error) and build its spec."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping of task fields")
+        raise BadValue(f"{source}: expected a mapping of task fields")
     unknown = sorted(set(data) - _ALLOWED)
     if unknown:
-        raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {sorted(_ALLOWED)}")
+        raise BadValue(f"{source}: unknown key {unknown[0]!r}; allowed: {sorted(_ALLOWED)}")
     missing = [key for key in _REQUIRED if not data.get(key)]
     if missing:
-        raise ValueError(f"{source}: missing {missing[0]!r}")
+        raise BadValue(f"{source}: missing {missing[0]!r}")
     classnames = tuple(str(c) for c in data["classnames"])
     if len(set(classnames)) != len(classnames):
         duplicate = next(c for c in classnames if classnames.count(c) > 1)
-        raise ValueError(f"{source}: class name {duplicate!r} appears twice")
+        raise BadValue(f"{source}: class name {duplicate!r} appears twice")
     for key in ("train_split", "test_split", "image_column", "label_column"):
         if key in data and not (isinstance(data[key], str) and data[key]):
-            raise ValueError(f"{source}: {key} must be a non-empty string, got {data[key]!r}")
+            raise BadValue(f"{source}: {key} must be a non-empty string, got {data[key]!r}")
     if not isinstance(data.get("match_label_names", False), bool):
-        raise ValueError(
+        raise BadValue(
             f"{source}: match_label_names must be true or false, got {data['match_label_names']!r}"
         )
     templates = tuple(str(t) for t in data["templates"])
     for template in templates:
         if "{c}" not in template:
-            raise ValueError(f"{source}: template {template!r} lacks the placeholder {{c}}")
+            raise BadValue(f"{source}: template {template!r} lacks the placeholder {{c}}")
     fields_ = {k: v for k, v in data.items() if k not in ("classnames", "templates")}
     return TaskSpec(**fields_, classnames=classnames, templates=templates, source=source)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mergelab.errors import BadValue, MissingFile
 from mergelab.tasks import TaskSpec, label_name_key
 
 VAL_FRACTION = 0.1
@@ -44,17 +45,17 @@ def load_split(task: TaskSpec, split: str, dataset_root: str | os.PathLike | Non
     cache_dir = _local_cache_dir(location) if local else None
     try:
         data = datasets.load_dataset(location, task.config, split=split, cache_dir=cache_dir)
-    except Exception as err:  # offline, unknown id, missing split: name what failed
-        available = _split_names(location, task.config) if _unknown_split(err) else None
+    except (OSError, ValueError) as err:  # offline, unknown id, missing split (datasets' own)
+        available = _split_names(location, task.config)
         if available is not None and split not in available:
             keys = [k for k in ("train_split", "test_split") if getattr(task, k) == split]
             named_by = f"{' and '.join(keys) or 'split'} {split!r} in {_task_file(task)}"
             config = f" (config {task.config!r})" if task.config else ""
-            raise ValueError(
+            raise BadValue(
                 f"task {task.name!r}: cannot load split {split!r}: {named_by}, but {where} "
                 f"{location!r}{config} has splits {available}"
             ) from err
-        raise FileNotFoundError(
+        raise MissingFile(
             f"task {task.name!r}: cannot load split {split!r} of {where} {location!r} "
             f"({type(err).__name__}: {err}; task file {_task_file(task)})"
         ) from err
@@ -83,18 +84,13 @@ def _task_file(task: TaskSpec) -> str:
     return task.source or "(no file)"
 
 
-def _unknown_split(err: Exception) -> bool:
-    """Whether ``datasets`` refused a split name (its message: 'Unknown split "x"')."""
-    return isinstance(err, (ValueError, KeyError)) and "split" in str(err).lower()
-
-
 def _split_names(location: str, config: str | None) -> list[str] | None:
     """The split names of a dataset, or None where they cannot be read (e.g. offline)."""
     import datasets
 
     try:
         return list(datasets.get_dataset_split_names(location, config))
-    except Exception:
+    except (OSError, ValueError):  # offline, or not a dataset it can read
         return None
 
 
@@ -107,7 +103,7 @@ def check_columns(task: TaskSpec, data, split: str) -> None:
     first mismatch is named with the task file."""
     for column in (task.image_column, task.label_column):
         if column not in data.column_names:
-            raise ValueError(
+            raise BadValue(
                 f"task {task.name!r}: split {split!r} has no column {column!r} "
                 f"(columns: {data.column_names}; task file {_task_file(task)})"
             )
@@ -115,7 +111,7 @@ def check_columns(task: TaskSpec, data, split: str) -> None:
     labels = data.unique(task.label_column)
     bad = [label for label in labels if not 0 <= int(label) < task.num_classes]
     if bad:
-        raise ValueError(
+        raise BadValue(
             f"task {task.name!r}: split {split!r} has label {bad[0]} outside its "
             f"{task.num_classes} classes (classnames in {_task_file(task)})"
         )
@@ -134,7 +130,7 @@ def check_label_names(task: TaskSpec, feature, split: str) -> None:
             if len(names) > task.num_classes
             else ""
         )
-        raise ValueError(
+        raise BadValue(
             f"task {task.name!r}: {_task_file(task)} lists {task.num_classes} classnames but "
             f"split {split!r} of {task.dataset!r} names {len(names)} classes in its "
             f"{task.label_column!r} column{unlisted}"
@@ -143,7 +139,7 @@ def check_label_names(task: TaskSpec, feature, split: str) -> None:
         return
     for index, (ours, theirs) in enumerate(zip(task.classnames, names, strict=True)):
         if label_name_key(ours) != label_name_key(theirs):
-            raise ValueError(
+            raise BadValue(
                 f"task {task.name!r}: class {index} is {ours!r} in {_task_file(task)} but "
                 f"{theirs!r} in split {split!r} of {task.dataset!r} (match_label_names "
                 "compares names ignoring case, '_' and '-')"
