@@ -247,6 +247,7 @@ def test_every_gradient_statistics_config_parses(config, capsys):
 
 
 USER_METHOD = '''
+from mergelab.errors import BadValue
 from mergelab.methods import MergeMethod, Variants
 
 
@@ -261,7 +262,7 @@ class WeightAverage(MergeMethod):
 
     def __init__(self, shrink: float = 1.0):
         if not 0 < shrink <= 1:
-            raise ValueError(f"shrink must be in (0, 1], got {shrink}")
+            raise BadValue(f"shrink must be in (0, 1], got {shrink}")  # bad input: exit 2
         self.shrink = shrink
 
     def variants(self, context):
