@@ -216,3 +216,34 @@ def test_mixed_prefix_is_refused(hf_state):
     state = dict(hf_state)
     state[PREFIX + "pre_layrnorm.bias"] = state.pop("pre_layrnorm.bias")
     _raises(state, match="'embeddings.class_embedding' lacks the 'vision_model.' prefix")
+
+
+def test_the_conversion_cache_is_keyed_by_the_pretrained_projection(hf_model, tmp_path):
+    """The same Hugging Face folder with two pretrained models of one architecture: each
+    gets its own projection (a cache keyed by the source alone gave the first one's)."""
+    from mergelab.models.clip import load_image_encoder
+
+    folder = tmp_path / "finetuned"
+    hf_model.save_pretrained(folder)
+    for seed in (2, 3, 2):
+        pretrained = dict(_open_clip_visual().state_dict()) | {"proj": _projection(seed)}
+        encoder = load_image_encoder(folder, pretrained, tmp_path / "cache")
+        assert torch.equal(encoder["proj"], pretrained["proj"]), seed
+    assert len(list((tmp_path / "cache" / "encoders").glob("*.safetensors"))) == 2
+
+
+def test_a_cache_entry_of_other_inputs_is_converted_again(hf_model, tmp_path):
+    """An entry under the right name whose recorded inputs differ (another conversion,
+    an older mergelab) is never used."""
+    from mergelab.engine.checkpoints import save_state_dict
+    from mergelab.models.clip import load_image_encoder
+
+    folder = tmp_path / "finetuned"
+    hf_model.save_pretrained(folder)
+    pretrained = dict(_open_clip_visual().state_dict()) | {"proj": _projection(2)}
+    first = load_image_encoder(folder, pretrained, tmp_path / "cache")
+    [entry] = (tmp_path / "cache" / "encoders").glob("*.safetensors")
+    stale = {key: torch.zeros_like(first[key]) for key in first}
+    save_state_dict(stale, entry, metadata={"source": str(folder)}, overwrite=True)
+    again = load_image_encoder(folder, pretrained, tmp_path / "cache")
+    assert torch.equal(again["proj"], pretrained["proj"])

@@ -162,6 +162,20 @@ def _fingerprint_source(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _encoder_inputs(path: Path, pretrained_visual: Mapping[str, torch.Tensor]) -> str:
+    """What a converted encoder is computed from, as a SHA-256: the source (its path, and
+    each file's size and time), the pretrained projection that a Hugging Face vision
+    model lacks and the conversion takes, and the layout it is converted to."""
+    digest = hashlib.sha256(_fingerprint_source(path).encode())
+    projection = pretrained_visual["proj"].detach().cpu().contiguous()
+    digest.update(f"{projection.dtype}{tuple(projection.shape)}".encode())
+    digest.update(projection.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(pretrained_visual):
+        spec = tensor_spec(pretrained_visual, key)
+        digest.update(f"{key}:{spec.shape}:{spec.dtype};".encode())
+    return digest.hexdigest()
+
+
 def load_image_encoder(
     source: str | os.PathLike,
     pretrained_visual: Mapping[str, torch.Tensor],
@@ -181,11 +195,14 @@ def load_image_encoder(
         checkpoint = SafetensorsCheckpoint(path)
         if set(checkpoint) == set(pretrained_visual):
             return checkpoint  # already an open_clip image encoder: read it in place
-    cached = (
-        cache_root(cache_dir) / "encoders" / f"{path.stem}-{_fingerprint_source(path)}.safetensors"
-    )
+    inputs = _encoder_inputs(path, pretrained_visual)
+    cached = cache_root(cache_dir) / "encoders" / f"{path.stem}-{inputs[:16]}.safetensors"
     if cached.is_file():
-        return SafetensorsCheckpoint(cached)
+        checkpoint = SafetensorsCheckpoint(cached)
+        if checkpoint.metadata.get("inputs") == inputs:
+            return checkpoint
+        # an entry of another conversion under the same name (or of an older mergelab):
+        # converted again below, never used
     state = _read_weights(path)
     expected = set(pretrained_visual)
     if is_clip_vision_state_dict(state.keys()):
@@ -201,5 +218,6 @@ def load_image_encoder(
     # converted completely or refused, and cached only once it passed
     specs = {key: tensor_spec(pretrained_visual, key) for key in pretrained_visual}
     check_same_layout(specs, visual, f"fine-tuned model {str(source)!r}")
-    save_state_dict(visual, cached, metadata={"source": str(source)}, overwrite=True)
+    metadata = {"source": str(source), "inputs": inputs}
+    save_state_dict(visual, cached, metadata=metadata, overwrite=True)
     return SafetensorsCheckpoint(cached)
