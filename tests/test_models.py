@@ -35,3 +35,19 @@ def test_a_checkpoint_of_something_else_is_refused(visual, tmp_path):
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "resnet.pt")
     with pytest.raises(ValueError, match=r"resnet\.pt"):
         load_image_encoder(tmp_path / "resnet.pt", visual, tmp_path / "cache")
+
+
+def test_a_cached_head_of_other_inputs_is_built_again(tmp_path):
+    """A head file under the right name whose recorded inputs differ is never used."""
+    from mergelab.engine.checkpoints import save_state_dict
+    from mergelab.models.clip import load_clip
+    from mergelab.models.heads import zero_shot_head
+    from mergelab.tasks import load_task
+
+    config, weights = mirror.write_tiny_clip(tmp_path / "clip")
+    clip = load_clip(mirror.TINY, str(weights), tmp_path / "cache", str(config))
+    task = load_task("mnist")
+    head = zero_shot_head(clip, task, tmp_path / "cache")
+    [entry] = (tmp_path / "cache" / "heads").glob("*.safetensors")
+    save_state_dict({"head": torch.zeros_like(head)}, entry, {"task": "mnist"}, True)
+    assert torch.equal(zero_shot_head(clip, task, tmp_path / "cache"), head)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +34,11 @@ def build_head(
     return torch.stack(rows).cpu()
 
 
-def _head_path(clip: CLIPBundle, task: TaskSpec, cache_dir) -> Path:
+def _head_inputs(clip: CLIPBundle, task: TaskSpec) -> str:
+    """What a head is computed from, as a SHA-256: the CLIP model and its weights (for a
+    local file its size and time), the class names and the prompt templates."""
     key = json.dumps([clip.identity, task.classnames, task.templates]).encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    return cache_root(cache_dir) / "heads" / f"{task.name}-{digest}.safetensors"
+    return hashlib.sha256(key).hexdigest()
 
 
 def zero_shot_head(
@@ -47,10 +47,15 @@ def zero_shot_head(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """The task's head for this CLIP model, from the cache or built and cached now."""
-    path = _head_path(clip, task, cache_dir)
+    """The task's head for this CLIP model, from the cache or built and cached now; a
+    cached head whose recorded inputs are not these is built again, never used."""
+    inputs = _head_inputs(clip, task)
+    path = cache_root(cache_dir) / "heads" / f"{task.name}-{inputs[:16]}.safetensors"
     if path.is_file():
-        return SafetensorsCheckpoint(path)["head"]
+        cached = SafetensorsCheckpoint(path)
+        if cached.metadata.get("inputs") == inputs:
+            return cached["head"]
     head = build_head(clip, task, device)
-    save_state_dict({"head": head}, path, {"task": task.name, "model": clip.identity}, True)
+    metadata = {"task": task.name, "model": clip.identity, "inputs": inputs}
+    save_state_dict({"head": head}, path, metadata, True)
     return head
