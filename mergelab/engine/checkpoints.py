@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mergelab.engine.atomic import temporary_path
 from mergelab.engine.workspace import empty
 from mergelab.errors import BadValue, FileInTheWay, MissingFile, MissingKey, NotAFile, NotPermitted
 
@@ -252,7 +253,7 @@ class SafetensorsWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as upstream writes it
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._tmp = temporary_path(self.path)
         # unbuffered: each tensor goes to the file in one call, without a copy in between
         self._file = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 -- closed in close()/abort()
         self._file.write(struct.pack("<Q", len(encoded)))

@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from mergelab.engine.atomic import temporary_path
 from mergelab.errors import BadValue
 
 
@@ -34,7 +35,7 @@ def write_image_split(
         {"image": list(images), label_column: [int(v) for v in labels]}, features=features
     )
     path = subdir / f"{split}-00000-of-00001.parquet"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     table.to_parquet(str(tmp))
     os.replace(tmp, path)
     return path

@@ -22,11 +22,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from mergelab.engine.atomic import temporary_path
+
 SCHEMA = "mergelab.results/1"
 
 
 def _atomic_write(path: Path, text: str | bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
     os.replace(tmp, path)
     return path
@@ -106,7 +108,7 @@ def grouped_bars(
     # beside the axes: inside, it hides the bars that reach 100 %
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    tmp = temporary_path(path, ".png")  # its suffix tells matplotlib the format
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
