@@ -1,45 +1,57 @@
 """mergelab: merge fine-tuned CLIP image encoders and score every result on every task.
 
-The merge API needs only torch and safetensors; the Lightning parts import on use.
+The merge API needs only torch and safetensors; the Lightning parts import on use. Every
+name below is imported on first use, so that ``import mergelab`` (the console script's
+start, ``mergelab --help``) costs no torch import.
 """
 
-from mergelab.engine.checkpoints import SafetensorsCheckpoint, open_checkpoint, save_state_dict
-from mergelab.engine.consensus import consensus_merge
-from mergelab.engine.dare import dare, dare_vector
-from mergelab.engine.parameterwise import TaskVectors
-from mergelab.engine.pool import ModelPool
-from mergelab.engine.spectral import (
-    isotropic,
-    isotropic_vector,
-    task_singular_vectors,
-    tsv_vector,
-)
-from mergelab.engine.tall_layout import DEFAULT_LAMBDAS
-from mergelab.engine.tall_masks import TallMasks
-from mergelab.engine.task_arithmetic import task_arithmetic, task_arithmetic_vector
-from mergelab.engine.ties import ties, ties_merged_vector
-from mergelab.engine.trust_region import TrustRegionVector, trust_region, trust_region_vector
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_LAMBDAS",
-    "ModelPool",
-    "SafetensorsCheckpoint",
-    "TallMasks",
-    "TaskVectors",
-    "TrustRegionVector",
-    "consensus_merge",
-    "dare",
-    "dare_vector",
-    "isotropic",
-    "isotropic_vector",
-    "open_checkpoint",
-    "save_state_dict",
-    "task_arithmetic",
-    "task_arithmetic_vector",
-    "task_singular_vectors",
-    "ties",
-    "ties_merged_vector",
-    "trust_region",
-    "trust_region_vector",
-    "tsv_vector",
-]
+import importlib
+
+# each public name → the module that defines it
+_EXPORTS = {
+    "DEFAULT_LAMBDAS": "mergelab.engine.tall_layout",
+    "ModelPool": "mergelab.engine.pool",
+    "SafetensorsCheckpoint": "mergelab.engine.checkpoints",
+    "TallMasks": "mergelab.engine.tall_masks",
+    "TaskVectors": "mergelab.engine.parameterwise",
+    "TrustRegionVector": "mergelab.engine.trust_region",
+    "consensus_merge": "mergelab.engine.consensus",
+    "dare": "mergelab.engine.dare",
+    "dare_vector": "mergelab.engine.dare",
+    "isotropic": "mergelab.engine.spectral",
+    "isotropic_vector": "mergelab.engine.spectral",
+    "open_checkpoint": "mergelab.engine.checkpoints",
+    "save_state_dict": "mergelab.engine.checkpoints",
+    "task_arithmetic": "mergelab.engine.task_arithmetic",
+    "task_arithmetic_vector": "mergelab.engine.task_arithmetic",
+    "task_singular_vectors": "mergelab.engine.spectral",
+    "ties": "mergelab.engine.ties",
+    "ties_merged_vector": "mergelab.engine.ties",
+    "trust_region": "mergelab.engine.trust_region",
+    "trust_region_vector": "mergelab.engine.trust_region",
+    "tsv_vector": "mergelab.engine.spectral",
+}
+# the subpackages, reachable as attributes (mergelab.engine.dare, ...) before any import
+_SUBPACKAGES = ("engine", "merging", "methods", "models", "tasks", "io", "lightning")
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS and name not in _SUBPACKAGES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # the first use imports every public module, as an eager __init__ would: afterwards
+    # mergelab.engine.dare and the like are there as attributes too
+    for module in dict.fromkeys(_EXPORTS.values()):
+        importlib.import_module(module)
+    for export, module in _EXPORTS.items():
+        globals()[export] = getattr(importlib.import_module(module), export)
+    if name in _SUBPACKAGES:
+        globals()[name] = importlib.import_module(f"{__name__}.{name}")
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBPACKAGES})

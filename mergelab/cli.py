@@ -1,37 +1,5 @@
-"""mergelab: merge fine-tuned CLIP image encoders and score every result on every task.
-
-    mergelab test -c configs/vit_b32/base.yaml -c configs/methods/task_arithmetic.yaml
-    mergelab test -c configs/vit_b32/base.yaml -c configs/methods/ties.yaml
-    mergelab validate -c configs/vit_b32/base.yaml -c configs/methods/trust_region.yaml \\
-        --merge.method.scaling_factor=0.4
-    mergelab fit --config configs/finetune/mnist.yaml
-    mergelab fit --config configs/vit_b32/trust_region_gradients.yaml
-    mergelab test -c configs/vit_b32/base.yaml -c configs/methods/trust_region.yaml \\
-        --merge.method.gradient_stats=<folder>
-    mergelab test --help          (every option of a subcommand)
-    mergelab test --merge.method.help TallMasks   (the settings of one merge method)
-    mergelab fit --model.help GradientStatistics  (the options of a fit model)
-    mergelab embedded             (every method on the embedded miniature benchmark)
-    mergelab sweep configs/sweeps/task_arithmetic.yaml   (a W&B sweep file, run locally)
-
---merge.method  the merge method, by class (test, validate; TrustRegion for fit's
-                GradientStatistics): ZeroShot, Finetuned, TaskArithmetic, TrustRegion,
-                TallMasks, Consensus, Ties, Dare, TaskSingularVectors, Isotropic from
-                mergelab.methods, or your own MergeMethod subclass by class path; its
-                settings as --merge.method.<setting>. configs/<suite>/base.yaml holds a
-                suite's model, tasks, data and trainer, configs/methods/<method>.yaml a
-                method: give both, base first
---model.*  the CLIP model and fine-tuned encoders (test, validate); for fit, a model
-           class (class_path) and its init_args: mergelab.lightning.finetune.FineTuner
-           fine-tunes one task's encoder, mergelab.lightning.gradient_stats.
-           GradientStatistics computes TATR's gradient statistics and merges when fit ends
---data.*   the tasks, batch size, splits, local dataset mirrors
-
-Each run writes to lightning_logs/<method>/version_N (lightning_logs/finetune/... or
-lightning_logs/gradient_stats/... for fit): metrics.csv, results.json, results.md,
-accuracy.png, the merge artifact or the fine-tuned encoder, and a W&B run (offline unless
-you are logged in; WANDB_MODE=disabled turns it off).
-"""
+"""LightningCLI for mergelab: ``mergelab fit``, ``validate`` and ``test`` (the text of
+``mergelab --help`` is :data:`mergelab.usage.USAGE`)."""
 
 from __future__ import annotations
 
@@ -55,6 +23,7 @@ from mergelab.lightning.evaluation import MergeEvaluator
 from mergelab.lightning.failures import FailedRunCleanup
 from mergelab.lightning.loggers import check_wandb_mode
 from mergelab.methods.base import snake_case
+from mergelab.usage import COMMANDS, USAGE
 
 
 class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -253,8 +222,8 @@ def run(args: list[str] | None = None) -> MergelabCLI:
     words = sys.argv[1:] if args is None else list(args)
     subcommand = next((word for word in words if not word.startswith("-")), None)
     if subcommand not in CLIS:
-        print("usage: mergelab {fit,validate,test,embedded,sweep} [options]\n")
-        print(__doc__)
+        print(f"usage: mergelab {{{','.join(COMMANDS)}}} [options]\n")
+        print(USAGE)
         if words and words[0] not in ("-h", "--help"):
             print(f"mergelab: error: unknown command {words[0]!r}", file=sys.stderr)
             raise SystemExit(2)
@@ -276,7 +245,7 @@ def run(args: list[str] | None = None) -> MergelabCLI:
             # a bad option raises (the console prints it in one line) instead of printing
             # the whole usage and exiting
             parser_kwargs={
-                "description": __doc__,
+                "description": USAGE,
                 "formatter_class": HelpFormatter,
                 "exit_on_error": False,
             },

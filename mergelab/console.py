@@ -2,8 +2,8 @@
 ``embedded`` and ``sweep`` commands beside them.
 
 Bad input (a setting out of range, a missing or unreadable file, a checkpoint of the
-wrong layout: the ValueError, KeyError and OSError families that mergelab's checks raise)
-is printed as ``mergelab: error: <message>`` with exit status 2 and no traceback; set
+wrong layout: the :class:`mergelab.errors.BadInput` that mergelab's checks raise) is
+printed as ``mergelab: error: <message>`` with exit status 2 and no traceback; set
 MERGELAB_TRACEBACK=1 to see it. Any other exception is a crash and keeps its traceback.
 """
 
@@ -41,6 +41,12 @@ def main() -> None:
 
 
 def dispatch(command: str | None) -> None:
+    if command in (None, "-h", "--help"):  # without importing Lightning: under a second
+        from mergelab.usage import COMMANDS, USAGE
+
+        print(f"usage: mergelab {{{','.join(COMMANDS)}}} [options]\n")
+        print(USAGE)
+        return
     if command == "embedded":
         from mergelab.embedded.benchmark import main as embedded
 

@@ -24,6 +24,7 @@ LAYERS = [
             "mergelab.sweep",
             "mergelab.embedded",
             "mergelab.registry",
+            "mergelab.usage",
         ),
     ),
     ("public api", ("mergelab",)),
@@ -119,3 +120,17 @@ def test_files_stay_small():
     sizes = {p: len(p.read_text().splitlines()) for p in [*MODULES.values(), *scripts.glob("*.py")]}
     large = {str(p): n for p, n in sizes.items() if n > 420}
     assert not large, large
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    """``mergelab --help`` prints from mergelab.usage: no heavy import (under a second)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv = ['mergelab', '--help']; from mergelab.console import main; "
+        "main(); print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "usage: mergelab {fit,validate,test,embedded,sweep}" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
