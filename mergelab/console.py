@@ -9,26 +9,17 @@ MERGELAB_TRACEBACK=1 to see it. Any other exception is a crash and keeps its tra
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from mergelab.errors import BadValue, bad_input_in, message_of
+from mergelab.quiet import console_log
 
 TRACEBACK_ENV = "MERGELAB_TRACEBACK"
-HANDLER_NAME = "mergelab-console"
 
 
 def main() -> None:
-    handler = logging.StreamHandler()  # today's sys.stderr
-    handler.setFormatter(logging.Formatter("[mergelab] %(message)s"))
-    handler.set_name(HANDLER_NAME)
-    logger = logging.getLogger("mergelab")
-    for previous in [h for h in logger.handlers if h.get_name() == HANDLER_NAME]:
-        logger.removeHandler(previous)  # of an earlier main() in this process
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # a library's root handler would print every line twice
+    console_log()
     try:
         dispatch(sys.argv[1] if len(sys.argv) > 1 else None)
     except Exception as error:
@@ -38,6 +29,9 @@ def main() -> None:
         print(f"mergelab: error: {message_of(bad)}", file=sys.stderr)
         print(f"(set {TRACEBACK_ENV}=1 to see where)", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C: what was finished stays, and is resumed from
+        print("mergelab: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def dispatch(command: str | None) -> None:

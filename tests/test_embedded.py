@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import embedded_env
 
 from mergelab.cli import class_of
@@ -213,17 +215,43 @@ def run_embedded(cache: Path, cwd: Path, *args: str) -> subprocess.CompletedProc
     return result
 
 
-def test_a_build_in_a_fresh_cache_on_one_core_gives_identical_files(embedded_cache, tmp_path):
-    """The session's build (every core of this machine) against one in another cache folder
-    on a single core: the same files, byte for byte (the manifest's SHA-256 of each)."""
+def _build_elsewhere(cache: Path, env: dict[str, str], setup: str = "") -> dict:
+    """The test preset built in a fresh process and cache, pinned to one core, under
+    ``env``; its manifest's files (size and SHA-256 of each)."""
     code = (
         "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-        "from mergelab.embedded.build import EmbeddedBenchmark; "
-        "EmbeddedBenchmark('test', sys.argv[1]).ensure()"
+        f"import mergelab.embedded.build as build; {setup}"
+        "build.EmbeddedBenchmark('test', sys.argv[1]).ensure()"
     )
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=600)
-    manifests = [
-        json.loads((EmbeddedBenchmark("test", str(c)).root / MANIFEST).read_text())["files"]
-        for c in (embedded_cache, tmp_path)
-    ]
-    assert manifests[0] == manifests[1]
+    subprocess.run(
+        [sys.executable, "-c", code, str(cache)],
+        env={**os.environ, **env},
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    return json.loads((EmbeddedBenchmark("test", str(cache)).root / MANIFEST).read_text())["files"]
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_every_cpu_builds_identical_files(embedded_cache, tmp_path, capability):
+    """The session's build (this machine's own vector unit, every core) against one on a
+    single core with torch told to run another CPU's kernels: every file the same, byte
+    for byte (the manifest's SHA-256 of each)."""
+    built = EmbeddedBenchmark("test", str(embedded_cache)).root
+    files = _build_elsewhere(tmp_path, {"ATEN_CPU_CAPABILITY": capability})
+    assert files == json.loads((built / MANIFEST).read_text())["files"]
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="a CPU without AVX2"
+)
+def test_without_the_build_environment_the_kernels_change_the_files(embedded_cache, tmp_path):
+    """The control of the test above: with the build's kernels left to the CPU (its
+    environment emptied), AVX2 kernels train other weights than the portable ones."""
+    built = EmbeddedBenchmark("test", str(embedded_cache)).root
+    expected = json.loads((built / MANIFEST).read_text())["files"]
+    setup = "build.BUILD_ENVIRONMENT.clear(); "
+    files = _build_elsewhere(tmp_path, {"ATEN_CPU_CAPABILITY": "avx2"}, setup)
+    assert files["tasks/shape.yaml"] == expected["tasks/shape.yaml"]  # the data: numpy's
+    assert files["pretrained.safetensors"] != expected["pretrained.safetensors"]

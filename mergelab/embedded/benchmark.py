@@ -20,14 +20,13 @@ silenced (``--verbose`` shows them).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 from mergelab.embedded.preset import PRESET_ENV, PRESETS
+from mergelab.quiet import quiet_console
 from mergelab.registry import CONFIGS, METHOD_CONFIGS, MethodConfig, method_configs
 
 log = logging.getLogger(__name__)
@@ -54,27 +53,6 @@ def tall_masks_for(consensus: MethodConfig, configs: dict[str, MethodConfig]) ->
     )
 
 
-# Lightning's INFO lines (seed, devices, tips) and mergelab's per-run notes: silenced
-# unless --verbose (Lightning's documented way: the level of its loggers)
-QUIET_LOGGERS = (
-    "lightning.pytorch",
-    "lightning.fabric",
-    "mergelab.engine",
-    "mergelab.methods",
-    "mergelab.lightning",
-)
-# warnings that every run repeats and that say nothing about the user's input
-HARMLESS_WARNINGS = (
-    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch ≥ 2.10
-    r"No seed found, seed set to",  # evaluation draws nothing at random
-    # the gradient statistics' fit: a frozen encoder, no optimizer, no validation, and no
-    # batches at all when the statistics are cached
-    r"Found \d+ module\(s\) in eval mode",
-    r"`LightningModule.configure_optimizers` returned `None`",
-    r"You passed in a `val_dataloader` but have no `validation_step`",
-    r"Total length of `\w+` across ranks is zero",
-    r"The number of training batches \(\d+\) is smaller than the logging interval",
-)
 # the runs' own progress bars and model summary; the build keeps its progress bars
 QUIET_RUN = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 # every run scores the same validation and test images: preprocessed once, kept for the
@@ -131,34 +109,6 @@ def parser() -> argparse.ArgumentParser:
         help="show Lightning's banners, each run's progress bars and every warning",
     )
     return p
-
-
-@contextlib.contextmanager
-def quiet_console(verbose: bool):
-    """Lightning's banners and the harmless warnings off for the block (unless verbose)."""
-    if verbose:
-        yield
-        return
-    import datasets
-    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels when imported)
-
-    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    # the build writes and reads its datasets: their per-split bars say nothing
-    bars = not datasets.are_progress_bars_disabled()
-    with warnings.catch_warnings():
-        for message in HARMLESS_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
-        if bars:
-            datasets.disable_progress_bars()
-        try:
-            yield
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
-            if bars:
-                datasets.enable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,6 +9,10 @@ SHA-256 is written last and the folder renamed to ``<preset key>``: a cache fold
 either complete or absent. On first use in a process the manifest is checked again; a
 cache that no longer matches it is moved aside and rebuilt, never used in part.
 
+The build runs in a process of its own (:mod:`mergelab.embedded.build_process`) whose
+kernels do not depend on the CPU's vector unit (:data:`BUILD_ENVIRONMENT`), so that every
+machine builds the same files, byte for byte, and prints the same table.
+
 The assets are ordinary files in the layouts the real benchmark uses, read by the same
 loaders; configs name them as ``embedded:<asset>``, which the applications expand into
 paths (:func:`mergelab.embedded.expand`).
@@ -17,7 +21,6 @@ paths (:func:`mergelab.embedded.expand`).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import fcntl
 import hashlib
 import json
@@ -25,7 +28,11 @@ import logging
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,6 +47,18 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # torch threads of the build, whatever the machine's cores (see EmbeddedBenchmark.build)
 BUILD_THREADS = 2
+# The build process's kernels, whatever the CPU (each measured to change the build's
+# files when left to the CPU: an AVX-512 machine and the same machine told to use AVX2
+# kernels trained different weights). ATen's vectorised kernels (layer norm, softmax,
+# AdamW, the random normal draw, ...) in their portable version (torch's documented
+# ATEN_CPU_CAPABILITY); MKL's matrix products on its AVX2 code path (MKL's conditional
+# numerical reproducibility); oneDNN's convolutions at most AVX2. About 12 % slower a
+# training step on this machine's AVX-512 CPU.
+BUILD_ENVIRONMENT = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
 MANIFEST_SCHEMA = "mergelab.embedded/1"
 
 
@@ -99,14 +118,51 @@ class EmbeddedBenchmark:
         if problem != "missing":
             log.warning("embedded benchmark at %s is unusable (%s): rebuilding", self.root, problem)
         self._writable()
-        with self._lock():
-            if self.check() is not None:  # another process may have finished it meanwhile
-                self._discard(self.root)
-                # a fresh context: LightningCLI hands its config to save_hyperparameters
-                # through a context variable, which must not reach the build's modules
-                contextvars.Context().run(self.build)
+        self._build_in_own_process()
+        problem = self.check()
+        if problem is not None:
+            raise RuntimeError(
+                f"the embedded benchmark's build left {self.root} unusable: {problem}"
+            )
         self._verified.add(self.root)
         return self.root
+
+    def _build_in_own_process(self) -> None:
+        """:meth:`build_locked` in a child process with :data:`BUILD_ENVIRONMENT`, printing
+        to this process's console. Ctrl-C stops both (the child gets it too, or is sent
+        it) and leaves the staged steps for the next build."""
+        from mergelab.quiet import is_quiet
+
+        command = [sys.executable, "-m", "mergelab.embedded.build_process"]
+        command += [json.dumps(asdict(self.preset)), str(self.cache_dir)]
+        command += ["--log-level", str(log.getEffectiveLevel())]
+        command += ["--quiet"] * is_quiet()
+        child = subprocess.Popen(command, env={**os.environ, **BUILD_ENVIRONMENT})
+        try:
+            status = child.wait()
+        except BaseException:  # Ctrl-C, or this process told to stop: so is the child
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
+        if status == -signal.SIGINT or status == 128 + signal.SIGINT:
+            raise KeyboardInterrupt
+        if status != 0:
+            raise RuntimeError(
+                f"the embedded benchmark's build failed (exit status {status}); "
+                "its traceback is printed above"
+            )
+
+    def build_locked(self) -> None:
+        """The build, unless another process finished it while this one waited for the
+        cache folder's lock."""
+        with self._lock():
+            if self.check() is not None:
+                self._discard(self.root)
+                self.build()
 
     def check(self) -> str | None:
         """None if the folder holds exactly what its manifest lists; else what is wrong."""

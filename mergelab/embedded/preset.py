@@ -18,7 +18,7 @@ from mergelab.errors import MissingKey
 
 # Bump when the scenes, the captions or the build's recipe change what a preset yields:
 # the cache folder's name changes with it, so old assets are never mixed with new ones.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5  # 5: built with kernels that do not depend on the CPU
 PRESET_ENV = "MERGELAB_EMBEDDED_PRESET"
 MODEL_NAME = "mergelab-scenes"
 
