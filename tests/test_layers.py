@@ -23,6 +23,7 @@ LAYERS = [
             "mergelab.console",
             "mergelab.sweep",
             "mergelab.embedded",
+            "mergelab.quiet",
             "mergelab.registry",
             "mergelab.usage",
         ),
