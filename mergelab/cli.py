@@ -20,10 +20,13 @@ from mergelab.io.cache import check_folder_path
 from mergelab.lightning.callbacks import MergeCallback, ResultsReport
 from mergelab.lightning.data import TaskDataModule
 from mergelab.lightning.evaluation import MergeEvaluator
-from mergelab.lightning.failures import FailedRunCleanup
+from mergelab.lightning.failures import RunFolderMarks, mark_complete
 from mergelab.lightning.loggers import check_wandb_mode
 from mergelab.methods.base import snake_case
+from mergelab.quiet import quiet_console
 from mergelab.usage import COMMANDS, USAGE
+
+VERBOSE = "--verbose"  # a quiet console unless given
 
 
 class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -49,11 +52,22 @@ class MergelabCLI(LightningCLI):
         self.command_line = list(sys.argv[1:] if args is None else args)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Lightning's, with :class:`FailedRunCleanup`: a run that fails leaves no folder
-        (bad input, nothing produced) or one marked as failed."""
+        """Lightning's, with :class:`RunFolderMarks`: the run folder marked as running,
+        then removed (bad input, nothing produced) or marked when the run fails."""
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(FailedRunCleanup())
+        trainer.callbacks.append(RunFolderMarks())
         return trainer
+
+    # the folder is complete once the loggers have written their last file, after the
+    # Trainer's own teardown: LightningCLI's hooks after each subcommand
+    def after_fit(self) -> None:
+        mark_complete(self.trainer)
+
+    def after_validate(self) -> None:
+        mark_complete(self.trainer)
+
+    def after_test(self) -> None:
+        mark_complete(self.trainer)
 
     def run_name(self, config) -> str:
         raise NotImplementedError
@@ -155,6 +169,17 @@ def constructed(spec):
 class FitCLI(MergelabCLI):
     """``mergelab fit``: any LightningModule by class path (FineTuner, GradientStatistics)."""
 
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        # validate and test have Lightning's own (Trainer.test's verbose); see verbosity
+        parser.add_argument(
+            VERBOSE,
+            type=bool,
+            default=False,
+            help="show Lightning's banners, mergelab's per-run notes and the known harmless "
+            "warnings (default: a quiet console: the progress bar, the results, warnings)",
+        )
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {"fit": LightningCLI.subcommands()["fit"]}
@@ -216,6 +241,25 @@ def trainer_defaults() -> dict:
     }
 
 
+def verbosity(words: list[str]) -> tuple[bool, list[str]]:
+    """Whether the command line asks for a verbose console (``--verbose``, or
+    ``--verbose=true``), and the words for the parser. The option is Lightning's own for
+    validate and test (Trainer.test's ``verbose``: its box of metrics, which mergelab's
+    table repeats) and mergelab's for fit; a bare ``--verbose`` is spelled as jsonargparse
+    takes a flag, and without one the option is false."""
+    given = [i for i, word in enumerate(words) if word.split("=")[0] == VERBOSE]
+    if not given:  # right after the subcommand: an option's help parses all that follows it
+        at = next(i for i, word in enumerate(words) if not word.startswith("-")) + 1
+        return False, [*words[:at], f"{VERBOSE}=false", *words[at:]]
+    words, last = list(words), given[-1]
+    if words[last] == VERBOSE:
+        following = words[last + 1] if last + 1 < len(words) else ""
+        if following.lower() in ("true", "false"):
+            return following.lower() == "true", words
+        words[last] = f"{VERBOSE}=true"
+    return words[last].split("=", 1)[1].lower() == "true", words
+
+
 def run(args: list[str] | None = None) -> MergelabCLI:
     """Parse ``args`` (default: the command line) and run its subcommand: fit, validate or
     test; the finished CLI."""
@@ -230,7 +274,9 @@ def run(args: list[str] | None = None) -> MergelabCLI:
         raise SystemExit(0)
     cli_class = CLIS[subcommand]
     fit = cli_class is FitCLI
-    with warnings.catch_warnings():
+    verbose, words = verbosity(words)
+    # the console is quiet from the start: Lightning's banners come when the Trainer is made
+    with warnings.catch_warnings(), quiet_console(verbose):
         # LightningCLI warns when given args while sys.argv has others: a caller in Python
         # (mergelab embedded, mergelab sweep) passes its own on purpose
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
@@ -239,7 +285,7 @@ def run(args: list[str] | None = None) -> MergelabCLI:
             TaskDataModule,
             subclass_mode_model=fit,
             trainer_defaults=trainer_defaults(),
-            args=args,
+            args=words,
             save_config_callback=LoggedConfig,
             save_config_kwargs={"overwrite": True},
             # a bad option raises (the console prints it in one line) instead of printing

@@ -31,9 +31,12 @@ USAGE = """mergelab: merge fine-tuned CLIP image encoders and score every result
            fine-tunes one task's encoder, mergelab.lightning.gradient_stats.
            GradientStatistics computes TATR's gradient statistics and merges when fit ends
 --data.*   the tasks, batch size, splits, local dataset mirrors
+--verbose  Lightning's banners, mergelab's per-run notes and the known harmless warnings
+           (otherwise the console shows the progress bar, the results and warnings)
 
 Each run writes to lightning_logs/<method>/version_N (lightning_logs/finetune/... or
 lightning_logs/gradient_stats/... for fit): metrics.csv, results.json, results.md,
 accuracy.png, the merge artifact or the fine-tuned encoder, and a W&B run (offline unless
-you are logged in; WANDB_MODE=disabled turns it off).
+you are logged in; WANDB_MODE=disabled turns it off). COMPLETE is written last; until
+then the folder holds RUNNING, and a run that stopped holds FAILED or INTERRUPTED.
 """

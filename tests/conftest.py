@@ -41,3 +41,14 @@ def embedded_cache(tmp_path_factory) -> Path:
 def embedded_env(cache: Path) -> dict[str, str]:
     """The environment of a subprocess that uses the ``test`` preset in ``cache``."""
     return dict(os.environ, MERGELAB_CACHE=str(cache), MERGELAB_EMBEDDED_PRESET="test")
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test starts from the same environment: what a run in this process sets
+    (Lightning's global seed, W&B's quiet default, the embedded preset) would otherwise
+    reach the later tests' runs and their subprocesses."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -167,7 +167,7 @@ def write_merge_run(root: Path) -> Path:
     config, weights = write_tiny_clip(root / "clip")
     visual = pretrained_visual(weights)
     # odd sizes (val 7, test 41): two ranks cannot split them evenly
-    write_three_tasks(root / "data", {"train": 70, "test": 41})
+    write_three_tasks(root / "data", {"train": 110, "test": 41})
     write_hub_model(root / "hub", "mergelab-test/tiny_mnist", finetune(visual, 1))
     save_file(finetune(visual, 2), root / "eurosat.safetensors")
     write_hf_vision_model(root / "svhn_hf", finetune(visual, 3))

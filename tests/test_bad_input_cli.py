@@ -30,13 +30,13 @@ def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_input")
     config, weights = mirror.write_tiny_clip(root / "clip")
     visual = mirror.pretrained_visual(weights)
-    mirror.write_three_tasks(root / "data", {"train": 70, "test": 41})
+    mirror.write_three_tasks(root / "data", {"train": 110, "test": 41})
     for seed, task in enumerate(mirror.THREE_TASKS, 1):
         save_file(mirror.finetune(visual, seed), root / f"{task}.safetensors")
     bad = root / "bad"
     bad.mkdir()
-    mirror.write_three_tasks(bad / "data", {"train": 70, "test": 41})
-    mirror.write_dataset(bad / "data", "tanganke/eurosat", 12, {"train": 70, "test": 41}, seed=1)
+    mirror.write_three_tasks(bad / "data", {"train": 110, "test": 41})
+    mirror.write_dataset(bad / "data", "tanganke/eurosat", 12, {"train": 130, "test": 41}, seed=1)
     mirror.write_three_tasks(bad / "tiny_train", {"train": 5, "test": 41})  # no val rows
     save_file(
         mirror.finetune(visual, 9) | {"extra.weight": torch.ones(2)}, bad / "extra.safetensors"
@@ -218,6 +218,10 @@ CASES = {
     "validation split empty": (
         ["--data.dataset_root={bad}/tiny_train", "--data.test_splits=[val, test]"],
         "its val split has no samples",
+    ),
+    "split smaller than its classes": (
+        ["--data.max_samples=5", "--data.test_splits=[val, test]"],
+        "task 'mnist': its val split has 5 samples, fewer than its 10 classes",
     ),
     "dataset mirror missing": (["--data.dataset_root={root}/nowhere"], "nowhere"),
     "labels outside the classes": (

@@ -370,3 +370,19 @@ def test_help_of_a_method_lists_exactly_its_settings(method, own, others, capsys
         run(["test", "--merge.method.help", method])
     options = set(re.findall(r"--merge\.method\.(\w+)", capsys.readouterr().out)) - {"help"}
     assert options == set(own) and not options & set(others)
+
+
+@pytest.mark.parametrize(
+    "words, verbose, parsed",
+    [
+        (["test", "-c", "a.yaml"], False, ["test", "--verbose=false", "-c", "a.yaml"]),
+        (["test", "--verbose"], True, ["test", "--verbose=true"]),
+        (["fit", "--verbose", "false", "-c", "a"], False, ["fit", "--verbose", "false", "-c", "a"]),
+        (["test", "--verbose=True"], True, ["test", "--verbose=True"]),
+        (["test", "--verbose", "-c", "a"], True, ["test", "--verbose=true", "-c", "a"]),
+    ],
+)
+def test_verbose_is_read_from_the_command_line_and_spelled_for_the_parser(words, verbose, parsed):
+    from mergelab.cli import verbosity
+
+    assert verbosity(words) == (verbose, parsed)

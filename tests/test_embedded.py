@@ -155,7 +155,7 @@ def test_an_unwritable_cache_is_a_clear_error_before_any_work(tmp_path):
 @pytest.mark.skipif(MERGELAB is None, reason="needs `pip install -e .`")
 def test_main_command_runs_every_method_and_writes_the_comparison(embedded_cache, tmp_path):
     output = tmp_path / "summary"
-    result = run_embedded(embedded_cache, tmp_path, "--output", str(output))
+    result = run_mergelab(embedded_cache, tmp_path, "embedded", "--output", str(output))
     runs = json.loads((output / "summary.json").read_text())
     methods = benchmark_methods()
     assert list(runs) == methods
@@ -197,14 +197,33 @@ QUIET = ["GPU available", "💡 Tip", "LeafSpec", "No seed found", "Seed set to"
 
 
 def test_verbose_brings_back_the_banners(embedded_cache, tmp_path):
-    result = run_embedded(embedded_cache, tmp_path, "--methods", "zero_shot", "--verbose")
+    result = run_mergelab(
+        embedded_cache, tmp_path, "embedded", "--methods", "zero_shot", "--verbose"
+    )
     assert "GPU available" in result.stdout + result.stderr
 
 
-def run_embedded(cache: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``mergelab embedded *args`` on the test preset in ``cwd``, asserted to succeed."""
+@pytest.mark.skipif(MERGELAB is None, reason="needs `pip install -e .`")
+def test_a_plain_test_run_is_quiet_unless_verbose(embedded_cache, tmp_path):
+    """`mergelab test` shows its progress bar, its table and where it wrote them; the
+    banners and the harmless warnings come back with --verbose."""
+    configs = ["-c", str(CONFIGS / "embedded" / "base.yaml")]
+    configs += ["-c", str(CONFIGS / "methods" / "zero_shot.yaml")]
+    consoles = {}
+    for verbose in ([], ["--verbose"]):
+        result = run_mergelab(embedded_cache, tmp_path, "test", *configs, *verbose)
+        assert "results written to" in result.stdout and "| zero_shot |" in result.stdout
+        consoles[bool(verbose)] = result.stdout + result.stderr
+    assert not [banner for banner in QUIET if banner in consoles[False]]
+    assert "site-packages" not in consoles[False]  # no library warning
+    assert "Testing" in consoles[False]  # the one progress display
+    assert "GPU available" in consoles[True] and "No seed found" in consoles[True]
+
+
+def run_mergelab(cache: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``mergelab *args`` on the test preset in ``cwd``, asserted to succeed."""
     result = subprocess.run(
-        [MERGELAB, "embedded", *args],
+        [MERGELAB, *args],
         env=embedded_env(cache),
         cwd=cwd,
         capture_output=True,

@@ -194,8 +194,28 @@ def test_statistics_of_another_model_or_task_are_refused(assets, fitted, tmp_pat
     result = mergelab(
         assets, "fit", "-c", "fit.yaml", "--data.max_samples=5", expect_ok=False
     )  # same folder, other samples
-    assert "statistics over other samples of 'mnist'" in result.stderr
-    assert "(9 saved, 5 now" in result.stderr
+    assert "statistics over other samples or another zero-shot head of 'mnist'" in result.stderr
+    assert "(9 samples saved, 5 now" in result.stderr
+
+
+def test_statistics_of_another_zero_shot_head_are_not_reused(assets, fitted, tmp_path):
+    """The same image encoder and samples with another text tower: another zero-shot head
+    in the loss, which θ0's image-encoder fingerprint does not see. The saved statistics
+    are refused in their folder, and the default cache keys other ones."""
+    weights = yaml.safe_load((assets / "fit.yaml").read_text())["model"]["init_args"]["pretrained"]
+    state = torch.load(weights, weights_only=True)
+    state["token_embedding.weight"] = torch.randn_like(state["token_embedding.weight"])
+    torch.save(state, tmp_path / "other_text.pt")
+    other = f"--model.init_args.pretrained={tmp_path / 'other_text.pt'}"
+    result = mergelab(assets, "fit", "-c", "fit.yaml", other, expect_ok=False)
+    assert result.returncode == 2
+    assert "statistics over other samples or another zero-shot head of 'mnist'" in result.stderr
+    cached = assets / "cache" / "gradient_stats"
+    before = set(cached.iterdir()) if cached.is_dir() else set()
+    default = "--model.init_args.statistics=null"
+    mergelab(assets, "fit", "-c", "fit.yaml", default)
+    mergelab(assets, "fit", "-c", "fit.yaml", default, other)
+    assert len(set(cached.iterdir()) - before) == 2  # one folder per head, none reused
 
 
 def test_the_cache_of_statistics_is_keyed_by_the_samples_too(assets, tmp_path):

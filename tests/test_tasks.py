@@ -95,7 +95,7 @@ def test_scored_samples_are_kept_for_the_next_run_within_their_budget(tmp_path, 
     """``keep_in_memory_mb``: a second data module over the same split reads the samples
     the first preprocessed (no decoding), equal to freshly preprocessed ones; no more are
     kept than the budget holds, and none without one."""
-    mirror.write_three_tasks(tmp_path, {"train": 70, "test": 41})
+    mirror.write_three_tasks(tmp_path, {"train": 110, "test": 41})
     monkeypatch.setattr(data_module, "SAMPLE_MEMORY", data_module.SampleMemory())
     decoded = []
 
@@ -126,17 +126,39 @@ def test_scored_samples_are_kept_for_the_next_run_within_their_budget(tmp_path, 
     read(0), read(0)  # no budget: nothing kept
     assert len(decoded) == 82
 
+    # the mirror rewritten in place with other images: its samples are decoded, not served
+    monkeypatch.setattr(data_module, "SAMPLE_MEMORY", data_module.SampleMemory())
+    before = read(8)
+    mirror.write_dataset(tmp_path, "ylecun/mnist", 10, {"train": 110, "test": 41}, seed=7)
+    decoded.clear()
+    after = read(8)
+    assert len(decoded) == 41
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(before, after, strict=True))
+
 
 def test_a_split_smaller_than_the_processes_is_refused_before_scoring(tmp_path):
     """Every process of a distributed run scores at least one sample of each split: one
     with none would leave the test loop while the others wait for it."""
-    mirror.write_three_tasks(tmp_path, {"train": 70, "test": 41})
+    mirror.write_three_tasks(tmp_path, {"train": 110, "test": 41})
     module = TaskDataModule(["mnist", "svhn"], num_workers=0, dataset_root=str(tmp_path),
-                            max_samples=3, test_splits=["val", "test"])  # fmt: skip
-    module.trainer = SimpleNamespace(world_size=3, global_rank=0)  # as Lightning sets it
-    module.check_data("test")  # 3 samples for 3 processes
-    module.trainer = SimpleNamespace(world_size=4, global_rank=0)
-    with pytest.raises(ValueError, match=r"'mnist': 3 val samples, fewer than the 4 processes"):
+                            max_samples=10, test_splits=["val", "test"])  # fmt: skip
+    module.trainer = SimpleNamespace(world_size=10, global_rank=0)  # as Lightning sets it
+    module.check_data("test")  # 10 samples for 10 processes
+    module.trainer = SimpleNamespace(world_size=11, global_rank=0)
+    with pytest.raises(ValueError, match=r"'mnist': 10 val samples, fewer than the 11 processes"):
         module.check_data("test")
-    module.trainer = None  # one process: any size
+    module.trainer = None  # one process: any size that holds every class
     module.check_data("test")
+
+
+def test_a_scored_split_smaller_than_its_classes_is_refused(tmp_path):
+    """A validation or test split cannot hold one sample per class: refused, naming task,
+    split and counts; a train split of any size is taken (fit reads it whole)."""
+    mirror.write_three_tasks(tmp_path, {"train": 110, "test": 41})
+    module = TaskDataModule(["mnist"], num_workers=0, dataset_root=str(tmp_path),
+                            max_samples=9, test_splits=["val", "test"])  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"'mnist': its val split has 9 samples, fewer than its 10"
+    ):
+        module.check_data("test")
+    module.check_data("train")

@@ -137,7 +137,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
     log.info(
         "embedded benchmark ready in %.0f s: %s", time.perf_counter() - started, benchmark.root
     )
-    extra = [SHARED_SAMPLES, *([] if args.verbose else QUIET_RUN)]
+    extra = [SHARED_SAMPLES, *(["--verbose"] if args.verbose else QUIET_RUN)]
     configs = method_configs()
 
     def config(name: str) -> list[str]:

@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -41,6 +40,7 @@ import torch
 from mergelab.embedded.preset import MODEL_NAME, Preset, get_preset
 from mergelab.embedded.scenes import TASKS
 from mergelab.errors import MissingKey, NotPermitted
+from mergelab.io.child_process import run_child
 
 log = logging.getLogger(__name__)
 
@@ -129,25 +129,15 @@ class EmbeddedBenchmark:
 
     def _build_in_own_process(self) -> None:
         """:meth:`build_locked` in a child process with :data:`BUILD_ENVIRONMENT`, printing
-        to this process's console. Ctrl-C stops both (the child gets it too, or is sent
-        it) and leaves the staged steps for the next build."""
+        to this process's console. Ctrl-C stops both and leaves the staged steps for the
+        next build."""
         from mergelab.quiet import is_quiet
 
         command = [sys.executable, "-m", "mergelab.embedded.build_process"]
         command += [json.dumps(asdict(self.preset)), str(self.cache_dir)]
         command += ["--log-level", str(log.getEffectiveLevel())]
         command += ["--quiet"] * is_quiet()
-        child = subprocess.Popen(command, env={**os.environ, **BUILD_ENVIRONMENT})
-        try:
-            status = child.wait()
-        except BaseException:  # Ctrl-C, or this process told to stop: so is the child
-            child.send_signal(signal.SIGINT)
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            raise
+        status = run_child(command, env={**os.environ, **BUILD_ENVIRONMENT})
         if status == -signal.SIGINT or status == 128 + signal.SIGINT:
             raise KeyboardInterrupt
         if status != 0:

@@ -25,15 +25,24 @@ def temporary_path(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{host}.{os.getpid()}.tmp{suffix}")
 
 
+def write_atomically(path: Path, text: str | bytes) -> Path:
+    """``path`` holding ``text``: written to its temporary, then renamed into place."""
+    tmp = temporary_path(path)
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    os.replace(tmp, path)
+    return path
+
+
 def remove_stale_temporaries(path: Path, host: str) -> None:
     prefix = f".{path.name}.{host}."
     for candidate in path.parent.glob(glob.escape(prefix) + "*.tmp*"):
         pid = candidate.name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
             candidate.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host."""
     try:
         os.kill(pid, 0)  # signal 0: checks only that the process exists
     except ProcessLookupError:

@@ -169,10 +169,13 @@ class TaskDataModule(L.LightningDataModule):
             if name == "train":
                 split = TaskSplit(data, task, indices, self.transform_train)
             else:  # scored: preprocessed the same way by every run, so worth keeping
+                # the files the rows are read from too: a rewritten mirror is read into
+                # a cache folder of its own (load_split), so its samples are not these
                 key = (
                     task,
                     name,
                     self.dataset_root,
+                    tuple(file["filename"] for file in data.cache_files),
                     tuple(indices.tolist()),
                     repr(self.transform_eval),
                 )
@@ -221,6 +224,13 @@ class TaskDataModule(L.LightningDataModule):
                     f"task {task!r}: its {split} split has no samples (hub split {source!r} "
                     f"of {by_name[task].dataset}); give it data or leave {split!r} out of "
                     "--data.test_splits"
+                )
+            classes = by_name[task].num_classes
+            if split != "train" and len(indices) < classes:  # a split that scores
+                raise BadValue(
+                    f"task {task!r}: its {split} split has {len(indices)} samples, fewer than "
+                    f"its {classes} classes, so it cannot hold one of each and its accuracy "
+                    "measures little; give it more data (or raise --data.max_samples)"
                 )
             # a process with no sample would leave the loop while the others wait for it
             # at the metrics' synchronisation

@@ -27,6 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mergelab.engine.pool import ModelPool
 from mergelab.errors import BadValue, MissingFile, MissingKey
+from mergelab.io.run_folder import check_finished
 from mergelab.merging.selection import pick_best
 from mergelab.methods.base import Variants
 from mergelab.models.clip import load_clip, load_image_encoder
@@ -255,6 +256,7 @@ def _reference_accuracy(value: dict[str, float] | str | None) -> dict[str, float
     path = Path(value)
     if not path.is_file():
         raise MissingFile(f"finetuned_accuracy: {path} not found")
+    check_finished(path.parent, "finetuned_accuracy")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:

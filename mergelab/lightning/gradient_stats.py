@@ -108,10 +108,21 @@ class GradientStatistics(MergeEvaluator):
         if buffers:
             raise BadValue(f"merged tensor {buffers[0]!r} is not a parameter: it has no gradient")
         fingerprint = self.pool.fingerprint()
-        # the samples too: a cache keyed by the model alone would serve statistics of
-        # other data (a rebuilt dataset, another max_samples) as if they were these
-        self._data = {spec.name: dm.samples_fingerprint(spec, "train") for spec in dm.specs}
-        data = hashlib.sha256(json.dumps(self._data, sort_keys=True).encode()).hexdigest()[:12]
+        # the samples and the loss's head too: a cache keyed by the encoder alone would
+        # serve statistics of other data (a rebuilt dataset, another max_samples) or of
+        # another zero-shot head (other class names or templates, another text tower) as
+        # if they were these
+        self._data = {
+            spec.name: _digest(
+                dm.samples_fingerprint(spec, "train"),
+                hashlib.sha256(
+                    self._heads[spec.name].cpu().contiguous().numpy().tobytes()
+                ).hexdigest(),
+                repr(float(self.logit_scale)),
+            )
+            for spec in dm.specs
+        }
+        data = _digest(*(self._data[name] for name in sorted(self._data)))[:12]
         default = cache_root(self.cache_dir) / "gradient_stats" / f"{fingerprint}-{data}"
         self.statistics_folder = Path(self.statistics) if self.statistics else default
         self._todo = []
@@ -121,9 +132,10 @@ class GradientStatistics(MergeEvaluator):
                 saved = read_statistics(path, task, fingerprint)
                 if statistics_data(saved) != self._data[task]:
                     raise BadValue(
-                        f"{path}: statistics over other samples of {task!r} than this run's "
-                        f"({statistics_samples(saved)} saved, {count} now: another dataset "
-                        "or data.max_samples); delete the file or choose another "
+                        f"{path}: statistics over other samples or another zero-shot head "
+                        f"of {task!r} than this run's ({statistics_samples(saved)} samples "
+                        f"saved, {count} now: another dataset, data.max_samples, task file "
+                        "or text tower); delete the file or choose another "
                         "model.statistics folder"
                     )
                 log.info("gradient statistics of %s loaded from %s", task, path)
@@ -213,3 +225,7 @@ class GradientStatistics(MergeEvaluator):
         }
         save_state_dict(state, path, meta, overwrite=False)
         log.info("gradient statistics of %s (%d samples) saved to %s", task, samples, path)
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

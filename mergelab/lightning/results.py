@@ -22,16 +22,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from mergelab.engine.atomic import temporary_path
+from mergelab.engine.atomic import temporary_path, write_atomically
 
 SCHEMA = "mergelab.results/1"
-
-
-def _atomic_write(path: Path, text: str | bytes) -> Path:
-    tmp = temporary_path(path)
-    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
-    os.replace(tmp, path)
-    return path
 
 
 def results_document(results: Mapping) -> dict:
@@ -148,8 +141,8 @@ def write_comparison(runs: Mapping[str, Mapping], folder: Path) -> dict[str, Pat
     }
     documents = {method: results_document(r) for method, r in runs.items()}
     return {
-        "json": _atomic_write(folder / "summary.json", json.dumps(documents, indent=2)),
-        "markdown": _atomic_write(folder / "summary.md", comparison_table(runs)),
+        "json": write_atomically(folder / "summary.json", json.dumps(documents, indent=2)),
+        "markdown": write_atomically(folder / "summary.md", comparison_table(runs)),
         "plot": grouped_bars(
             series, [*tasks, "avg"], "test top-1 accuracy (%)", "mergelab", folder / "summary.png"
         ),
@@ -161,9 +154,9 @@ def write_report(results: Mapping, folder: Path) -> dict[str, Path]:
     stage = results["stage"]
     suffix = "" if stage == "test" else f"_{stage}"
     return {
-        "json": _atomic_write(
+        "json": write_atomically(
             folder / f"results{suffix}.json", json.dumps(results_document(results), indent=2)
         ),
-        "markdown": _atomic_write(folder / f"results{suffix}.md", markdown_table(results)),
+        "markdown": write_atomically(folder / f"results{suffix}.md", markdown_table(results)),
         "plot": bar_chart(results, folder / f"accuracy{suffix}.png"),
     }

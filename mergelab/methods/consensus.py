@@ -13,6 +13,7 @@ from pathlib import Path
 from mergelab.engine.streaming import as_factor_list
 from mergelab.engine.tall_layout import check_consensus_k, checked_lambdas
 from mergelab.errors import BadValue
+from mergelab.io.run_folder import check_finished
 from mergelab.methods.base import (
     MergeContext,
     MergeMethod,
@@ -30,6 +31,7 @@ def picked_lambdas(path: str, multitask: dict | None) -> dict[str, float]:
     """Each task's λ picked on validation by the TALL masks run whose results.json (or
     run folder) is ``path``."""
     file = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
+    check_finished(file.parent, "tall_results")
     try:
         results = json.loads(file.read_text())
         method, picked_on = results["settings"]["method"], results["picked_on"]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import shlex
 import subprocess
 import time
 from pathlib import Path
 
+from mergelab.engine.atomic import write_atomically
+from mergelab.io.child_process import run_child
 from mergelab.sweep.sweep_file import SweepError, SweepFile, load_sweep, settings
 from mergelab.sweep.trials import Trial, prepare
 
@@ -32,12 +35,13 @@ def read_metric(folder: Path, metric: str) -> tuple[float | None, Path | None]:
 def run_trial(trial: Trial, metric: str) -> None:
     trial.folder.mkdir(parents=True, exist_ok=True)
     with open(trial.folder / "output.log", "w") as output:
-        result = subprocess.run(
+        # Ctrl-C: the trial marks its run folder INTERRUPTED before the sweep stops
+        status = run_child(
             [*trial.command, trial.logger_override], stdout=output, stderr=subprocess.STDOUT
         )
     trial.metric, trial.run_dir = read_metric(trial.folder, metric)
-    if result.returncode != 0:
-        trial.status = f"failed (exit {result.returncode}, see {trial.folder / 'output.log'})"
+    if status != 0:
+        trial.status = f"failed (exit {status}, see {trial.folder / 'output.log'})"
     elif trial.metric is None:
         trial.status = f"{metric} not in metrics.csv"
     else:
@@ -65,8 +69,9 @@ def write_table(sweep: SweepFile, trials: list[Trial], output: Path) -> str:
             str(trial.run_dir or trial.folder),
         ]
 
-    with open(output / "results.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *(row(t, "") for t in trials)])
+    rows = io.StringIO(newline="")
+    csv.writer(rows).writerows([header, *(row(t, "") for t in trials)])
+    write_atomically(output / "results.csv", rows.getvalue())
     lines = [
         f"sweep {sweep.name} ({sweep.path}): {sweep.method} search, {sweep.goal} {sweep.metric}",
         "",
@@ -77,7 +82,7 @@ def write_table(sweep: SweepFile, trials: list[Trial], output: Path) -> str:
         cells = row(trial, ".4f")
         lines.append("| " + " | ".join(f"**{c}**" if trial is best else c for c in cells) + " |")
     table = "\n".join(lines) + "\n"
-    (output / "results.md").write_text(table)
+    write_atomically(output / "results.md", table)
     return table
 
 
