@@ -22,7 +22,7 @@ _EXPORTS = {
     "dare_vector": "mergelab.engine.dare",
     "isotropic": "mergelab.engine.spectral",
     "isotropic_vector": "mergelab.engine.spectral",
-    "open_checkpoint": "mergelab.engine.checkpoints",
+    "open_checkpoint": "mergelab.engine.model_files",
     "save_state_dict": "mergelab.engine.checkpoints",
     "task_arithmetic": "mergelab.engine.task_arithmetic",
     "task_arithmetic_vector": "mergelab.engine.task_arithmetic",

@@ -247,3 +247,19 @@ def test_a_cache_entry_of_other_inputs_is_converted_again(hf_model, tmp_path):
     save_state_dict(stale, entry, metadata={"source": str(folder)}, overwrite=True)
     again = load_image_encoder(folder, pretrained, tmp_path / "cache")
     assert torch.equal(again["proj"], pretrained["proj"])
+
+
+def test_a_sharded_folder_converts_to_the_encoder_its_single_file_gives(hf_model, tmp_path):
+    """A fine-tuned CLIPVisionModel saved by ``save_pretrained`` in several shards (with
+    model.safetensors.index.json) is read whole: the same open_clip encoder as from one
+    model.safetensors, every tensor equal."""
+    from mergelab.models.clip import load_image_encoder
+
+    hf_model.save_pretrained(tmp_path / "single")
+    hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 2
+    pretrained = dict(_open_clip_visual().state_dict()) | {"proj": _projection()}
+    single = load_image_encoder(tmp_path / "single", pretrained, tmp_path / "cache")
+    sharded = load_image_encoder(tmp_path / "sharded", pretrained, tmp_path / "cache")
+    assert list(sharded) == list(single)
+    assert all(torch.equal(sharded[key], single[key]) for key in single)

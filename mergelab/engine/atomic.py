@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -38,7 +39,10 @@ def remove_stale_temporaries(path: Path, host: str) -> None:
     for candidate in path.parent.glob(glob.escape(prefix) + "*.tmp*"):
         pid = candidate.name[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
-            candidate.unlink(missing_ok=True)
+            if candidate.is_dir() and not candidate.is_symlink():  # a folder being written
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
 
 
 def process_running(pid: int) -> bool:

@@ -1,18 +1,19 @@
 """Reading and writing state dicts without holding whole checkpoints in memory.
 
-A checkpoint is any ``Mapping[str, Tensor]``. :class:`SafetensorsCheckpoint` is the lazy
-one: it knows every tensor's shape and dtype from the file header and reads a tensor
-only when it is indexed, so merge code can walk a model parameter by parameter.
+A checkpoint is any ``Mapping[str, Tensor]``. A :class:`LazyCheckpoint` knows every
+tensor's shape and dtype without reading it and reads a tensor only when it is indexed,
+so merge code can walk a model parameter by parameter: :class:`SafetensorsCheckpoint`
+over one file, :class:`mergelab.engine.sharded.ShardedCheckpoint` over a folder of shards.
 :class:`SafetensorsWriter` is the other direction: it writes tensors one at a time into
 a temporary file, in an order fixed up front, and renames it into place when complete.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
-import pickle
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -55,7 +56,45 @@ class TensorSpec(NamedTuple):
         return n
 
 
-class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
+class LazyCheckpoint(Mapping[str, torch.Tensor]):
+    """A read-only state dict whose tensors stay on disk until read: a subclass sets
+    ``location`` (its file or folder) and ``_specs`` (every tensor's shape and dtype, in
+    its order) and reads with :meth:`read_into`."""
+
+    location: Path
+    _specs: dict[str, TensorSpec]
+
+    def spec(self, key: str) -> TensorSpec:
+        """Shape and dtype of ``key``, without reading its data."""
+        if key not in self._specs:
+            raise MissingKey(f"{key!r} is not in {self.location}")
+        return self._specs[key]
+
+    @abc.abstractmethod
+    def read_into(
+        self, key: str, out: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Read the flat elements [start, stop) of ``key`` into ``out`` (converted if the
+        dtypes differ); all of it by default."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        spec = self.spec(key)
+        return self.read_into(key, empty(spec.shape, spec.dtype))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.location)!r}, {len(self)} tensors)"
+
+
+class SafetensorsCheckpoint(LazyCheckpoint):
     """A read-only, lazy state dict backed by a ``.safetensors`` file.
 
     The header is checked once with the safetensors library; each tensor is then read
@@ -66,7 +105,7 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: str | os.PathLike):
         self._fd: int | None = None  # before any check: __del__ runs after a failed init too
-        self.path = Path(path)
+        self.path = self.location = Path(path)
         if not self.path.is_file():
             raise MissingFile(f"checkpoint not found: {self.path}")
         try:
@@ -100,15 +139,10 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
     def __del__(self) -> None:
         self.close()
 
-    def spec(self, key: str) -> TensorSpec:
-        return self._specs[key]
-
     def read_into(
         self, key: str, out: torch.Tensor, start: int = 0, stop: int | None = None
     ) -> torch.Tensor:
-        """Read the flat elements [start, stop) of ``key`` into ``out`` (converted if the
-        dtypes differ); all of it by default."""
-        spec = self._spec_of(key)
+        spec = self.spec(key)
         stop = spec.numel if stop is None else stop
         if out.numel() != stop - start or not 0 <= start <= stop <= spec.numel:
             raise BadValue(
@@ -126,27 +160,6 @@ class SafetensorsCheckpoint(Mapping[str, torch.Tensor]):
             out.copy_(buffer.reshape(out.shape))
         return out
 
-    def _spec_of(self, key: str) -> TensorSpec:
-        if key not in self._specs:
-            raise MissingKey(f"{key!r} is not in {self.path}")
-        return self._specs[key]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        spec = self._spec_of(key)
-        return self.read_into(key, empty(spec.shape, spec.dtype))
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._specs
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
-
-    def __len__(self) -> int:
-        return len(self._specs)
-
-    def __repr__(self) -> str:
-        return f"SafetensorsCheckpoint({str(self.path)!r}, {len(self)} tensors)"
-
 
 def read_into(
     checkpoint: Mapping[str, torch.Tensor],
@@ -156,50 +169,16 @@ def read_into(
     stop: int | None = None,
 ) -> torch.Tensor:
     """Flat elements [start, stop) of ``checkpoint[key]`` copied into ``out``; straight
-    from the file for safetensors."""
-    if isinstance(checkpoint, SafetensorsCheckpoint):
+    from the file for a lazy checkpoint."""
+    if isinstance(checkpoint, LazyCheckpoint):
         return checkpoint.read_into(key, out, start, stop)
     flat = checkpoint[key].detach().reshape(-1)[start:stop]
     return out.copy_(flat.reshape(out.shape))
 
 
-# what torch.load raises for a file that is not a readable state dict: a corrupt or
-# truncated archive (RuntimeError, EOFError), a pickle that weights_only refuses or cannot
-# parse, a file of another format
-UNREADABLE_CHECKPOINT = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError)
-
-
-def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Mapping:
-    """A state dict from a mapping (returned as is) or a file path (read lazily).
-
-    ``.safetensors`` files are read tensor by tensor; other files are loaded with
-    ``torch.load(mmap=True)``, which pages tensors in on use.
-    """
-    if isinstance(source, Mapping):
-        return source
-    path = Path(source)
-    if path.suffix == ".safetensors":
-        return SafetensorsCheckpoint(path)
-    if not path.is_file():
-        raise MissingFile(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except UNREADABLE_CHECKPOINT as err:  # torch's messages name neither file nor fix
-        raise BadValue(
-            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); give a .safetensors or "
-            "torch.save state dict file"
-        ) from err
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise BadValue(f"{path}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
 def tensor_spec(checkpoint: Mapping[str, torch.Tensor], key: str) -> TensorSpec:
     """Shape and dtype of ``checkpoint[key]``, read from the header where possible."""
-    if isinstance(checkpoint, SafetensorsCheckpoint):
+    if isinstance(checkpoint, LazyCheckpoint):
         return checkpoint.spec(key)
     tensor = checkpoint[key]
     return TensorSpec(tuple(tensor.shape), tensor.dtype)
@@ -219,7 +198,27 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-class SafetensorsWriter:
+class AtomicWriter(abc.ABC):
+    """A writer used in a ``with`` block: closed (complete, renamed into place) when the
+    block ends, aborted (nothing left behind) when it raises."""
+
+    @abc.abstractmethod
+    def close(self) -> Path: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(AtomicWriter):
     """Writes a safetensors file one tensor at a time, then renames it into place.
 
     The header needs every tensor's shape and dtype, so they are declared up front; the
@@ -290,15 +289,6 @@ class SafetensorsWriter:
         self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def save_state_dict(

@@ -9,13 +9,8 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from mergelab.engine.checkpoints import (
-    SafetensorsCheckpoint,
-    TensorSpec,
-    open_checkpoint,
-    read_into,
-    tensor_spec,
-)
+from mergelab.engine.checkpoints import LazyCheckpoint, TensorSpec, read_into, tensor_spec
+from mergelab.engine.model_files import open_checkpoint
 from mergelab.engine.workspace import Workspace
 from mergelab.errors import BadValue, MissingKey
 
@@ -150,7 +145,7 @@ def fingerprint(checkpoint: Mapping[str, torch.Tensor]) -> str:
     for key in checkpoint:
         spec = tensor_spec(checkpoint, key)
         digest.update(f"{key}:{spec.shape}:{spec.dtype};".encode())
-        if isinstance(checkpoint, SafetensorsCheckpoint):
+        if isinstance(checkpoint, LazyCheckpoint):
             buffer = workspace.get("fingerprint", (spec.numel,), spec.dtype)
             flat = checkpoint.read_into(key, buffer)
         else:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergelab.engine.checkpoints import (
-    SafetensorsCheckpoint,
+    LazyCheckpoint,
     SafetensorsWriter,
     TensorSpec,
     check_writable,
@@ -119,7 +119,7 @@ def build_models(
     specs = {key: tensor_spec(pretrained, key) for key in pretrained}
     with _model_sinks(outputs, specs, metadata, overwrite) as sinks:
         last = len(sinks) - 1
-        own_pretrained = isinstance(pretrained, SafetensorsCheckpoint)
+        own_pretrained = isinstance(pretrained, LazyCheckpoint)
         for key in progress(list(specs), desc):
             theta0 = pretrained[key].detach()
             if key in merged:

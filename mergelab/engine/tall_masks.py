@@ -24,11 +24,11 @@ from mergelab.engine.checkpoints import (
     SafetensorsWriter,
     TensorSpec,
     check_writable,
-    open_checkpoint,
     read_into,
     save_state_dict,
     tensor_spec,
 )
+from mergelab.engine.model_files import open_checkpoint
 from mergelab.engine.parameterwise import TaskVectors
 from mergelab.engine.pool import CheckpointSource, ModelPool
 from mergelab.engine.streaming import (

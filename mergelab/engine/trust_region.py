@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mergelab.engine.checkpoints import open_checkpoint
 from mergelab.engine.conflict_selection import (
     conflict_block,
     conflict_floor,
     one_pass_trust_region,
     two_pass_trust_region,
 )
+from mergelab.engine.model_files import open_checkpoint
 from mergelab.engine.pool import CheckpointSource, ModelPool
 from mergelab.engine.streaming import StateDict, scaled_models
 from mergelab.engine.task_arithmetic import task_arithmetic_vector

@@ -20,12 +20,11 @@ from pathlib import Path
 import open_clip
 import torch
 
-from mergelab.engine.checkpoints import (
+from mergelab.engine.checkpoints import SafetensorsCheckpoint, save_state_dict, tensor_spec
+from mergelab.engine.model_files import (
+    INDEX,
     UNREADABLE_CHECKPOINT,
-    SafetensorsCheckpoint,
     open_checkpoint,
-    save_state_dict,
-    tensor_spec,
 )
 from mergelab.engine.pool import check_same_layout
 from mergelab.errors import BadValue, MissingFile, MissingKey
@@ -145,10 +144,12 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def _read_weights(path: Path) -> Mapping[str, torch.Tensor]:
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        for name in (INDEX, "model.safetensors"):
             if (path / name).is_file():
-                return open_checkpoint(path / name)
-        raise MissingFile(f"{path}: no model.safetensors or pytorch_model.bin")
+                return open_checkpoint(path)  # sharded, or one file
+        if (path / "pytorch_model.bin").is_file():
+            return open_checkpoint(path / "pytorch_model.bin")
+        raise MissingFile(f"{path}: no {INDEX}, model.safetensors or pytorch_model.bin")
     return open_checkpoint(path)
 
 
