@@ -58,16 +58,19 @@ def test_dare_matches_naive(family, factor, p, seed):
     assert_states_equal(merged, naive.assemble(family.pretrained, delta, factor))
 
 
-@given(family=families(), p=st.sampled_from([0.1, 0.5]), share=SHARES)
+@given(family=families(), p=st.sampled_from([0.5, 0.75]), share=SHARES)
 def test_dare_ties_is_ties_over_the_dropped_models(family, p, share):
     """The naive TIES of the dropped vectors, given as models over a zero θ0 (so that
-    τ = θ − 0 is exact)."""
+    τ = θ − 0 is exact). The rescaling 1/(1 − p) is a power of two, so the dropped
+    integer-valued vectors and their sums stay exact. With p = 0.1 hypothesis found a
+    coordinate whose dropped entries (4, 4, 1, −3, −6)/0.9 sum to 0 exactly, to −4.8e-7 in
+    float32 and to 0 in float64: the elected sign there is rounding's choice, not the
+    rule's."""
     pool = mergelab.ModelPool(family.pretrained, family.finetuned)
     delta = mergelab.dare_vector(pool, p, 0, ties=share, device="cpu")
     dropped = naive_baselines.dropped_task_vectors(family.pretrained, family.finetuned, p, 0)
     zero = {key: torch.zeros_like(value) for key, value in dropped[family.tasks[0]].items()}
-    # rescaled entries are no longer integers: sums in float32 against the naive float64
-    _close(delta, naive.ties_multitask_vector(zero, dropped, share), scale=10)
+    _close(delta, naive.ties_multitask_vector(zero, dropped, share))
 
 
 def test_dare_drops_at_the_rate_and_keeps_the_expected_value():
