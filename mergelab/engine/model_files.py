@@ -56,9 +56,9 @@ class ShardedCheckpoint(LazyCheckpoint):
     def __init__(self, folder: str | os.PathLike):
         self.folder = self.location = Path(folder)
         self.index_path = self.folder / INDEX
-        weight_map, self.metadata = _read_index(self.index_path)
+        weight_map = _read_index(self.index_path)
         shards = {}
-        for name in dict.fromkeys(weight_map.values()):
+        for name in sorted(set(weight_map.values())):  # numbered shards in their order
             if Path(name).name != name:
                 raise BadValue(f"{self.index_path}: shard {name!r} is not a file in its folder")
             if not (self.folder / name).is_file():
@@ -95,8 +95,8 @@ class ShardedCheckpoint(LazyCheckpoint):
             shard.close()
 
 
-def _read_index(path: Path) -> tuple[dict[str, str], dict]:
-    """An index file's weight map (tensor → shard file) and its metadata."""
+def _read_index(path: Path) -> dict[str, str]:
+    """An index file's weight map: tensor → shard file."""
     if not path.is_file():
         raise MissingFile(f"{path} not found")
     try:
@@ -108,8 +108,7 @@ def _read_index(path: Path) -> tuple[dict[str, str], dict]:
         isinstance(value, str) for value in weight_map.values()
     ):
         raise BadValue(f"{path}: no 'weight_map' from tensor names to shard files")
-    metadata = index.get("metadata")
-    return weight_map, metadata if isinstance(metadata, dict) else {}
+    return weight_map
 
 
 def _check_numbered_shards(index_path: Path, names: list[str]) -> None:
