@@ -41,10 +41,10 @@ def mark_finished(folder: Path, marker: str, text: str = "") -> None:
     (folder / RUNNING).unlink(missing_ok=True)
 
 
-def mark_killed_runs(parent: Path) -> list[Path]:
-    """The run folders in ``parent`` whose ``RUNNING`` names a process of this host that
-    no longer runs, marked ``INTERRUPTED``."""
-    host, killed = socket.gethostname(), []
+def mark_killed_runs(parent: Path) -> None:
+    """Mark ``INTERRUPTED`` the run folders in ``parent`` whose ``RUNNING`` names a
+    process of this host that no longer runs."""
+    host = socket.gethostname()
     for marker in parent.glob(f"*/{RUNNING}"):
         try:
             record = json.loads(marker.read_text())
@@ -56,8 +56,6 @@ def mark_killed_runs(parent: Path) -> list[Path]:
         if isinstance(pid, int) and pid != os.getpid() and not process_running(pid):
             note = f"process {pid} on {host} stopped before the run finished (killed)\n"
             mark_finished(marker.parent, INTERRUPTED, note)
-            killed.append(marker.parent)
-    return killed
 
 
 def check_finished(folder: Path, what: str) -> None:
