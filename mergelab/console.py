@@ -45,6 +45,10 @@ def dispatch(command: str | None) -> None:
         from mergelab.embedded.benchmark import main as embedded
 
         embedded(sys.argv[2:])
+    elif command == "merge":
+        from mergelab.checkpoint_merge.command import main as merge
+
+        merge(sys.argv[2:])
     elif command == "sweep":
         from mergelab.sweep.runner import main as sweep
 

@@ -1,7 +1,7 @@
 """The text of ``mergelab --help``, in a module of its own so that the console script
 prints it without importing Lightning (seconds on a small machine)."""
 
-COMMANDS = ("fit", "validate", "test", "embedded", "sweep")
+COMMANDS = ("fit", "validate", "test", "embedded", "sweep", "merge")
 
 USAGE = """mergelab: merge fine-tuned CLIP image encoders and score every result on every task.
 
@@ -18,6 +18,7 @@ USAGE = """mergelab: merge fine-tuned CLIP image encoders and score every result
     mergelab fit --model.help GradientStatistics  (the options of a fit model)
     mergelab embedded             (every method on the embedded miniature benchmark)
     mergelab sweep configs/sweeps/task_arithmetic.yaml   (a W&B sweep file, run locally)
+    mergelab merge configs/merge/llama.yaml   (any model's checkpoint folders into one)
 
 --merge.method  the merge method, by class (test, validate; TrustRegion for fit's
                 GradientStatistics): ZeroShot, Finetuned, TaskArithmetic, TrustRegion,

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -260,18 +260,32 @@ class SafetensorsWriter(AtomicWriter):
         self._next = 0
 
     def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
-        if self._next >= len(self._order) or self._order[self._next] != key:
-            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
-            raise MissingKey(f"{self.path}: wrote {key!r}, expected {expected!r} next")
-        spec = self._specs[key]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        spec = self._specs.get(key)
+        if spec is not None and tuple(tensor.shape) != spec.shape:
             raise BadValue(
                 f"{self.path}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"declared {spec.shape} {spec.dtype}"
             )
-        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        while data.nbytes:
-            data = data[self._file.write(data) :]
+        self.write_parts(key, [tensor])
+
+    def write_parts(self, key: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write ``key`` from consecutive pieces of its flat data (each in its declared
+        dtype), so that a large tensor never needs to be whole in memory."""
+        if self._next >= len(self._order) or self._order[self._next] != key:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise MissingKey(f"{self.path}: wrote {key!r}, expected {expected!r} next")
+        spec = self._specs[key]
+        written = 0
+        for part in parts:
+            if part.dtype != spec.dtype:
+                raise BadValue(f"{self.path}: {key!r} is {part.dtype}, declared {spec.dtype}")
+            flat = part.detach().cpu().contiguous().reshape(-1)
+            data = memoryview(flat.view(torch.uint8).numpy())
+            while data.nbytes:
+                data = data[self._file.write(data) :]
+            written += part.numel()
+        if written != spec.numel:
+            raise BadValue(f"{self.path}: {key!r} got {written} values, declared {spec.shape}")
         self._next += 1
 
     def close(self) -> Path:

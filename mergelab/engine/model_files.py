@@ -19,7 +19,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from mergelab.errors import BadValue, FileInTheWay, MissingFile, MissingKey, Not
 
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+PICKLED_FILE = "pytorch_model.bin"  # the older save_pretrained's one file
 # save_pretrained's shard names: model-00001-of-00003.safetensors
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors$")
 
@@ -167,15 +168,17 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> M
     return state
 
 
-def open_model_folder(folder: str | os.PathLike) -> LazyCheckpoint:
+def open_model_folder(folder: str | os.PathLike) -> Mapping:
     """The weights of a Hugging Face model folder: its sharded safetensors (with the
-    index) or its single ``model.safetensors``."""
+    index), its single ``model.safetensors``, or an older ``pytorch_model.bin``."""
     folder = Path(folder)
     if (folder / INDEX).is_file():
         return ShardedCheckpoint(folder)
     if (folder / SINGLE_FILE).is_file():
         return SafetensorsCheckpoint(folder / SINGLE_FILE)
-    raise MissingFile(f"{folder}: no {INDEX} and no {SINGLE_FILE}")
+    if (folder / PICKLED_FILE).is_file():
+        return open_checkpoint(folder / PICKLED_FILE)
+    raise MissingFile(f"{folder}: no {INDEX}, {SINGLE_FILE} or {PICKLED_FILE}")
 
 
 def shard_plan(specs: Mapping[str, TensorSpec], max_shard_bytes: int) -> list[list[str]]:
@@ -200,18 +203,19 @@ class ShardedWriter(AtomicWriter):
 
     As with :class:`SafetensorsWriter`, every tensor's shape and dtype is declared up
     front and the tensors are then written in that order (``writer[key] = tensor``); one
-    shard file is open at a time. Everything goes to a hidden temporary folder beside
-    ``folder`` (other files too, through :attr:`staging`), renamed into place by
-    :meth:`close`; an exception inside a ``with`` block removes it. A model that fits in
-    one shard is written as ``model.safetensors`` without an index, as
-    ``save_pretrained`` writes it.
+    shard file is open at a time. ``shards`` is the most bytes a shard holds (cut as
+    :func:`shard_plan` cuts), or the tensors of each shard (another model's layout).
+    Everything goes to a hidden temporary folder beside ``folder`` (other files too,
+    through :attr:`staging`), renamed into place by :meth:`close`; an exception inside a
+    ``with`` block removes it. A model that fits in one shard is written as
+    ``model.safetensors`` without an index, as ``save_pretrained`` writes it.
     """
 
     def __init__(
         self,
         folder: str | os.PathLike,
         specs: Mapping[str, TensorSpec],
-        max_shard_bytes: int,
+        shards: int | Sequence[Sequence[str]],
         metadata: Mapping[str, str] | None = None,
     ):
         self.folder = Path(folder)
@@ -223,7 +227,12 @@ class ShardedWriter(AtomicWriter):
             raise NotPermitted(f"cannot write into {parent}")
         self._specs = dict(specs)
         self._metadata = dict(metadata or {})
-        self._plan = shard_plan(self._specs, max_shard_bytes)
+        if isinstance(shards, int):
+            self._plan = shard_plan(self._specs, shards)
+        else:
+            self._plan = [list(keys) for keys in shards if keys]
+            if [key for keys in self._plan for key in keys] != list(self._specs):
+                raise BadValue(f"{self.folder}: the shards must hold the tensors once, in order")
         self.staging = temporary_path(self.folder)
         self.staging.mkdir()
         self._shard = -1
@@ -238,6 +247,17 @@ class ShardedWriter(AtomicWriter):
         self._writer = SafetensorsWriter(self.staging / name, specs, self._metadata)
 
     def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
+        self._shard_for(key)[key] = tensor
+        self._written += 1
+
+    def write_parts(self, key: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write ``key`` from consecutive pieces of its flat data (see
+        :meth:`SafetensorsWriter.write_parts`)."""
+        self._shard_for(key).write_parts(key, parts)
+        self._written += 1
+
+    def _shard_for(self, key: str) -> SafetensorsWriter:
+        """The writer of the shard the next tensor goes to (the next shard when full)."""
         if self._writer is None or self._written == len(self._plan[self._shard]):
             if self._writer is not None:
                 self._writer.close()
@@ -245,8 +265,7 @@ class ShardedWriter(AtomicWriter):
                 raise MissingKey(f"{self.folder}: wrote {key!r} after every declared tensor")
             self._open_next_shard()
             self._written = 0
-        self._writer[key] = tensor
-        self._written += 1
+        return self._writer
 
     def close(self) -> Path:
         """Check that every tensor was written, write the index and rename the folder."""

@@ -11,6 +11,7 @@ import torch
 
 from mergelab.engine.checkpoints import LazyCheckpoint, TensorSpec, read_into, tensor_spec
 from mergelab.engine.model_files import open_checkpoint
+from mergelab.engine.tensor_selection import STRICT, TensorSelection, select_tensors
 from mergelab.engine.workspace import Workspace
 from mergelab.errors import BadValue, MissingKey
 
@@ -32,7 +33,8 @@ class ModelPool:
     """θ0 and {task: θt}, with every key, shape and dtype checked before any work.
 
     Only floating-point tensors are merged (:attr:`merged_keys`); the others (integer
-    buffers and the like) are copied from θ0. Checkpoints are read lazily when given as
+    buffers and the like, and what ``selection`` excludes) are copied from θ0, each with
+    its reason in :attr:`copied`. Checkpoints are read lazily when given as
     ``.safetensors`` paths, so iterating :meth:`task_vectors` over all keys holds one
     parameter of each model at a time.
     """
@@ -43,6 +45,7 @@ class ModelPool:
         self,
         pretrained: CheckpointSource,
         finetuned: Mapping[str, CheckpointSource],
+        selection: TensorSelection = STRICT,
     ):
         if not finetuned:
             raise BadValue("no fine-tuned models given")
@@ -51,9 +54,7 @@ class ModelPool:
         self.specs: dict[str, TensorSpec] = {
             k: tensor_spec(self.pretrained, k) for k in self.pretrained
         }
-        for task, checkpoint in self.finetuned.items():
-            check_same_layout(self.specs, checkpoint, f"fine-tuned model {task!r}")
-        self.merged_keys = [k for k, s in self.specs.items() if s.dtype.is_floating_point]
+        self.merged_keys, self.copied = select_tensors(self.specs, self.finetuned, selection)
         if not self.merged_keys:
             raise BadValue("the pretrained model has no floating-point parameters to merge")
 
@@ -153,22 +154,3 @@ def fingerprint(checkpoint: Mapping[str, torch.Tensor]) -> str:
         sample = flat[:: max(1, flat.numel() // 1024)].contiguous()
         digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def check_same_layout(specs: Mapping[str, TensorSpec], checkpoint: Mapping, name: str) -> None:
-    """Raise, naming ``name`` and the key, unless ``checkpoint`` has exactly the keys,
-    shapes and dtypes of ``specs``."""
-    keys = set(checkpoint)
-    missing = [k for k in specs if k not in keys]
-    if missing:
-        raise MissingKey(f"{name} lacks {missing[0]!r} (and {len(missing) - 1} more keys)")
-    extra = [k for k in checkpoint if k not in specs]
-    if extra:
-        raise MissingKey(f"{name} has {extra[0]!r}, which the pretrained model does not")
-    for key, spec in specs.items():
-        other = tensor_spec(checkpoint, key)
-        if other != spec:
-            raise BadValue(
-                f"{name}: {key!r} is {other.shape} {other.dtype}, "
-                f"the pretrained model has {spec.shape} {spec.dtype}"
-            )

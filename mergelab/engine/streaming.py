@@ -27,7 +27,9 @@ from mergelab.engine.checkpoints import (
     read_into,
     tensor_spec,
 )
-from mergelab.engine.pool import ModelPool, check_same_layout, flat_blocks
+from mergelab.engine.model_files import ShardedWriter
+from mergelab.engine.pool import ModelPool, flat_blocks
+from mergelab.engine.tensor_selection import check_same_layout
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.errors import BadValue
 from mergelab.merging.finite import all_finite
@@ -97,6 +99,25 @@ def _closed(sinks: Sequence[StateDict | SafetensorsWriter]) -> list[StateDict | 
     return [sink if isinstance(sink, dict) else sink.close() for sink in sinks]
 
 
+def merged_parameter(
+    key: str,
+    theta0: torch.Tensor,
+    delta: torch.Tensor,
+    factor: float,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """θ0 + λ·δ of parameter ``key`` (see :func:`apply_task_vector`), refused naming the
+    key and λ where it is not finite in its dtype."""
+    model = apply_task_vector(theta0, delta, factor, out=out, dtype=dtype)
+    if not all_finite(model):
+        raise BadValue(
+            f"scaling factor {factor}: θ0 + λ·δ of {key!r} has NaN or Inf "
+            f"values (too large for {model.dtype})"
+        )
+    return model
+
+
 def build_models(
     pretrained: Mapping[str, torch.Tensor],
     merged_keys: Iterable[str],
@@ -128,17 +149,64 @@ def build_models(
                     reuse = None
                     if i == last and isinstance(sink, dict):
                         reuse = delta if consume else theta0 if own_pretrained else None
-                    model = apply_task_vector(theta0, delta, factor, out=reuse)
-                    if not all_finite(model):
-                        raise BadValue(
-                            f"scaling factor {factor}: θ0 + λ·δ of {key!r} has NaN or Inf "
-                            f"values (too large for {model.dtype})"
-                        )
-                    sink[key] = model
+                    sink[key] = merged_parameter(key, theta0, delta, factor, out=reuse)
             else:
                 for sink in sinks:
                     sink[key] = theta0.clone()
         return _closed(sinks)
+
+
+# elements per piece when a model is written to a file: θ0's piece, the result and its
+# cast stay a few MB whatever the parameter's size
+WRITE_PIECE = 1 << 22
+
+
+def output_specs(
+    pretrained: Mapping[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict[str, TensorSpec]:
+    """θ0's layout, its floating-point tensors in ``dtype`` (their own when None)."""
+    specs = {key: tensor_spec(pretrained, key) for key in pretrained}
+    if dtype is None:
+        return specs
+    return {
+        key: TensorSpec(spec.shape, dtype) if spec.dtype.is_floating_point else spec
+        for key, spec in specs.items()
+    }
+
+
+def write_model(
+    pretrained: Mapping[str, torch.Tensor],
+    merged_keys: Iterable[str],
+    delta_of: Callable[[str], torch.Tensor],
+    scaling_factor: float,
+    writer: SafetensorsWriter | ShardedWriter,
+    dtype: torch.dtype | None = None,
+    desc: str = "merge",
+) -> None:
+    """θ0 + λ·δ written parameter by parameter into ``writer`` (declared with
+    :func:`output_specs`), floating-point tensors in ``dtype``; the other keys of θ0
+    copied. θ0 is read and the result cast in pieces of :data:`WRITE_PIECE` elements, so
+    memory holds one parameter's δ and a few pieces, whatever the model's size."""
+    merged = frozenset(merged_keys)
+    specs = {key: tensor_spec(pretrained, key) for key in pretrained}
+    workspace = Workspace()
+    for key in progress(list(specs), desc):
+        spec = specs[key]
+        out_dtype = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+        delta = delta_of(key).reshape(-1) if key in merged else None
+
+        def pieces(key=key, spec=spec, out_dtype=out_dtype, delta=delta) -> Iterator:
+            for part in flat_blocks(spec.numel, WRITE_PIECE):
+                theta0 = workspace.get("theta0", (part.stop - part.start,), spec.dtype)
+                read_into(pretrained, key, theta0, part.start, part.stop)
+                if delta is None:
+                    yield theta0.to(out_dtype)
+                else:
+                    yield merged_parameter(
+                        key, theta0, delta[part], scaling_factor, dtype=out_dtype
+                    )
+
+        writer.write_parts(key, pieces())
 
 
 def fill_model(

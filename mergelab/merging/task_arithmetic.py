@@ -34,8 +34,9 @@ def apply_task_vector(
     task_vector: torch.Tensor,
     scaling_factor: float,
     out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """θ0 + λ·τ in θ0's dtype.
+    """θ0 + λ·τ in θ0's dtype, or in ``dtype`` (computed in float32 or wider, rounded once).
 
     ``out`` may be ``task_vector`` or ``pretrained`` itself, to compute in its storage
     (overwriting it) when its dtype allows; otherwise the result is a new tensor. Either
@@ -43,7 +44,10 @@ def apply_task_vector(
     (torch.add(alpha=) may fuse them differently in vectorised and scalar loops).
     """
     compute = torch.promote_types(pretrained.dtype, torch.float32)
+    dtype = pretrained.dtype if dtype is None else dtype
     scaled = task_vector if scaling_factor == 1 else None  # x·1 is x: skip the pass
+    if dtype != pretrained.dtype:
+        out = None
     if out is task_vector and task_vector.dtype == pretrained.dtype == compute:
         merged = task_vector if scaled is not None else task_vector.mul_(scaling_factor)
         return merged.add_(pretrained)
@@ -51,4 +55,4 @@ def apply_task_vector(
         scaled = task_vector.to(compute) * scaling_factor
     if out is pretrained and pretrained.dtype == compute:
         return pretrained.add_(scaled)
-    return (scaled.to(compute) + pretrained.to(compute)).to(pretrained.dtype)
+    return (scaled.to(compute) + pretrained.to(compute)).to(dtype)

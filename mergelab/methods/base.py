@@ -11,12 +11,13 @@ line by its class path (``--merge.method=my_module.MyMethod``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -182,6 +183,17 @@ class ScaledMethod(MergeMethod):
     ) -> StateDict:
         """δ of ``setting`` (one of :meth:`grid`), saved to ``output`` when given."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def parameter_deltas(
+        self, pool: ModelPool, context: MergeContext, **setting
+    ) -> Iterator[Callable[[str], torch.Tensor]]:
+        """δ of ``setting`` one merged parameter at a time, asked for in the pool's order:
+        how a model is written to files (``mergelab merge``). By default δ is computed
+        whole by :meth:`merged_task_vector` (memory: one model in float32); a method whose
+        δ of a parameter depends on that parameter alone computes each as it is asked
+        for (memory: one parameter)."""
+        yield self.merged_task_vector(pool, context, None, **setting).__getitem__
 
     def save_task_vectors(self, pool: ModelPool, context: MergeContext) -> None:
         """Every δ of the grid into the artifact folder (when there is one)."""

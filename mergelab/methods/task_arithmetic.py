@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import torch
 
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, as_factor_list
-from mergelab.engine.task_arithmetic import task_arithmetic_vector
+from mergelab.engine.task_arithmetic import task_arithmetic_delta, task_arithmetic_vector
+from mergelab.engine.workspace import BlockWorkers
 from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
 
 
@@ -29,3 +35,10 @@ class TaskArithmetic(ScaledMethod):
         delta = task_arithmetic_vector(pool)
         save_task_vector(delta, pool, output, self.describe())
         return delta
+
+    @contextlib.contextmanager
+    def parameter_deltas(
+        self, pool: ModelPool, context: MergeContext
+    ) -> Iterator[Callable[[str], torch.Tensor]]:
+        with BlockWorkers() as workers:
+            yield functools.partial(task_arithmetic_delta, pool, workers=workers)

@@ -22,13 +22,13 @@ import torch
 
 from mergelab.engine.checkpoints import SafetensorsCheckpoint, save_state_dict, tensor_spec
 from mergelab.engine.model_files import (
-    INDEX,
     UNREADABLE_CHECKPOINT,
     open_checkpoint,
 )
-from mergelab.engine.pool import check_same_layout
+from mergelab.engine.tensor_selection import check_same_layout
 from mergelab.errors import BadValue, MissingFile, MissingKey
 from mergelab.io.cache import cache_root
+from mergelab.io.model_sources import looks_like_a_path, model_source
 from mergelab.models.hf_clip import convert_clip_vision_state_dict, is_clip_vision_state_dict
 
 
@@ -117,42 +117,6 @@ def _open_clip_visual_keys(state: Mapping[str, torch.Tensor], expected: set[str]
     return None
 
 
-# suffixes of weights files: a source with one is a path, never a hub id
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
-
-def looks_like_a_path(source: str) -> bool:
-    """A local path rather than a hub id (``org/name``): absolute, relative with ``./``
-    or ``../``, in the home folder, or a weights file's name."""
-    return source.startswith(("/", "./", "../", "~")) or source.endswith(WEIGHT_SUFFIXES)
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    except HFValidationError as err:
-        raise MissingFile(f"{repo_id!r} is neither a local path nor a hub id") from err
-    except OSError as err:  # offline, unknown repo, no network (the hub's errors are OSErrors)
-        raise MissingFile(
-            f"cannot reach the fine-tuned model {repo_id!r} on the Hugging Face hub "
-            f"(offline or missing: {type(err).__name__}); download it or give a local path"
-        ) from err
-
-
-def _read_weights(path: Path) -> Mapping[str, torch.Tensor]:
-    if path.is_dir():
-        for name in (INDEX, "model.safetensors"):
-            if (path / name).is_file():
-                return open_checkpoint(path)  # sharded, or one file
-        if (path / "pytorch_model.bin").is_file():
-            return open_checkpoint(path / "pytorch_model.bin")
-        raise MissingFile(f"{path}: no {INDEX}, model.safetensors or pytorch_model.bin")
-    return open_checkpoint(path)
-
-
 def _fingerprint_source(path: Path) -> str:
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     digest = hashlib.sha256(str(path.resolve()).encode())
@@ -187,11 +151,7 @@ def load_image_encoder(
     ``pretrained_visual`` gives the expected keys and the projection that Hugging Face
     vision models lack. Converted checkpoints are cached under ``<cache>/encoders``.
     """
-    path = Path(source)
-    if not path.exists():
-        if looks_like_a_path(str(source)):
-            raise MissingFile(f"fine-tuned model {str(source)!r}: no such file or folder")
-        path = _hub_snapshot(str(source))
+    path = model_source(source, "fine-tuned model", ["*.json", "*.safetensors", "*.bin"])
     if path.suffix == ".safetensors":
         checkpoint = SafetensorsCheckpoint(path)
         if set(checkpoint) == set(pretrained_visual):
@@ -204,7 +164,7 @@ def load_image_encoder(
             return checkpoint
         # an entry of another conversion under the same name (or of an older mergelab):
         # converted again below, never used
-    state = _read_weights(path)
+    state = open_checkpoint(path)  # a folder: sharded, one file, or pytorch_model.bin
     expected = set(pretrained_visual)
     if is_clip_vision_state_dict(state.keys()):
         visual = convert_clip_vision_state_dict(state, pretrained_visual["proj"])

@@ -1,0 +1,1 @@
+"""``mergelab merge``: checkpoint folders of any model in, one merged checkpoint out."""

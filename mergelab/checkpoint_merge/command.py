@@ -1,0 +1,175 @@
+"""``mergelab merge CONFIG.yaml``: fine-tuned copies of any model merged into one
+checkpoint, written in the base model's layout.
+
+The models may be Hugging Face folders (one ``model.safetensors``, or shards with
+``model.safetensors.index.json``), single safetensors or ``torch.save`` files, or hub ids.
+The merged model streams parameter by parameter into a temporary folder renamed into
+place when complete: sharded as the base is (with the index), the base's config and
+tokenizer files beside it, and a model card that names the method, its settings, every
+source and each tensor that was copied rather than merged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
+
+from mergelab.checkpoint_merge.card import model_card
+from mergelab.engine.model_files import ShardedCheckpoint, ShardedWriter
+from mergelab.engine.parameterwise import resolve_device
+from mergelab.engine.pool import ModelPool
+from mergelab.engine.streaming import output_specs, write_model
+from mergelab.engine.tensor_selection import TensorSelection
+from mergelab.errors import BadValue, FileInTheWay
+from mergelab.io.model_folders import copy_companions, parse_size
+from mergelab.io.model_sources import model_source
+from mergelab.methods import MergeContext, MergeMethod, ScaledMethod, TaskArithmetic
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# what every safetensors file transformers writes says of itself, and checks on reading
+SAFETENSORS_METADATA = {"format": "pt"}
+DEFAULT_METHOD = lazy_instance(TaskArithmetic)  # λ = 0.3, the field's usual default
+
+
+def merge_checkpoints(
+    base: str,
+    models: dict[str, str],
+    output: str,
+    method: MergeMethod = DEFAULT_METHOD,
+    dtype: str | None = None,
+    exclude: list[str] | None = None,
+    max_shard_size: str | None = None,
+    device: str = "auto",
+    config_yaml: str = "",
+) -> Path:
+    """Merge fine-tuned copies of one model into one checkpoint.
+
+    Args:
+        base: the pretrained model θ0: a Hugging Face model folder, a .safetensors or
+            torch.save file, or a hub id (org/name).
+        models: the fine-tuned models by name (a task, say), each in the forms of base.
+        output: the folder to write; it must not exist, and appears complete or not at
+            all.
+        method: a method that yields one model, by class: TaskArithmetic, Ties, Dare,
+            TrustRegion (zero-shot without gradient_stats), TaskSingularVectors,
+            Isotropic, or your own ScaledMethod subclass by class path; one value of
+            each setting.
+        dtype: float32, float16 or bfloat16 for the floating-point tensors written;
+            null keeps the base's.
+        exclude: glob patterns of tensor names copied from the base unmerged, e.g.
+            "lm_head.*" (tensors whose shape differs between the models, such as a
+            resized vocabulary, are copied too; both are named in the card).
+        max_shard_size: the largest shard, e.g. "5GB" or "500MiB"; null keeps the base's
+            shards, each tensor in the shard of the same name (one file for a one-file
+            base).
+        device: where the rules that take whole parameters compute: auto (CUDA when
+            present), cpu or cuda.
+    """
+    method = _one_model_method(method)
+    tasks = list(models)
+    method.check_tasks(tasks)
+    out_dtype = _dtype(dtype)
+    target = Path(output)
+    if target.exists():
+        raise FileInTheWay(f"output {target} exists; choose a new folder")
+    shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    selection = TensorSelection(tuple(exclude or ()), copy_mismatched_shapes=True)
+    context_device = resolve_device(device)
+
+    base_path = model_source(base, "base model")
+    sources = {task: model_source(src, f"model {task!r}") for task, src in models.items()}
+    pool = ModelPool(base_path, sources, selection)
+    for key, reason in pool.copied.items():
+        log.info("copied from the base unmerged: %s (%s)", key, reason)
+    specs = output_specs(pool.pretrained, out_dtype)
+    shards = _base_layout(pool) if shard_bytes is None else shard_bytes
+    context = MergeContext(tasks, lambda: pool.pretrained, lambda: pool, device=context_device)
+    [setting] = method.grid()
+    card = model_card(
+        target.name,
+        base,
+        models,
+        method.describe(),
+        str(next(iter(specs.values())).dtype if out_dtype is None else out_dtype),
+        len(pool.merged_keys),
+        pool.copied,
+        config_yaml,
+    )
+    with ShardedWriter(target, specs, shards, SAFETENSORS_METADATA) as writer:
+        with method.parameter_deltas(pool, context, **setting) as delta_of:
+            factor = method.scaling_factor[0]
+            write_model(
+                pool.pretrained, pool.merged_keys, delta_of, factor, writer, out_dtype, "merge"
+            )
+        if base_path.is_dir():
+            copy_companions(base_path, writer.staging, out_dtype)
+        (writer.staging / "README.md").write_text(card)
+    log.info(
+        "merged model written to %s (%d tensors merged, %d copied from the base)",
+        target,
+        len(pool.merged_keys),
+        len(pool.copied),
+    )
+    return target
+
+
+def _one_model_method(method: MergeMethod) -> ScaledMethod:
+    if not isinstance(method, ScaledMethod):
+        raise BadValue(
+            f"method {type(method).__name__} does not yield one merged model θ0 + λ·δ; "
+            "merge takes TaskArithmetic, Ties, Dare, TrustRegion, TaskSingularVectors, "
+            "Isotropic or a ScaledMethod of your own"
+        )
+    if method.settings_scored() != 1:
+        raise BadValue(
+            f"method {method.name} scores {method.settings_scored()} settings "
+            f"({method.describe()}); merge writes one model: give one value of each"
+        )
+    return method
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise BadValue(f"dtype {name!r}: choose one of {', '.join(DTYPES)} (or null)")
+    return DTYPES[name]
+
+
+def _base_layout(pool: ModelPool) -> list[list[str]]:
+    """The tensors of each of the base's shards (one file for a one-file base)."""
+    base = pool.pretrained
+    if isinstance(base, ShardedCheckpoint):
+        return [list(shard) for shard in base.shards]
+    return [list(pool.specs)]
+
+
+def parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="mergelab merge",
+        usage="mergelab merge CONFIG.yaml [--field=value ...]",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="the YAML config file")
+    parser.add_function_arguments(merge_checkpoints, skip={"config_yaml"})
+    return parser
+
+
+def main(argv: Sequence[str]) -> Path:
+    """``mergelab merge CONFIG.yaml [--field=value ...]``: the config file may also be
+    given as ``--config``."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--config", *argv]
+    cli = parser()
+    config = cli.parse_args(argv)
+    config_yaml = cli.dump(config)
+    init = cli.instantiate(config)
+    settings = {k: v for k, v in vars(init).items() if k != "config"}
+    return merge_checkpoints(**settings, config_yaml=config_yaml)

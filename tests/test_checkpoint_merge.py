@@ -1,0 +1,346 @@
+"""``mergelab merge``: tiny transformers models (a 2-layer Llama saved in shards, a ViT in
+one file) merged into their own layout, checked against naive transcriptions of the
+formulas and loaded back with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from mergelab import methods
+from mergelab.checkpoint_merge.command import main as merge_main
+from mergelab.engine.pool import ModelPool
+from mergelab.errors import BadValue, FileInTheWay, MissingKey
+from mergelab.methods.base import MergeContext
+from tests.mirror import REVISION
+
+transformers = pytest.importorskip("transformers")
+
+SHARD = "6KB"  # a few shards for the tiny Llama, as save_pretrained cuts them
+TASKS = ("alpha", "beta", "gamma")
+
+
+def llama_config(vocab: int = 64):
+    return transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+
+
+def noisy_copy(state: dict, seed: int, scale: float = 0.02) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: value + (scale * torch.randn(value.shape, generator=generator)).to(value.dtype)
+        for key, value in state.items()
+    }
+
+
+def save_llama(folder: Path, state: dict, config) -> Path:
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.load_state_dict(state)
+    model.save_pretrained(folder, max_shard_size=SHARD)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory) -> dict[str, Path]:
+    """A bf16 Llama base and three fine-tuned copies, each in several shards."""
+    root = tmp_path_factory.mktemp("llamas")
+    torch.manual_seed(0)
+    config = llama_config()
+    base = transformers.LlamaForCausalLM(config).to(torch.bfloat16).state_dict()
+    folders = {"base": save_llama(root / "base", base, config)}
+    for seed, task in enumerate(TASKS, start=1):
+        folders[task] = save_llama(root / task, noisy_copy(base, seed), config)
+    return folders
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder, read with safetensors itself."""
+    files = sorted(folder.glob("*.safetensors"))
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            tensors |= {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    return tensors
+
+
+def write_config(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def merge_config(tmp_path: Path, llamas: dict[str, Path], method: dict, **fields) -> Path:
+    models = {task: str(llamas[task]) for task in TASKS}
+    return write_config(
+        tmp_path / "merge.yaml",
+        base=str(llamas["base"]),
+        models=models,
+        output=str(tmp_path / "merged"),
+        method=method,
+        **fields,
+    )
+
+
+def naive_task_arithmetic(base: dict, models: list[dict], factor: float, dtype) -> dict:
+    """θ0 + λ Σt (θt − θ0), in float32, the tasks added in order, rounded once to dtype."""
+    out = {}
+    for key, theta0 in base.items():
+        total = torch.zeros(theta0.shape, dtype=torch.float32)
+        for model in models:
+            total = total + (model[key].float() - theta0.float())
+        out[key] = (total * factor + theta0.float()).to(dtype)
+    return out
+
+
+def test_task_arithmetic_writes_the_base_layout(tmp_path, llamas):
+    config = merge_config(
+        tmp_path,
+        llamas,
+        {"class_path": "mergelab.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.4}},
+    )
+    output = merge_main([str(config)])
+
+    base_index = json.loads((llamas["base"] / "model.safetensors.index.json").read_text())
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"]  # the same shards, the same names
+    assert (output / "config.json").read_text() == (llamas["base"] / "config.json").read_text()
+    assert (output / "generation_config.json").is_file()
+    assert not list(tmp_path.glob(".merged*"))  # no temporary left
+
+    models = [weights(llamas[task]) for task in TASKS]
+    expected = naive_task_arithmetic(weights(llamas["base"]), models, 0.4, torch.bfloat16)
+    merged = weights(output)
+    assert set(merged) == set(expected)
+    for key, value in expected.items():
+        assert merged[key].dtype == torch.bfloat16
+        torch.testing.assert_close(merged[key].float(), value.float(), rtol=2**-7, atol=0)
+
+    card = (output / "README.md").read_text()
+    assert "task_arithmetic" in card and "scaling_factor" in card
+    for task in TASKS:
+        assert str(llamas[task]) in card
+    # the card's configuration makes the same model again
+    again = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert again["method"]["init_args"]["scaling_factor"] == 0.4
+
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(output)
+    state = reloaded.state_dict()
+    torch.testing.assert_close(state["model.norm.weight"], merged["model.norm.weight"])
+
+
+def test_output_dtype_and_config(tmp_path, llamas):
+    config = merge_config(
+        tmp_path,
+        llamas,
+        {"class_path": "mergelab.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.3}},
+        dtype="float32",
+        max_shard_size="1GB",
+    )
+    output = merge_main([str(config)])
+    assert (output / "model.safetensors").is_file()  # one shard: no index
+    assert not (output / "model.safetensors.index.json").exists()
+    models = [weights(llamas[task]) for task in TASKS]
+    expected = naive_task_arithmetic(weights(llamas["base"]), models, 0.3, torch.float32)
+    merged = weights(output)
+    for key, value in expected.items():
+        assert merged[key].dtype == torch.float32
+        torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-7)
+    saved = json.loads((output / "config.json").read_text())
+    assert saved.get("torch_dtype", saved.get("dtype")) == "float32"
+
+
+def test_resized_vocabulary_and_excluded_tensors_are_copied_and_named(tmp_path, llamas, caplog):
+    resized = noisy_copy(transformers.LlamaForCausalLM(llama_config(72)).state_dict(), 9)
+    resized = {k: v.to(torch.bfloat16) for k, v in resized.items()}
+    for key, value in weights(llamas["alpha"]).items():
+        if "embed_tokens" not in key and "lm_head" not in key:
+            resized[key] = value
+    folder = save_llama(tmp_path / "resized", resized, llama_config(72))
+    config = write_config(
+        tmp_path / "merge.yaml",
+        base=str(llamas["base"]),
+        models={"resized": str(folder), "beta": str(llamas["beta"])},
+        output=str(tmp_path / "merged"),
+        exclude=["model.norm.*"],
+    )
+    with caplog.at_level("INFO", logger="mergelab"):
+        output = merge_main([str(config)])
+    base = weights(llamas["base"])
+    merged = weights(output)
+    for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(merged[key], base[key])
+        assert key in caplog.text
+        assert f"`{key}`" in (output / "README.md").read_text()
+    assert not torch.equal(
+        merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_ties_and_zero_shot_trust_region_match_the_python_api(tmp_path, llamas):
+    base = weights(llamas["base"])
+    models = {task: weights(llamas[task]) for task in TASKS}
+    pool = ModelPool(base, models)
+    context = MergeContext(list(TASKS), lambda: base, lambda: pool)
+    for name, init_args in [
+        ("Ties", {"scaling_factor": 0.5, "keep": 0.3}),
+        ("TrustRegion", {"scaling_factor": 0.5, "threshold_quantile": 0.9}),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        method = {"class_path": f"mergelab.methods.{name}", "init_args": init_args}
+        output = merge_main([str(merge_config(folder, llamas, method, dtype="float32"))])
+        merged = weights(output)
+        delta = getattr(methods, name)(**init_args).merged_task_vector(pool, context, None)
+        assert set(merged) == set(base)
+        for key, theta0 in base.items():
+            expected = theta0.float() + 0.5 * delta[key]
+            torch.testing.assert_close(merged[key], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_single_file_vit(tmp_path):
+    config = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=8,
+        num_labels=3,
+    )
+    torch.manual_seed(1)
+    base = transformers.ViTForImageClassification(config)
+    base.save_pretrained(tmp_path / "base")
+    for seed, task in enumerate(("cars", "dtd"), start=2):
+        base.load_state_dict(noisy_copy(base.state_dict(), seed))
+        base.save_pretrained(tmp_path / task)
+    merge = write_config(
+        tmp_path / "vit.yaml",
+        base=str(tmp_path / "base"),
+        models={task: str(tmp_path / task) for task in ("cars", "dtd")},
+        output=str(tmp_path / "merged"),
+        method={
+            "class_path": "mergelab.methods.TaskArithmetic",
+            "init_args": {"scaling_factor": 1.0},
+        },
+    )
+    output = merge_main([str(merge)])
+    assert sorted(p.name for p in output.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+    transformers.ViTForImageClassification.from_pretrained(output)
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, llamas):
+    ta = {"class_path": "mergelab.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.3}}
+    (tmp_path / "merged").mkdir()
+    with pytest.raises(FileInTheWay, match="merged"):
+        merge_main([str(merge_config(tmp_path, llamas, ta))])
+    (tmp_path / "merged").rmdir()
+
+    listed = {
+        "class_path": "mergelab.methods.TaskArithmetic",
+        "init_args": {"scaling_factor": [0.3, 0.5]},
+    }
+    with pytest.raises(BadValue, match="one value"):
+        merge_main([str(merge_config(tmp_path, llamas, listed))])
+    with pytest.raises(BadValue, match="TallMasks does not yield one"):
+        tall = {"class_path": "mergelab.methods.TallMasks"}
+        merge_main([str(merge_config(tmp_path, llamas, tall))])
+    with pytest.raises(BadValue, match="dtype 'int8'"):
+        merge_main([str(merge_config(tmp_path, llamas, ta, dtype="int8"))])
+
+    partial = tmp_path / "partial"
+    state = weights(llamas["beta"])
+    del state["model.layers.1.mlp.up_proj.weight"]
+    partial.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(state, partial / "model.safetensors")
+    config = write_config(
+        tmp_path / "partial.yaml",
+        base=str(llamas["base"]),
+        models={"alpha": str(llamas["alpha"]), "partial": str(partial)},
+        output=str(tmp_path / "merged"),
+    )
+    with pytest.raises(MissingKey, match=re.escape("'partial' lacks 'model.layers.1.mlp.up_proj")):
+        merge_main([str(config)])
+    assert not (tmp_path / "merged").exists()
+    assert not list(tmp_path.glob(".merged*"))
+
+
+def test_a_failure_midway_leaves_nothing(tmp_path, llamas):
+    """A fine-tuned model with NaN in its last layer: refused while the first shards are
+    already written; the output folder never appears and its temporary is removed."""
+    state = weights(llamas["gamma"])
+    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    broken = tmp_path / "broken"
+    save_llama(broken, state, llama_config())
+    config = write_config(
+        tmp_path / "merge.yaml",
+        base=str(llamas["base"]),
+        models={"alpha": str(llamas["alpha"]), "broken": str(broken)},
+        output=str(tmp_path / "merged"),
+    )
+    with pytest.raises(BadValue, match="'broken' has NaN"):
+        merge_main([str(config)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "merge.yaml"]
+
+
+def test_the_console_takes_a_hub_id_and_reports_bad_input_in_one_line(tmp_path, llamas):
+    """The installed console script, one model given by its hub id and found in a hub
+    cache offline, as snapshot_download leaves it."""
+    snapshot = tmp_path / "hub" / "models--org--llama-beta" / "snapshots" / REVISION
+    snapshot.parent.mkdir(parents=True)
+    os.symlink(llamas["beta"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(REVISION)
+    config = write_config(
+        tmp_path / "merge.yaml",
+        base=str(llamas["base"]),
+        models={"alpha": str(llamas["alpha"]), "beta": "org/llama-beta"},
+        output=str(tmp_path / "merged"),
+    )
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        ["mergelab", "merge", str(config)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "merged model written to" in done.stderr
+    merged = weights(tmp_path / "merged")
+    expected = naive_task_arithmetic(
+        weights(llamas["base"]),
+        [weights(llamas["alpha"]), weights(llamas["beta"])],
+        0.3,
+        torch.bfloat16,
+    )
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key].float(), value.float(), rtol=2**-7, atol=0)
+
+    done = subprocess.run(
+        [
+            *("mergelab", "merge", str(config), f"--output={tmp_path / 'second'}"),
+            "--models={alpha: org/missing, beta: org/gone}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0].startswith("mergelab: error: ")
+    assert "org/missing" in done.stderr and "Traceback" not in done.stderr
