@@ -49,6 +49,14 @@ def dispatch(command: str | None) -> None:
         from mergelab.checkpoint_merge.command import main as merge
 
         merge(sys.argv[2:])
+    elif command == "compress":
+        from mergelab.checkpoint_merge.tall_store import compress_main
+
+        compress_main(sys.argv[2:])
+    elif command == "retrieve":
+        from mergelab.checkpoint_merge.tall_store import retrieve_main
+
+        retrieve_main(sys.argv[2:])
     elif command == "sweep":
         from mergelab.sweep.runner import main as sweep
 

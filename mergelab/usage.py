@@ -1,7 +1,7 @@
 """The text of ``mergelab --help``, in a module of its own so that the console script
 prints it without importing Lightning (seconds on a small machine)."""
 
-COMMANDS = ("fit", "validate", "test", "embedded", "sweep", "merge")
+COMMANDS = ("fit", "validate", "test", "embedded", "sweep", "merge", "compress", "retrieve")
 
 USAGE = """mergelab: merge fine-tuned CLIP image encoders and score every result on every task.
 
@@ -19,6 +19,8 @@ USAGE = """mergelab: merge fine-tuned CLIP image encoders and score every result
     mergelab embedded             (every method on the embedded miniature benchmark)
     mergelab sweep configs/sweeps/task_arithmetic.yaml   (a W&B sweep file, run locally)
     mergelab merge configs/merge/llama.yaml   (any model's checkpoint folders into one)
+    mergelab compress configs/merge/llama_tall.yaml   (a TALL store: τMTL, 1 bit/param/task)
+    mergelab retrieve <store> <task> --output <folder>   (one task's model from the store)
 
 --merge.method  the merge method, by class (test, validate; TrustRegion for fit's
                 GradientStatistics): ZeroShot, Finetuned, TaskArithmetic, TrustRegion,

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 from mergelab import methods
 from mergelab.checkpoint_merge.command import main as merge_main
@@ -24,63 +23,20 @@ from tests.mirror import REVISION
 
 transformers = pytest.importorskip("transformers")
 
-SHARD = "6KB"  # a few shards for the tiny Llama, as save_pretrained cuts them
-TASKS = ("alpha", "beta", "gamma")
-
-
-def llama_config(vocab: int = 64):
-    return transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-    )
-
-
-def noisy_copy(state: dict, seed: int, scale: float = 0.02) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        key: value + (scale * torch.randn(value.shape, generator=generator)).to(value.dtype)
-        for key, value in state.items()
-    }
-
-
-def save_llama(folder: Path, state: dict, config) -> Path:
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.load_state_dict(state)
-    model.save_pretrained(folder, max_shard_size=SHARD)
-    return folder
+from tests.tiny_transformers import (  # noqa: E402
+    TASKS,
+    llama_config,
+    noisy_copy,
+    save_llama,
+    tiny_llamas,
+    weights,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory) -> dict[str, Path]:
-    """A bf16 Llama base and three fine-tuned copies, each in several shards."""
-    root = tmp_path_factory.mktemp("llamas")
-    torch.manual_seed(0)
-    config = llama_config()
-    base = transformers.LlamaForCausalLM(config).to(torch.bfloat16).state_dict()
-    folders = {"base": save_llama(root / "base", base, config)}
-    for seed, task in enumerate(TASKS, start=1):
-        folders[task] = save_llama(root / task, noisy_copy(base, seed), config)
-    return folders
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder, read with safetensors itself."""
-    files = sorted(folder.glob("*.safetensors"))
-    tensors = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            tensors |= {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-    return tensors
-
-
-def write_config(path: Path, **fields) -> Path:
-    path.write_text(yaml.safe_dump(fields))
-    return path
+    return tiny_llamas(tmp_path_factory.mktemp("llamas"))
 
 
 def merge_config(tmp_path: Path, llamas: dict[str, Path], method: dict, **fields) -> Path:

@@ -134,5 +134,7 @@ def test_help_imports_neither_torch_nor_lightning():
         "main(); print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "usage: mergelab {fit,validate,test,embedded,sweep,merge}" in out.stdout
+    assert (
+        "usage: mergelab {fit,validate,test,embedded,sweep,merge,compress,retrieve}" in out.stdout
+    )
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -16,24 +16,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
+from jsonargparse import lazy_instance
 
 from mergelab.checkpoint_merge.card import model_card
-from mergelab.engine.model_files import ShardedCheckpoint, ShardedWriter
+from mergelab.checkpoint_merge.sources import (
+    SAFETENSORS_METADATA,
+    add_companions,
+    base_layout,
+    check_new_folder,
+    open_models,
+    read_command_line,
+    selection_of,
+)
+from mergelab.engine.model_files import ShardedWriter
 from mergelab.engine.parameterwise import resolve_device
-from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import output_specs, write_model
-from mergelab.engine.tensor_selection import TensorSelection
-from mergelab.errors import BadValue, FileInTheWay
-from mergelab.io.model_folders import copy_companions, parse_size
-from mergelab.io.model_sources import model_source
+from mergelab.errors import BadValue
+from mergelab.io.model_folders import parse_size
 from mergelab.methods import MergeContext, MergeMethod, ScaledMethod, TaskArithmetic
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# what every safetensors file transformers writes says of itself, and checks on reading
-SAFETENSORS_METADATA = {"format": "pt"}
 DEFAULT_METHOD = lazy_instance(TaskArithmetic)  # λ = 0.3, the field's usual default
 
 
@@ -75,20 +79,13 @@ def merge_checkpoints(
     tasks = list(models)
     method.check_tasks(tasks)
     out_dtype = _dtype(dtype)
-    target = Path(output)
-    if target.exists():
-        raise FileInTheWay(f"output {target} exists; choose a new folder")
+    target = check_new_folder(output, "output")
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
-    selection = TensorSelection(tuple(exclude or ()), copy_mismatched_shapes=True)
     context_device = resolve_device(device)
 
-    base_path = model_source(base, "base model")
-    sources = {task: model_source(src, f"model {task!r}") for task, src in models.items()}
-    pool = ModelPool(base_path, sources, selection)
-    for key, reason in pool.copied.items():
-        log.info("copied from the base unmerged: %s (%s)", key, reason)
+    base_path, pool = open_models(base, models, selection_of(exclude))
     specs = output_specs(pool.pretrained, out_dtype)
-    shards = _base_layout(pool) if shard_bytes is None else shard_bytes
+    shards = base_layout(pool.pretrained) if shard_bytes is None else shard_bytes
     context = MergeContext(tasks, lambda: pool.pretrained, lambda: pool, device=context_device)
     [setting] = method.grid()
     card = model_card(
@@ -96,7 +93,7 @@ def merge_checkpoints(
         base,
         models,
         method.describe(),
-        str(next(iter(specs.values())).dtype if out_dtype is None else out_dtype),
+        str(next(iter(specs.values())).dtype).removeprefix("torch."),
         len(pool.merged_keys),
         pool.copied,
         config_yaml,
@@ -107,9 +104,7 @@ def merge_checkpoints(
             write_model(
                 pool.pretrained, pool.merged_keys, delta_of, factor, writer, out_dtype, "merge"
             )
-        if base_path.is_dir():
-            copy_companions(base_path, writer.staging, out_dtype)
-        (writer.staging / "README.md").write_text(card)
+        add_companions(writer.staging, base_path, card, out_dtype)
     log.info(
         "merged model written to %s (%d tensors merged, %d copied from the base)",
         target,
@@ -142,34 +137,12 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _base_layout(pool: ModelPool) -> list[list[str]]:
-    """The tensors of each of the base's shards (one file for a one-file base)."""
-    base = pool.pretrained
-    if isinstance(base, ShardedCheckpoint):
-        return [list(shard) for shard in base.shards]
-    return [list(pool.specs)]
-
-
-def parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="mergelab merge",
-        usage="mergelab merge CONFIG.yaml [--field=value ...]",
-        description=__doc__.split("\n\n")[0].replace("``", ""),
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="the YAML config file")
-    parser.add_function_arguments(merge_checkpoints, skip={"config_yaml"})
-    return parser
-
-
 def main(argv: Sequence[str]) -> Path:
-    """``mergelab merge CONFIG.yaml [--field=value ...]``: the config file may also be
-    given as ``--config``."""
-    argv = list(argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--config", *argv]
-    cli = parser()
-    config = cli.parse_args(argv)
-    config_yaml = cli.dump(config)
-    init = cli.instantiate(config)
-    settings = {k: v for k, v in vars(init).items() if k != "config"}
+    settings, config_yaml = read_command_line(
+        merge_checkpoints,
+        argv,
+        "mergelab merge",
+        "mergelab merge CONFIG.yaml [--field=value ...]",
+        ("config",),
+    )
     return merge_checkpoints(**settings, config_yaml=config_yaml)

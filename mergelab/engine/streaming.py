@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergelab.engine.checkpoints import (
+    AtomicWriter,
     LazyCheckpoint,
     SafetensorsWriter,
     TensorSpec,
@@ -78,24 +79,26 @@ def _model_sinks(
     specs: Mapping[str, TensorSpec],
     metadata: Mapping[str, str] | None,
     overwrite: bool,
-) -> Iterator[list[StateDict | SafetensorsWriter]]:
-    """One sink per output: a dict to fill, or a writer, whose temporary file is removed
-    if anything fails before the caller closes it."""
+) -> Iterator[list[StateDict | AtomicWriter]]:
+    """One sink per output: a dict to fill, a writer of the file path given, or the
+    writer given (declared with ``specs``), whose temporaries are removed if anything
+    fails before the caller closes it."""
     sinks: list = []
     try:
         for path in outputs:
-            sinks.append(
-                {} if path is None else SafetensorsWriter(path, specs, metadata, overwrite)
-            )
+            if path is None or isinstance(path, AtomicWriter):
+                sinks.append({} if path is None else path)
+            else:
+                sinks.append(SafetensorsWriter(path, specs, metadata, overwrite))
         yield sinks
     except BaseException:
         for sink in sinks:
-            if isinstance(sink, SafetensorsWriter):
+            if isinstance(sink, AtomicWriter):
                 sink.abort()
         raise
 
 
-def _closed(sinks: Sequence[StateDict | SafetensorsWriter]) -> list[StateDict | Path]:
+def _closed(sinks: Sequence[StateDict | AtomicWriter]) -> list[StateDict | Path]:
     return [sink if isinstance(sink, dict) else sink.close() for sink in sinks]
 
 
@@ -214,7 +217,7 @@ def fill_model(
     merged_keys: Iterable[str],
     fill_block: Callable[[str, torch.Tensor, slice, Workspace], None],
     block_size: int,
-    output: Path | None,
+    output: Path | AtomicWriter | None,
     overwrite: bool = False,
     desc: str = "merge",
     reuse: StateDict | None = None,
@@ -227,8 +230,8 @@ def fill_model(
     In memory, the blocks of all parameters are shared out among BlockWorkers threads at
     once (one hand-over per thread instead of one per parameter), into new tensors or
     those of ``reuse``: a state dict of θ0's layout (contiguous CPU tensors, e.g. a model
-    built before). To a file, parameter by parameter into one reused buffer, in the order
-    the writer takes them.
+    built before). To a file (``output`` a path, or a writer declared with θ0's layout),
+    parameter by parameter into one reused buffer, in the order the writer takes them.
     """
     merged = frozenset(merged_keys)
     specs = {key: tensor_spec(pretrained, key) for key in pretrained}

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mergelab.engine.checkpoints import (
+    AtomicWriter,
     SafetensorsCheckpoint,
     SafetensorsWriter,
     TensorSpec,
@@ -50,6 +51,7 @@ from mergelab.engine.tall_layout import (
     mask_key,
     mtl_key,
 )
+from mergelab.engine.tensor_selection import STRICT, TensorSelection
 from mergelab.engine.ties import ties_merged_vector
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.errors import BadValue, MissingKey
@@ -95,6 +97,8 @@ class TallMasks:
         overwrite: bool = False,
         multitask: Mapping[str, torch.Tensor] | None = None,
         multitask_settings: Mapping | None = None,
+        task_lambdas: Mapping[str, float] | None = None,
+        selection: TensorSelection = STRICT,
     ) -> TallMasks:
         """Masks of every task for every λ, from one streamed pass over the models.
 
@@ -104,10 +108,21 @@ class TallMasks:
         keeps (0.2 in the paper), a shorthand for ``multitask`` = TIES's δ (the same rule
         as the TIES method), which costs two more passes.
         ``output``: a safetensors path to stream the masks into (kept out of memory).
+        ``task_lambdas``: instead of a grid, each task's own λ, whose mask alone is kept
+        (one bit per parameter per task), recorded as chosen. ``selection``: which
+        tensors are merged (see :class:`TensorSelection`); the others have no masks.
         """
-        pool = ModelPool(pretrained, finetuned)
+        pool = ModelPool(pretrained, finetuned, selection)
         pool.require_tasks(2, "TALL masks")
+        if task_lambdas is not None:
+            missing = [task for task in pool.tasks if task not in task_lambdas]
+            if missing:
+                raise MissingKey(f"no TALL λ for task {missing[0]!r}")
+            lambdas = sorted(set(as_factor_list(list(task_lambdas.values()), "task λ")))
         lambdas = checked_lambdas(lambdas)
+        kept = {(task, lambda_name(lam)) for task in pool.tasks for lam in lambdas}
+        if task_lambdas is not None:
+            kept = {(task, lambda_name(task_lambdas[task])) for task in pool.tasks}
         if ties is not None:
             check_keep_fraction(ties)
         if ties is not None and multitask is not None:
@@ -127,6 +142,7 @@ class TallMasks:
             "model": pool.fingerprint(),
             "ties": ties,
             "multitask": None if multitask is None else dict(multitask_settings or {}),
+            "chosen": {} if task_lambdas is None else dict(task_lambdas),
         }
         specs: dict[str, TensorSpec] = {}
         for key in pool.merged_keys:
@@ -135,7 +151,8 @@ class TallMasks:
             packed = TensorSpec(((spec.numel + 7) // 8,), torch.uint8)
             for task in pool.tasks:
                 for lam in lambdas:
-                    specs[mask_key(task, lam, key)] = packed
+                    if (task, lambda_name(lam)) in kept:
+                        specs[mask_key(task, lam, key)] = packed
 
         in_memory = output is None
         metadata = {"mergelab": json.dumps(info)}
@@ -159,7 +176,8 @@ class TallMasks:
             sink[mtl_key(key)] = mtl.view(pool.specs[key].shape)
             for t, task in enumerate(pool.tasks):
                 for lam, rows in zip(lambdas, packed, strict=True):
-                    sink[mask_key(task, lam, key)] = rows[t]
+                    if (task, lambda_name(lam)) in kept:
+                        sink[mask_key(task, lam, key)] = rows[t]
 
         try:
             # a writer thread stores each parameter while the workers compute the next one,
@@ -226,6 +244,8 @@ class TallMasks:
             raise MissingKey(f"no TALL masks for task {task!r}; tasks: {self.tasks}")
         if lambda_name(lam) not in {lambda_name(v) for v in self.lambdas}:
             raise MissingKey(f"no TALL mask for λ={lam}; built for {self.lambdas}")
+        if self.shapes and mask_key(task, lam, next(iter(self.shapes))) not in self.store:
+            raise MissingKey(f"no TALL mask for task {task!r} at λ={lam}: only its chosen one")
 
     def lambda_for(self, task: str, lam: float | None = None) -> float:
         """``lam`` if given, else the λ chosen for ``task``."""
@@ -283,21 +303,22 @@ class TallMasks:
         pretrained: CheckpointSource,
         task: str,
         lam: float | None = None,
-        output: str | os.PathLike | None = None,
+        output: str | os.PathLike | AtomicWriter | None = None,
         overwrite: bool = False,
         reuse: StateDict | None = None,
     ) -> StateDict | Path:
         """θ̂t = θ0 + mt ⊙ τMTL for one task, without building any other task's model.
 
-        ``output``: a safetensors path to write the model to, else it is returned in memory,
+        ``output``: a safetensors path to write the model to (or a writer declared with
+        θ0's layout, which this closes), else it is returned in memory,
         in new tensors or in those of ``reuse`` (e.g. the previous task's retrieved model,
         which is overwritten), so that retrieving task after task allocates one model.
         """
         lam = self.lambda_for(task, lam)
         pretrained = open_checkpoint(pretrained)
         self._check_pretrained(pretrained)
-        [path] = output_paths(output, 1, overwrite)
-
+        is_writer = isinstance(output, AtomicWriter)
+        [path] = [output] if is_writer else output_paths(output, 1, overwrite)
         return fill_model(
             pretrained,
             self.shapes,
