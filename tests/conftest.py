@@ -41,6 +41,14 @@ def embedded_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def llamas(tmp_path_factory) -> dict[str, Path]:
+    """A tiny bf16 Llama base and three fine-tuned copies in shards (tests.tiny_transformers)."""
+    from tests.tiny_transformers import tiny_llamas
+
+    return tiny_llamas(tmp_path_factory.mktemp("llamas"))
+
+
 def embedded_env(cache: Path) -> dict[str, str]:
     """The environment of a subprocess that uses the ``test`` preset in ``cache``."""
     return dict(os.environ, MERGELAB_CACHE=str(cache), MERGELAB_EMBEDDED_PRESET="test")

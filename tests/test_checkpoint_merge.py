@@ -28,15 +28,9 @@ from tests.tiny_transformers import (  # noqa: E402
     llama_config,
     noisy_copy,
     save_llama,
-    tiny_llamas,
     weights,
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory) -> dict[str, Path]:
-    return tiny_llamas(tmp_path_factory.mktemp("llamas"))
 
 
 def merge_config(tmp_path: Path, llamas: dict[str, Path], method: dict, **fields) -> Path:

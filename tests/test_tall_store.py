@@ -21,15 +21,9 @@ from tests.tiny_transformers import (
     llama_config,
     noisy_copy,
     save_llama,
-    tiny_llamas,
     weights,
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory) -> dict[str, Path]:
-    return tiny_llamas(tmp_path_factory.mktemp("llamas"))
 
 
 def naive_retrieval(base: dict, models: dict, task: str, lam: float) -> dict:
