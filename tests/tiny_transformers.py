@@ -11,6 +11,8 @@ import transformers
 import yaml
 from safetensors import safe_open
 
+from tests.mirror import REVISION
+
 SHARD = "6KB"  # a few shards for the tiny Llama, as save_pretrained cuts them
 TASKS = ("alpha", "beta", "gamma")
 
@@ -66,3 +68,13 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def write_config(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump(fields))
     return path
+
+
+def write_hub_folder(hub_cache: Path, repo_id: str, folder: Path) -> None:
+    """``folder`` as hub model ``repo_id`` in a hub cache, as snapshot_download leaves it."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / REVISION
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.symlink_to(folder.resolve(), target_is_directory=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(REVISION)
