@@ -7,7 +7,9 @@ for bit. A randn family checks the same methods within float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from unittest import mock
 
 import naive
 import torch
@@ -31,6 +33,13 @@ from mergelab import (
     trust_region,
     trust_region_vector,
 )
+from mergelab.engine import trust_region as engine_trust_region
+from mergelab.engine.trust_region import (
+    gradient_checkpoints,
+    trust_region_parameter,
+    trust_region_threshold,
+)
+from mergelab.engine.workspace import BlockWorkers
 
 TIES_SHARES = st.one_of(st.none(), st.sampled_from([0.2, 0.5, 1.0, 0.01, 0.37]))
 LAMBDA_LISTS = st.one_of(
@@ -105,6 +114,26 @@ def test_trust_region_vector_matches_naive(family, q, with_gradients):
     else:
         # at most r coordinates lie strictly below the r-th smallest value
         assert kept <= rank
+
+
+@given(family=families(), q=QUANTILES, with_gradients=st.booleans(), two_pass=st.booleans())
+def test_trust_region_parameter_by_parameter_matches_naive(family, q, with_gradients, two_pass):
+    """The path that writes models to files: the threshold alone, then each parameter's δ;
+    the floor's one pass, or (patched to miss) the two-pass radix select."""
+    gradients = family.gradients if with_gradients else None
+    pool = ModelPool(family.pretrained, family.finetuned)
+    opened = gradient_checkpoints(pool, gradients)
+    missed = mock.patch.object(engine_trust_region, "one_pass_trust_region", return_value=None)
+    with missed if two_pass else contextlib.nullcontext():
+        threshold = trust_region_threshold(pool, q, opened)
+    delta, _, expected_threshold, _ = naive.trust_region_parts(
+        family.pretrained, family.finetuned, q, gradients
+    )
+    assert threshold == expected_threshold
+    with BlockWorkers() as workers:
+        for key in family.merged_keys:
+            merged = trust_region_parameter(pool, key, opened, threshold, workers)
+            assert torch.equal(merged, delta[key]), key
 
 
 @given(

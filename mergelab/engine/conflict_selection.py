@@ -95,9 +95,15 @@ def conflict_floor(pool: ModelPool, gradients, q: float, workers: BlockWorkers) 
 
 
 def one_pass_trust_region(
-    pool: ModelPool, gradients, rank: int, floor: float, delta: StateDict, workers: BlockWorkers
+    pool: ModelPool,
+    gradients,
+    rank: int,
+    floor: float,
+    delta: StateDict | None,
+    workers: BlockWorkers,
 ) -> tuple[float, dict[str, int]] | None:
-    """δ and the exact threshold from one pass, or None if that needs a second one.
+    """δ (unless ``delta`` is None: the threshold alone) and the exact threshold from one
+    pass, or None if that needs a second one.
 
     Every coordinate with Ω ≥ ``floor`` is stored (index and Ω); all others are kept.
     When the wanted rank falls among the stored ones, they alone decide the threshold.
@@ -114,7 +120,8 @@ def one_pass_trust_region(
     def merge_block(key: str, part: slice) -> tuple[np.ndarray, np.ndarray]:
         """δ of the block, and the positions and Ω of its coordinates at or above the floor."""
         taus, omega = conflict_block(pool, key, gradients, part, workers.workspace())
-        task_vector_sum(taus, out=delta[key].view(-1)[part])
+        if delta is not None:
+            task_vector_sum(taus, out=delta[key].view(-1)[part])
         above = np.flatnonzero(omega.numpy() >= floor)
         return above + part.start, omega.numpy()[above]
 
@@ -134,24 +141,31 @@ def one_pass_trust_region(
     kept = {}
     for key, (first, last) in ranges.items():
         drop = positions[first:last][~trust_region_mask(omegas[first:last], threshold)]
-        delta[key].view(-1)[drop] = 0
+        if delta is not None:
+            delta[key].view(-1)[drop] = 0
         kept[key] = pool.specs[key].numel - drop.numel()
     return threshold, kept
 
 
 def two_pass_trust_region(
-    pool: ModelPool, gradients, rank: int, delta: StateDict, workspace: Workspace
+    pool: ModelPool, gradients, rank: int, delta: StateDict | None, workspace: Workspace
 ) -> tuple[float, dict[str, int]]:
     """δ and the exact threshold by radix select over two passes: the first counts Ω into
     buckets, the second keeps what lies below the threshold's bucket, drops what lies
     above, and stores the coordinates inside it (or recomputes their parameter, should
-    they be unusually many) to settle once the threshold is pinned."""
+    they be unusually many) to settle once the threshold is pinned. With ``delta`` None,
+    the threshold alone (and no counts of what is kept)."""
     total = pool.num_merged_params
     select = RadixSelect(rank, total)
     for key in progress(pool.merged_keys, "trust region: conflicts"):
         for _, _, omega in _conflict_chunks(pool, key, gradients, workspace):
             select.observe(omega)
     select.next_pass()
+    if delta is None:
+        for key in progress(pool.merged_keys, "trust region: threshold"):
+            for _, _, omega in _conflict_chunks(pool, key, gradients, workspace):
+                select.observe(omega)
+        return select.value, {}
     kept: dict[str, int] = {}
     undecided: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     revisit: list[str] = []

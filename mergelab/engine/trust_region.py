@@ -22,6 +22,7 @@ from mergelab.engine.task_arithmetic import task_arithmetic_vector
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.errors import BadValue
 from mergelab.merging.quantile import quantile_rank
+from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.trust_region import trust_region_mask
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,43 @@ def trust_region_vector(
         100 * result.kept_fraction,
     )
     return result
+
+
+def trust_region_threshold(
+    pool: ModelPool, threshold_quantile: float, gradients: Mapping | None
+) -> float:
+    """The threshold of :func:`trust_region_vector` alone, without δ (which
+    :func:`trust_region_parameter` then builds one parameter at a time): a sample places
+    the floor, and one pass over the models stores only the coordinates above it; a
+    two-pass radix select should that miss. ``gradients``: as
+    :func:`gradient_checkpoints` opens them (None: zero-shot)."""
+    check_threshold_quantile(threshold_quantile)
+    pool.require_tasks(2, "trust-region merging")
+    total = pool.num_merged_params
+    rank = quantile_rank(threshold_quantile, total)
+    if rank >= total:
+        return math.inf
+    with BlockWorkers() as workers:
+        floor = conflict_floor(pool, gradients, threshold_quantile, workers)
+        found = one_pass_trust_region(pool, gradients, rank, floor, None, workers)
+    if found is None:
+        found = two_pass_trust_region(pool, gradients, rank, None, Workspace())
+    return found[0]
+
+
+def trust_region_parameter(
+    pool: ModelPool, key: str, gradients: Mapping | None, threshold: float, workers: BlockWorkers
+) -> torch.Tensor:
+    """δ = Σ τt ⊙ 1{Ω < threshold} of one merged parameter (a new tensor), block by block."""
+    delta = empty((pool.specs[key].numel,), pool.compute_dtype(key))
+
+    def merge_block(part: slice) -> None:
+        taus, omega = conflict_block(pool, key, gradients, part, workers.workspace())
+        block = task_vector_sum(taus, out=delta[part]).numpy()
+        block[~trust_region_mask(omega, threshold).numpy()] = 0  # numpy: no torch threads
+
+    workers.run(merge_block, pool.blocks(key))
+    return delta.view(pool.specs[key].shape)
 
 
 class TrustRegionMask:

@@ -4,9 +4,13 @@ masked task vectors TIES-merged (TATR + TIES)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+
+import torch
 
 from mergelab.engine.parameterwise import TaskVectors
 from mergelab.engine.pool import ModelPool
@@ -16,8 +20,11 @@ from mergelab.engine.trust_region import (
     TrustRegionMask,
     check_threshold_quantile,
     gradient_checkpoints,
+    trust_region_parameter,
+    trust_region_threshold,
     trust_region_vector,
 )
+from mergelab.engine.workspace import BlockWorkers
 from mergelab.errors import MissingFile
 from mergelab.io.gradient_statistics import load_task_statistics
 from mergelab.merging.ties import check_keep_fraction
@@ -102,3 +109,29 @@ class TrustRegion(ScaledMethod):
         settings = self.describe() | {"threshold_quantile": quantile, "threshold": merged.threshold}
         save_task_vector(delta, pool, output, settings)
         return delta
+
+    @contextlib.contextmanager
+    def parameter_deltas(
+        self, pool: ModelPool, context: MergeContext, threshold_quantile: float | None = None
+    ) -> Iterator[Callable[[str], torch.Tensor]]:
+        """Without TIES, the threshold first (one pass over the models, without δ), then
+        each parameter's δ as it is asked for: memory flat in the model's size."""
+        if self.ties is not None:
+            with super().parameter_deltas(pool, context) as delta_of:
+                yield delta_of
+            return
+        [quantile] = self.quantiles if threshold_quantile is None else [threshold_quantile]
+        gradients = None
+        if self.gradient_stats is not None:
+            stats = load_task_statistics(self.gradient_stats, pool.tasks, pool.fingerprint())
+            gradients = gradient_checkpoints(pool, stats)
+        threshold = trust_region_threshold(pool, quantile, gradients)
+        log.info("TATR at q=%g: threshold %.6g", quantile, threshold)
+        with BlockWorkers() as workers:
+            yield functools.partial(
+                trust_region_parameter,
+                pool,
+                gradients=gradients,
+                threshold=threshold,
+                workers=workers,
+            )
