@@ -166,3 +166,36 @@ def test_undecided_votes_decide_the_majority(budget):
         pool = mergelab.ModelPool(pretrained, finetuned)
         delta = mergelab.ties_merged_vector(mergelab.TaskVectors(pool, "cpu"), 0.5)
     assert_states_equal(delta, expected)
+
+
+@given(
+    family=families(),
+    share=st.sampled_from([1.0, 0.5, 0.2, 0.05]),
+    budget=st.sampled_from([0, 10]),
+    mean=st.booleans(),
+)
+@settings(max_examples=60)
+def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean):
+    """The path that writes models to files (StreamedTies): thresholds and majority from
+    passes over blocks, then each parameter's δ; with and without room for the undecided
+    values."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
+        pool = mergelab.ModelPool(family.pretrained, family.finetuned)
+        streamed = engine_ties.StreamedTies(pool, share, mean)
+    delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
+    assert_states_equal({key: streamed(key) for key in family.merged_keys}, delta)
+
+
+@pytest.mark.parametrize("budget", [0, 10])
+def test_streamed_ties_votes_decide_the_majority(budget):
+    """The hand-worked case above, parameter by parameter: δ = [5, 5, 2, 0]."""
+    pretrained = {"w": torch.zeros(4)}
+    finetuned = {
+        "a": {"w": torch.tensor([5.0, 5.0, 1.0, 0.0])},
+        "b": {"w": torch.tensor([-5.0, -5.0, 1.0, 0.0])},
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
+        streamed = engine_ties.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
+    assert streamed("w").tolist() == [5.0, 5.0, 2.0, 0.0]

@@ -30,7 +30,7 @@ elsewhere the torch rule.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -38,8 +38,8 @@ import torch
 
 from mergelab.engine.parameterwise import TaskVectors, check_merged_finite
 from mergelab.engine.pool import CheckpointSource, ModelPool
-from mergelab.engine.streaming import StateDict, scaled_models
-from mergelab.engine.workspace import empty
+from mergelab.engine.streaming import StateDict, progress, scaled_models
+from mergelab.engine.workspace import Workspace, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.quantile import MagnitudeSelect
 from mergelab.merging.ties import (
@@ -55,11 +55,16 @@ from mergelab.merging.ties import (
 UNDECIDED_BUDGET = 0.25
 
 
-def _count_magnitudes(select: MagnitudeSelect, task_vectors: TaskVectors) -> None:
-    """Pass 1: every task's magnitudes counted per bucket."""
+def _whole_parameters(task_vectors: TaskVectors, desc: str) -> Iterator[torch.Tensor]:
+    """τ of every merged parameter, whole, as [T, n]."""
+    tasks = len(task_vectors.pool.tasks)
+    return (taus.reshape(tasks, -1) for _, taus in task_vectors.walk(desc))
+
+
+def _count_magnitudes(select: MagnitudeSelect, parts: Iterable[torch.Tensor]) -> None:
+    """Pass 1: every task's magnitudes counted per bucket, over τ in parts [T, n]."""
     counts = select.counts.numpy()
-    for _, taus in task_vectors.walk("TIES: magnitudes"):
-        flat = taus.reshape(len(counts), -1)
+    for flat in parts:
         if flat.device.type == "cpu" and flat.dtype == torch.float32:
             kernels("ties_kernels").add_magnitude_counts(flat.contiguous().numpy(), counts)
         else:
@@ -94,14 +99,14 @@ def ties_thresholds(task_vectors: TaskVectors, keep_fraction: float) -> list[flo
     if rank < 0:
         return [-math.inf] * len(pool.tasks)
     select = MagnitudeSelect(rank, total, len(pool.tasks))
-    _count_magnitudes(select, task_vectors)
-    return _pinned_thresholds(select, task_vectors)
+    _count_magnitudes(select, _whole_parameters(task_vectors, "TIES: magnitudes"))
+    return _pinned_thresholds(select, _whole_parameters(task_vectors, "TIES: thresholds"))
 
 
-def _pinned_thresholds(select: MagnitudeSelect, task_vectors: TaskVectors) -> list[float]:
+def _pinned_thresholds(select: MagnitudeSelect, parts: Iterable[torch.Tensor]) -> list[float]:
     """The second counting pass: each task's exact threshold inside its bucket."""
-    for _, taus in task_vectors.walk("TIES: thresholds"):
-        select.observe_low(taus.reshape(len(task_vectors.pool.tasks), -1))
+    for flat in parts:
+        select.observe_low(flat)
     return select.values()
 
 
@@ -171,12 +176,13 @@ def ties_merged_vector(
         merge = _MergePass(task_vectors, thresholds, thresholds, disjoint_mean, budget)
     else:
         select = MagnitudeSelect(rank, total, tasks)
-        _count_magnitudes(select, task_vectors)
+        _count_magnitudes(select, _whole_parameters(task_vectors, "TIES: magnitudes"))
         lows, highs = select.bounds()
         merge = _MergePass(task_vectors, highs, lows, disjoint_mean, budget)
         if merge.held is None:
             merge = None  # its δ goes before the next pass makes another
-            thresholds = _pinned_thresholds(select, task_vectors)
+            parts = _whole_parameters(task_vectors, "TIES: thresholds")
+            thresholds = _pinned_thresholds(select, parts)
             merge = _MergePass(task_vectors, thresholds, thresholds, disjoint_mean, budget)
         else:
             thresholds = _resolved_thresholds(select, merge.held)
@@ -196,6 +202,78 @@ def ties_merged_vector(
     for key, merged in merge.delta.items():
         check_merged_finite(key, merged)
     return merge.delta
+
+
+class StreamedTies:
+    """TIES for a model written parameter by parameter: ``self(key)`` is one parameter's δ,
+    as :func:`ties_merged_vector` computes it, without δ of the whole model in memory.
+
+    On construction, passes over the task vectors block by block find what every
+    coordinate's merge depends on: each task's exact threshold (counting, then the
+    undecided coordinates' values set aside, or a second counting pass beyond the budget)
+    and the majority sign (the votes of every coordinate); δ of a parameter is then
+    computed block by block when asked for. Memory: a block of every model and the values
+    set aside, whatever the model's size; reads: three or four passes over the models.
+    """
+
+    def __init__(self, pool: ModelPool, keep_fraction: float = 0.2, disjoint_mean: bool = False):
+        check_keep_fraction(keep_fraction)
+        self.pool, self.disjoint_mean = pool, disjoint_mean
+        self._workspace = Workspace()
+        tasks, total = len(pool.tasks), pool.num_merged_params
+        rank = ties_rank(keep_fraction, total)
+        if rank < 0:  # everything kept
+            self.thresholds = [-math.inf] * tasks
+            votes, _ = self._votes(self.thresholds, self.thresholds, 0)
+        else:
+            select = MagnitudeSelect(rank, total, tasks)
+            _count_magnitudes(select, self._blocks("TIES: magnitudes"))
+            lows, highs = select.bounds()
+            votes, held = self._votes(highs, lows, UNDECIDED_BUDGET * total)
+            if held is None:
+                parts = self._blocks("TIES: thresholds")
+                self.thresholds = _pinned_thresholds(select, parts)
+                votes, _ = self._votes(self.thresholds, self.thresholds, 0)
+            else:
+                self.thresholds = _resolved_thresholds(select, held)
+                votes += sum(
+                    _merge(part.values, self.thresholds, self.thresholds).votes for part in held
+                )
+        self.majority = (votes > 0) - (votes < 0)
+
+    def _blocks(self, desc: str) -> Iterator[torch.Tensor]:
+        for key in progress(self.pool.merged_keys, desc):
+            for _, taus in self.pool.task_vector_chunks(key, self._workspace):
+                yield taus
+
+    def _votes(
+        self, thresholds: Sequence[float], undecided_from: Sequence[float], budget: float
+    ) -> tuple[int, list[_Held] | None]:
+        """The votes of the decided coordinates, and the values of the undecided ones
+        (None beyond ``budget`` elements)."""
+        votes, held, count = 0, [], 0
+        for key in progress(self.pool.merged_keys, "TIES: votes"):
+            for part, taus in self.pool.task_vector_chunks(key, self._workspace):
+                merged = _merge(taus, thresholds, undecided_from)
+                votes += merged.votes
+                index = torch.isnan(merged.merged).nonzero().reshape(-1)
+                count += index.numel() * len(taus)
+                if held is not None and count > budget:
+                    held = None
+                if held is not None and index.numel():
+                    held.append(_Held(key, index + part.start, taus[:, index].clone()))
+        return votes, held
+
+    def __call__(self, key: str) -> torch.Tensor:
+        spec = self.pool.specs[key]
+        delta = empty((spec.numel,), self.pool.compute_dtype(key))
+        for part, taus in self.pool.task_vector_chunks(key, self._workspace):
+            merged = _merge(
+                taus, self.thresholds, self.thresholds, self.majority, self.disjoint_mean
+            )
+            delta[part] = merged.merged
+        check_merged_finite(key, delta)
+        return delta.view(spec.shape)
 
 
 def ties(

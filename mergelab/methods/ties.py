@@ -3,12 +3,16 @@ magnitudes, elect a sign per coordinate, merge the entries that agree; θ = θ0 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import torch
 
 from mergelab.engine.parameterwise import TaskVectors
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, as_factor_list
-from mergelab.engine.ties import ties_merged_vector
+from mergelab.engine.ties import StreamedTies, ties_merged_vector
 from mergelab.merging.ties import check_keep_fraction
 from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
 
@@ -46,3 +50,9 @@ class Ties(ScaledMethod):
         delta = ties_merged_vector(task_vectors, self.keep, self.disjoint_mean)
         save_task_vector(delta, pool, output, self.describe())
         return delta
+
+    @contextlib.contextmanager
+    def parameter_deltas(
+        self, pool: ModelPool, context: MergeContext
+    ) -> Iterator[Callable[[str], torch.Tensor]]:
+        yield StreamedTies(pool, self.keep, self.disjoint_mean)
