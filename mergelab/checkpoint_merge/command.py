@@ -11,14 +11,17 @@ source and each tensor that was copied rather than merged.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import lazy_instance
 
 from mergelab.checkpoint_merge.card import model_card
+from mergelab.checkpoint_merge.mergekit_config import from_mergekit, is_mergekit_config
 from mergelab.checkpoint_merge.sources import (
     SAFETENSORS_METADATA,
     add_companions,
@@ -138,11 +141,27 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 def main(argv: Sequence[str]) -> Path:
+    """``mergelab merge CONFIG.yaml [--field=value ...]``, or a mergekit config:
+    ``mergelab merge MERGEKIT.yaml OUTPUT`` (as ``mergekit-yaml`` takes it)."""
+    if argv and Path(argv[0]).suffix in (".yaml", ".yml") and Path(argv[0]).is_file():
+        document = yaml.safe_load(Path(argv[0]).read_text())
+        if is_mergekit_config(document):
+            return _merge_mergekit(Path(argv[0]), document, argv[1:])
+    usage = "mergelab merge CONFIG.yaml [--field=value ...]"
     settings, config_yaml = read_command_line(
-        merge_checkpoints,
-        argv,
-        "mergelab merge",
-        "mergelab merge CONFIG.yaml [--field=value ...]",
-        ("config",),
+        merge_checkpoints, argv, "mergelab merge", usage, ("config",)
     )
     return merge_checkpoints(**settings, config_yaml=config_yaml)
+
+
+def _merge_mergekit(path: Path, document: dict, argv: Sequence[str]) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="mergelab merge", usage="mergelab merge MERGEKIT.yaml OUTPUT [--device DEVICE]"
+    )
+    parser.add_argument("output", help="the folder to write")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    options = parser.parse_args(argv)
+    settings = from_mergekit(document, path)
+    return merge_checkpoints(
+        **settings, output=options.output, device=options.device, config_yaml=path.read_text()
+    )

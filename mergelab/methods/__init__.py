@@ -8,6 +8,7 @@ from mergelab.methods.consensus import Consensus
 from mergelab.methods.dare import Dare
 from mergelab.methods.finetuned import Finetuned
 from mergelab.methods.isotropic import Isotropic
+from mergelab.methods.mergekit import Mergekit
 from mergelab.methods.tall_masks import TallMasks
 from mergelab.methods.task_arithmetic import TaskArithmetic
 from mergelab.methods.task_singular_vectors import TaskSingularVectors
@@ -22,6 +23,7 @@ __all__ = [
     "Isotropic",
     "MergeContext",
     "MergeMethod",
+    "Mergekit",
     "ScaledMethod",
     "TallMasks",
     "TaskArithmetic",
