@@ -15,10 +15,12 @@ import contextlib
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -40,6 +42,8 @@ _DTYPE_CODES = {
     torch.bool: "BOOL",
 }
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+# a reading thread's reused staging buffer, per checkpoint, for reads that convert
+STAGING_BYTES = 1 << 22
 
 
 class TensorSpec(NamedTuple):
@@ -105,6 +109,7 @@ class SafetensorsCheckpoint(LazyCheckpoint):
 
     def __init__(self, path: str | os.PathLike):
         self._fd: int | None = None  # before any check: __del__ runs after a failed init too
+        self._local = threading.local()
         self.path = self.location = Path(path)
         if not self.path.is_file():
             raise MissingFile(f"checkpoint not found: {self.path}")
@@ -127,6 +132,8 @@ class SafetensorsCheckpoint(LazyCheckpoint):
         """One read-only descriptor, opened on first read (a merge reads each file often)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # a merge reads each file front to back
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return self._fd
 
     def close(self, _close=os.close) -> None:
@@ -150,15 +157,49 @@ class SafetensorsCheckpoint(LazyCheckpoint):
                 f"({spec.numel} values) into {out.numel()}"
             )
         target = out if out.dtype == spec.dtype and out.is_contiguous() else None
-        buffer = target if target is not None else torch.empty(stop - start, dtype=spec.dtype)
+        buffer = target if target is not None else self._staging(stop - start, spec.dtype)
         if stop > start:
             view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
             offset = self._offsets[key] + start * buffer.element_size()
             if os.preadv(self._descriptor(), [view], offset) != view.nbytes:
                 raise BadValue(f"{self.path}: truncated data for {key!r}")
         if target is None:
-            out.copy_(buffer.reshape(out.shape))
+            convert_into(out, buffer)
         return out
+
+    def _staging(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Where a read lands before its conversion: a buffer of the calling thread's,
+        reused up to :data:`STAGING_BYTES` (a fresh one's pages would fault in on every
+        block read), a new tensor beyond."""
+        if numel * dtype.itemsize > STAGING_BYTES:
+            return torch.empty(numel, dtype=dtype)
+        buffers = self._local.__dict__.setdefault("staging", {})
+        buffer = buffers.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = buffers[dtype] = torch.empty(STAGING_BYTES // dtype.itemsize, dtype=dtype)
+        return buffer[:numel]
+
+
+# numpy's types of the dtypes it converts between
+_NUMPY_TYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def convert_into(out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``out[...] = source`` (flat, as many elements) in ``out``'s dtype, in numpy where it
+    can: torch's conversion, called from several block threads at once, makes them wait on
+    its one thread team. bfloat16 to float32 is exact as a shift of its bits (bfloat16 is
+    float32's upper half)."""
+    if out.is_contiguous() and source.is_contiguous():
+        flat = out.view(-1)
+        if source.dtype == torch.bfloat16 and out.dtype == torch.float32:
+            bits = source.view(torch.int16).numpy().view(np.uint16).reshape(-1)
+            wide = flat.view(torch.int32).numpy().view(np.uint32)
+            np.left_shift(bits, 16, out=wide, dtype=np.uint32)
+            return out
+        if source.dtype in _NUMPY_TYPES and out.dtype in _NUMPY_TYPES:
+            np.copyto(flat.numpy(), source.numpy().reshape(-1), casting="unsafe")
+            return out
+    return out.copy_(source.reshape(out.shape))
 
 
 def read_into(

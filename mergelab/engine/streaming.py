@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -189,16 +190,17 @@ def write_model(
     """θ0 + λ·δ written parameter by parameter into ``writer`` (declared with
     :func:`output_specs`), floating-point tensors in ``dtype``; the other keys of θ0
     copied. θ0 is read and the result cast in pieces of :data:`WRITE_PIECE` elements, so
-    memory holds one parameter's δ and a few pieces, whatever the model's size."""
+    memory holds two parameters' δ (one written by a thread of its own while the next is
+    computed) and a few pieces, whatever the model's size."""
     merged = frozenset(merged_keys)
     specs = {key: tensor_spec(pretrained, key) for key in pretrained}
-    workspace = Workspace()
-    for key in progress(list(specs), desc):
+    workspace = Workspace()  # the writing thread's
+
+    def write(key: str, delta: torch.Tensor | None) -> None:
         spec = specs[key]
         out_dtype = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
-        delta = delta_of(key).reshape(-1) if key in merged else None
 
-        def pieces(key=key, spec=spec, out_dtype=out_dtype, delta=delta) -> Iterator:
+        def pieces() -> Iterator[torch.Tensor]:
             for part in flat_blocks(spec.numel, WRITE_PIECE):
                 theta0 = workspace.get("theta0", (part.stop - part.start,), spec.dtype)
                 read_into(pretrained, key, theta0, part.start, part.stop)
@@ -210,6 +212,17 @@ def write_model(
                     )
 
         writer.write_parts(key, pieces())
+
+    # one thread writes each parameter while the next one's δ is computed
+    with ThreadPoolExecutor(1) as writing:
+        pending: Future | None = None
+        for key in progress(list(specs), desc):
+            delta = delta_of(key).reshape(-1) if key in merged else None
+            if pending is not None:
+                pending.result()
+            pending = writing.submit(write, key, delta)
+        if pending is not None:
+            pending.result()
 
 
 def fill_model(

@@ -53,6 +53,9 @@ from mergelab.merging.ties import (
 # the undecided coordinates' values set aside in pass 2, at most this share of the
 # elements of one model (beyond it: one more counting pass, then the merge again)
 UNDECIDED_BUDGET = 0.25
+# ... and at most this many elements when a model is written parameter by parameter
+# (StreamedTies), whose memory must stay flat in the model's size: 256 MB of float32
+STREAMED_UNDECIDED_LIMIT = 1 << 26
 
 
 def _whole_parameters(task_vectors: TaskVectors, desc: str) -> Iterator[torch.Tensor]:
@@ -229,7 +232,8 @@ class StreamedTies:
             select = MagnitudeSelect(rank, total, tasks)
             _count_magnitudes(select, self._blocks("TIES: magnitudes"))
             lows, highs = select.bounds()
-            votes, held = self._votes(highs, lows, UNDECIDED_BUDGET * total)
+            budget = min(UNDECIDED_BUDGET * total, STREAMED_UNDECIDED_LIMIT)
+            votes, held = self._votes(highs, lows, budget)
             if held is None:
                 parts = self._blocks("TIES: thresholds")
                 self.thresholds = _pinned_thresholds(select, parts)
