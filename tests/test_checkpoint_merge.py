@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from mergelab import methods
+from mergelab import TallMasks, methods
 from mergelab.checkpoint_merge.command import main as merge_main
 from mergelab.engine.pool import ModelPool
 from mergelab.errors import BadValue, FileInTheWay, MissingKey
@@ -159,6 +159,24 @@ def test_ties_and_zero_shot_trust_region_match_the_python_api(tmp_path, llamas):
         for key, theta0 in base.items():
             expected = theta0.float() + 0.5 * delta[key]
             torch.testing.assert_close(merged[key], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_consensus_matches_the_python_api(tmp_path, llamas):
+    """Consensus (k = 2 of the three tasks' TALL masks at λ 0.4, α 0.6): its masks streamed
+    to a work folder beside the output, which is gone afterwards."""
+    method = {
+        "class_path": "mergelab.methods.Consensus",
+        "init_args": {"k": 2, "scaling_factor": 0.6, "tall_lambda": 0.4},
+    }
+    output = merge_main([str(merge_config(tmp_path, llamas, method, dtype="float32"))])
+    base = weights(llamas["base"])
+    masks = TallMasks.build(base, {task: weights(llamas[task]) for task in TASKS}, [0.4])
+    lambdas = dict.fromkeys(TASKS, 0.4)
+    expected = masks.consensus({k: v.float() for k, v in base.items()}, 2, 0.6, lambdas)
+    merged = weights(output)
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "merged"]
 
 
 def test_a_single_file_vit(tmp_path):

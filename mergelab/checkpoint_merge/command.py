@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from mergelab.engine.parameterwise import resolve_device
 from mergelab.engine.streaming import output_specs, write_model
 from mergelab.errors import BadValue
 from mergelab.io.model_folders import parse_size
-from mergelab.methods import MergeContext, MergeMethod, ScaledMethod, TaskArithmetic
+from mergelab.methods import MergeContext, MergeMethod, TaskArithmetic
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ def merge_checkpoints(
     base_path, pool = open_models(base, models, selection_of(exclude))
     specs = output_specs(pool.pretrained, out_dtype)
     shards = base_layout(pool.pretrained) if shard_bytes is None else shard_bytes
-    context = MergeContext(tasks, lambda: pool.pretrained, lambda: pool, device=context_device)
     [setting] = method.grid()
     card = model_card(
         target.name,
@@ -101,7 +101,16 @@ def merge_checkpoints(
         pool.copied,
         config_yaml,
     )
-    with ShardedWriter(target, specs, shards, SAFETENSORS_METADATA) as writer:
+    # what a method builds on the way (consensus: its masks) goes to a work folder beside
+    # the output, streamed to disk rather than held in memory, and removed at the end
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix=f".{target.name}.work-", dir=target.parent) as work,
+        ShardedWriter(target, specs, shards, SAFETENSORS_METADATA) as writer,
+    ):
+        context = MergeContext(
+            tasks, lambda: pool.pretrained, lambda: pool, Path(work), device=context_device
+        )
         with method.parameter_deltas(pool, context, **setting) as delta_of:
             factor = method.scaling_factor[0]
             write_model(
@@ -117,12 +126,12 @@ def merge_checkpoints(
     return target
 
 
-def _one_model_method(method: MergeMethod) -> ScaledMethod:
-    if not isinstance(method, ScaledMethod):
+def _one_model_method(method: MergeMethod) -> MergeMethod:
+    if not method.one_model:
         raise BadValue(
             f"method {type(method).__name__} does not yield one merged model θ0 + λ·δ; "
             "merge takes TaskArithmetic, Ties, Dare, TrustRegion, TaskSingularVectors, "
-            "Isotropic or a ScaledMethod of your own"
+            "Isotropic, Consensus, Mergekit or a ScaledMethod of your own"
         )
     if method.settings_scored() != 1:
         raise BadValue(

@@ -71,8 +71,7 @@ def compress_checkpoints(
     """
     task_lambdas = _task_lambdas(list(models), tall_lambda, scores)
     target = check_new_folder(output, "output")
-    selection = selection_of(exclude)
-    _, pool = open_models(base, models, selection)
+    _, pool = open_models(base, models, selection_of(exclude))
     staging = temporary_path(target)
     staging.mkdir()
     try:
@@ -81,7 +80,7 @@ def compress_checkpoints(
             pool.finetuned,
             output=staging / MASKS_FILE,
             task_lambdas=task_lambdas,
-            selection=selection,
+            selection=pool.selection,
         )
         info = {
             "format": STORE_FORMAT,

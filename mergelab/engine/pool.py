@@ -54,6 +54,7 @@ class ModelPool:
         self.specs: dict[str, TensorSpec] = {
             k: tensor_spec(self.pretrained, k) for k in self.pretrained
         }
+        self.selection = selection
         self.merged_keys, self.copied = select_tensors(self.specs, self.finetuned, selection)
         if not self.merged_keys:
             raise BadValue("the pretrained model has no floating-point parameters to merge")

@@ -119,10 +119,15 @@ class MergeMethod:
     ``name`` names the run folder (lightning_logs/<name>/version_N) and the variants
     (``<name>@<setting>``); by default the class name in snake case. ``min_tasks``: the
     fewest tasks the method is defined for, checked before any model is loaded.
+    ``one_model``: its models are θ0 + λ·δ, one δ per setting of :meth:`grid` and one
+    model per ``scaling_factor``, each δ given parameter by parameter by
+    ``parameter_deltas(pool, context, **setting)`` (as :class:`ScaledMethod` defines
+    them): what ``mergelab merge`` writes.
     """
 
     name: ClassVar[str]
     min_tasks: ClassVar[int] = 1
+    one_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,6 +169,7 @@ class ScaledMethod(MergeMethod):
     :meth:`merged_task_vector`."""
 
     scaling_factor: list[float]
+    one_model = True
 
     def grid(self) -> list[dict]:
         """The settings of each δ, e.g. ``[{"threshold_quantile": 0.99}]``."""
@@ -189,7 +195,9 @@ class ScaledMethod(MergeMethod):
         self, pool: ModelPool, context: MergeContext, **setting
     ) -> Iterator[Callable[[str], torch.Tensor]]:
         """δ of ``setting`` one merged parameter at a time, asked for in the pool's order:
-        how a model is written to files (``mergelab merge``). By default δ is computed
+        how a model is written to files (``mergelab merge``). Each δ handed out stays
+        valid while the next one is computed (a new tensor, not a reused buffer: it is
+        written on another thread meanwhile). By default δ is computed
         whole by :meth:`merged_task_vector` (memory: one model in float32); a method whose
         δ of a parameter depends on that parameter alone computes each as it is asked
         for (memory: one parameter)."""

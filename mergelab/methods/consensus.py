@@ -5,11 +5,15 @@ nik-dim/tall_masks, builds it from those per-task optimal masks)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import torch
+
+from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import as_factor_list
 from mergelab.engine.tall_layout import check_consensus_k, checked_lambdas
 from mergelab.errors import BadValue
@@ -132,6 +136,22 @@ class Consensus(MergeMethod):
                     k,
                     len(tasks),
                 )
+
+    one_model = True
+
+    def grid(self) -> list[dict]:
+        return [{"k": k} for k in self.ks]
+
+    @contextlib.contextmanager
+    def parameter_deltas(
+        self, pool: ModelPool, context: MergeContext, k: int
+    ) -> Iterator[Callable[[str], torch.Tensor]]:
+        """mcons ⊙ τMTL one parameter at a time, from the masks built once (streamed into
+        the context's artifact folder when it has one)."""
+        lambdas = self.task_lambdas(pool.tasks)
+        masks = built_masks(context, sorted(set(lambdas.values())), self.multitask)
+        delta_of = masks.consensus_delta_fn(k, lambdas)
+        yield lambda key: delta_of(key).clone()  # delta_of's is a reused buffer
 
     def variants(self, context: MergeContext) -> Variants:
         lambdas = self.task_lambdas(context.tasks)

@@ -35,6 +35,7 @@ def built_masks(
             overwrite=True,
             multitask=vector,
             multitask_settings=None if multitask is None else multitask.describe(),
+            selection=pool.selection,
         )
 
     return context.build_once(MASKS_FILE, build, masks_file.TallMasks.load)
