@@ -66,8 +66,8 @@ def merge_checkpoints(
             all.
         method: a method that yields one model, by class: TaskArithmetic, Ties, Dare,
             TrustRegion (zero-shot without gradient_stats), TaskSingularVectors,
-            Isotropic, or your own ScaledMethod subclass by class path; one value of
-            each setting.
+            Isotropic, Consensus (with tall_lambda), Mergekit, or your own ScaledMethod
+            subclass by class path; one value of each setting.
         dtype: float32, float16 or bfloat16 for the floating-point tensors written;
             null keeps the base's.
         exclude: glob patterns of tensor names copied from the base unmerged, e.g.
