@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -177,6 +178,30 @@ def test_consensus_matches_the_python_api(tmp_path, llamas):
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "merged"]
+
+
+def test_a_hub_model_with_pickled_weights_only(tmp_path, llamas, monkeypatch):
+    """A hub repository of pytorch_model.bin (no safetensors) is read from it; the hub
+    cache found offline, as snapshot_download leaves it."""
+    import huggingface_hub.constants
+
+    state = weights(llamas["beta"])
+    (tmp_path / "pickled").mkdir()
+    torch.save(state, tmp_path / "pickled" / "pytorch_model.bin")  # as older transformers did
+    shutil.copy(llamas["beta"] / "config.json", tmp_path / "pickled")
+    write_hub_folder(tmp_path / "hub", "org/pickled-beta", tmp_path / "pickled")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = write_config(
+        tmp_path / "merge.yaml",
+        base=str(llamas["base"]),
+        models={"alpha": str(llamas["alpha"]), "beta": "org/pickled-beta"},
+        output=str(tmp_path / "merged"),
+    )
+    merged = weights(merge_main([str(config)]))
+    models = [weights(llamas["alpha"]), state]
+    expected = naive_task_arithmetic(weights(llamas["base"]), models, 0.3, torch.bfloat16)
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key].float(), value.float(), rtol=2**-7, atol=0)
 
 
 def test_a_single_file_vit(tmp_path):

@@ -12,8 +12,10 @@ from mergelab.errors import MissingFile
 
 # suffixes of weights files: a source with one is a path, never a hub id
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-# a model folder's weights, config and tokenizer: what a merge reads and copies
-MODEL_FOLDER_FILES = ("*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "*.tiktoken")
+# a model folder's weights, config and tokenizer: what a merge reads and copies; the
+# older pytorch_model.bin only where a repository has no safetensors (many have both)
+MODEL_FOLDER_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
+PICKLED_WEIGHTS = "*.bin"
 
 
 def looks_like_a_path(source: str) -> bool:
@@ -49,4 +51,7 @@ def model_source(
         return path
     if looks_like_a_path(str(source)):
         raise MissingFile(f"{role} {str(source)!r}: no such file or folder")
-    return hub_snapshot(str(source), role, allow_patterns)
+    snapshot = hub_snapshot(str(source), role, allow_patterns)
+    if PICKLED_WEIGHTS not in allow_patterns and not any(snapshot.glob("*.safetensors")):
+        snapshot = hub_snapshot(str(source), role, (*allow_patterns, PICKLED_WEIGHTS))
+    return snapshot

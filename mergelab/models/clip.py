@@ -151,7 +151,7 @@ def load_image_encoder(
     ``pretrained_visual`` gives the expected keys and the projection that Hugging Face
     vision models lack. Converted checkpoints are cached under ``<cache>/encoders``.
     """
-    path = model_source(source, "fine-tuned model", ["*.json", "*.safetensors", "*.bin"])
+    path = model_source(source, "fine-tuned model", ["*.json", "*.safetensors"])
     if path.suffix == ".safetensors":
         checkpoint = SafetensorsCheckpoint(path)
         if set(checkpoint) == set(pretrained_visual):
