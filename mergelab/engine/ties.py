@@ -30,7 +30,8 @@ elsewhere the torch rule.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -39,7 +40,7 @@ import torch
 from mergelab.engine.parameterwise import TaskVectors, check_merged_finite
 from mergelab.engine.pool import CheckpointSource, ModelPool
 from mergelab.engine.streaming import StateDict, progress, scaled_models
-from mergelab.engine.workspace import Workspace, empty
+from mergelab.engine.workspace import BlockWorkers, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.quantile import MagnitudeSelect
 from mergelab.merging.ties import (
@@ -211,71 +212,118 @@ class StreamedTies:
     """TIES for a model written parameter by parameter: ``self(key)`` is one parameter's δ,
     as :func:`ties_merged_vector` computes it, without δ of the whole model in memory.
 
-    On construction, passes over the task vectors block by block find what every
-    coordinate's merge depends on: each task's exact threshold (counting, then the
-    undecided coordinates' values set aside, or a second counting pass beyond the budget)
-    and the majority sign (the votes of every coordinate); δ of a parameter is then
-    computed block by block when asked for. Memory: a block of every model and the values
-    set aside, whatever the model's size; reads: three or four passes over the models.
+    On construction, passes over the task vectors block by block (the blocks of a
+    parameter shared out among BlockWorkers threads) find what every coordinate's merge
+    depends on: each task's bucket (counting), then, in one more pass, the votes of the
+    decided coordinates, the undecided coordinates' values (up to a budget) and the low
+    bits of each task's magnitudes inside its bucket, which pin the exact thresholds
+    whatever the budget; beyond it, a third pass counts the votes at the exact
+    thresholds. The majority sign follows from the votes; δ of a parameter is then
+    computed block by block when asked for. Memory: a block of every model per thread
+    and the values set aside, whatever the model's size; reads: three or four passes.
     """
 
     def __init__(self, pool: ModelPool, keep_fraction: float = 0.2, disjoint_mean: bool = False):
         check_keep_fraction(keep_fraction)
         self.pool, self.disjoint_mean = pool, disjoint_mean
-        self._workspace = Workspace()
+        self._workers = BlockWorkers()
         tasks, total = len(pool.tasks), pool.num_merged_params
         rank = ties_rank(keep_fraction, total)
-        if rank < 0:  # everything kept
-            self.thresholds = [-math.inf] * tasks
-            votes, _ = self._votes(self.thresholds, self.thresholds, 0)
-        else:
-            select = MagnitudeSelect(rank, total, tasks)
-            _count_magnitudes(select, self._blocks("TIES: magnitudes"))
-            lows, highs = select.bounds()
-            budget = min(UNDECIDED_BUDGET * total, STREAMED_UNDECIDED_LIMIT)
-            votes, held = self._votes(highs, lows, budget)
-            if held is None:
-                parts = self._blocks("TIES: thresholds")
-                self.thresholds = _pinned_thresholds(select, parts)
+        try:
+            if rank < 0:  # everything kept
+                self.thresholds = [-math.inf] * tasks
                 votes, _ = self._votes(self.thresholds, self.thresholds, 0)
             else:
-                self.thresholds = _resolved_thresholds(select, held)
-                votes += sum(
-                    _merge(part.values, self.thresholds, self.thresholds).votes for part in held
-                )
+                select = MagnitudeSelect(rank, total, tasks)
+                self._count(select)
+                lows, highs = select.bounds()
+                budget = min(UNDECIDED_BUDGET * total, STREAMED_UNDECIDED_LIMIT)
+                votes, held = self._votes(highs, lows, budget, select)
+                self.thresholds = exact = select.values()
+                if held is None:
+                    votes, _ = self._votes(exact, exact, 0)
+                else:
+                    votes += sum(_merge(part.values, exact, exact).votes for part in held)
+        except BaseException:
+            self.close()
+            raise
         self.majority = (votes > 0) - (votes < 0)
 
-    def _blocks(self, desc: str) -> Iterator[torch.Tensor]:
-        for key in progress(self.pool.merged_keys, desc):
-            for _, taus in self.pool.task_vector_chunks(key, self._workspace):
-                yield taus
+    def close(self) -> None:
+        self._workers.close()
+
+    def _each_block(self, desc: str, work: Callable) -> list:
+        """``work(key, part, τ block)`` for every block of every merged parameter, the
+        blocks of a parameter on the workers' threads; the results in order."""
+        pool, workers, results = self.pool, self._workers, []
+        for key in progress(pool.merged_keys, desc):
+
+            def one(part: slice, key: str = key):
+                return work(key, part, pool.read_task_vectors(key, part, workers.workspace()))
+
+            results += workers.run(one, pool.blocks(key))
+        return results
+
+    def _count(self, select: MagnitudeSelect) -> None:
+        """Pass 1: every task's magnitudes counted per bucket, a count array per thread."""
+        per_thread: dict[int, np.ndarray] = {}
+        lock = threading.Lock()
+
+        def count(key: str, part: slice, taus: torch.Tensor) -> None:
+            if taus.dtype != torch.float32:
+                with lock:
+                    select.observe(taus)
+                return
+            counts = per_thread.get(threading.get_ident())
+            if counts is None:
+                counts = per_thread[threading.get_ident()] = np.zeros_like(select.counts.numpy())
+            kernels("ties_kernels").add_magnitude_counts(taus.numpy(), counts)
+
+        self._each_block("TIES: magnitudes", count)
+        for counts in per_thread.values():
+            select.counts.numpy()[...] += counts
+        select.locate()
 
     def _votes(
-        self, thresholds: Sequence[float], undecided_from: Sequence[float], budget: float
+        self,
+        thresholds: Sequence[float],
+        undecided_from: Sequence[float],
+        budget: float,
+        select: MagnitudeSelect | None = None,
     ) -> tuple[int, list[_Held] | None]:
-        """The votes of the decided coordinates, and the values of the undecided ones
-        (None beyond ``budget`` elements)."""
-        votes, held, count = 0, [], 0
-        for key in progress(self.pool.merged_keys, "TIES: votes"):
-            for part, taus in self.pool.task_vector_chunks(key, self._workspace):
-                merged = _merge(taus, thresholds, undecided_from)
-                votes += merged.votes
-                index = torch.isnan(merged.merged).nonzero().reshape(-1)
-                count += index.numel() * len(taus)
-                if held is not None and count > budget:
-                    held = None
-                if held is not None and index.numel():
-                    held.append(_Held(key, index + part.start, taus[:, index].clone()))
-        return votes, held
+        """The votes of the decided coordinates and the values of the undecided ones
+        (None beyond ``budget`` elements); with ``select``, its magnitudes inside each
+        task's bucket counted too (its second pass)."""
+        lock = threading.Lock()
+        undecided = [0]  # values of the undecided coordinates so far, all threads
+
+        def vote(key: str, part: slice, taus: torch.Tensor) -> tuple[int, _Held | None]:
+            if select is not None:
+                with lock:  # its counts are shared
+                    select.observe_low(taus)
+            merged = _merge(taus, thresholds, undecided_from)
+            index = torch.isnan(merged.merged).nonzero().reshape(-1)
+            with lock:
+                undecided[0] += index.numel() * len(taus)
+                keep = index.numel() and undecided[0] <= budget
+            return merged.votes, _Held(
+                key, index + part.start, taus[:, index].clone()
+            ) if keep else None
+
+        results = self._each_block("TIES: votes", vote)
+        held = [part for _, part in results if part is not None]
+        return sum(votes for votes, _ in results), held if undecided[0] <= budget else None
 
     def __call__(self, key: str) -> torch.Tensor:
         spec = self.pool.specs[key]
         delta = empty((spec.numel,), self.pool.compute_dtype(key))
-        for part, taus in self.pool.task_vector_chunks(key, self._workspace):
-            merged = _merge(
-                taus, self.thresholds, self.thresholds, self.majority, self.disjoint_mean
-            )
-            delta[part] = merged.merged
+        exact, majority = self.thresholds, self.majority
+
+        def merge_block(part: slice) -> None:
+            taus = self.pool.read_task_vectors(key, part, self._workers.workspace())
+            delta[part] = _merge(taus, exact, exact, majority, self.disjoint_mean).merged
+
+        self._workers.run(merge_block, self.pool.blocks(key))
         check_merged_finite(key, delta)
         return delta.view(spec.shape)
 

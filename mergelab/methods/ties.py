@@ -55,4 +55,8 @@ class Ties(ScaledMethod):
     def parameter_deltas(
         self, pool: ModelPool, context: MergeContext
     ) -> Iterator[Callable[[str], torch.Tensor]]:
-        yield StreamedTies(pool, self.keep, self.disjoint_mean)
+        streamed = StreamedTies(pool, self.keep, self.disjoint_mean)
+        try:
+            yield streamed
+        finally:
+            streamed.close()
