@@ -277,9 +277,11 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, llamas):
     assert not list(tmp_path.glob(".merged*"))
 
 
-def test_a_failure_midway_leaves_nothing(tmp_path, llamas):
-    """A fine-tuned model with NaN in its last layer: refused while the first shards are
-    already written; the output folder never appears and its temporary is removed."""
+@pytest.mark.parametrize("method", ["TaskArithmetic", "TrustRegion", "Ties", "Mergekit"])
+def test_a_failure_midway_leaves_nothing(tmp_path, llamas, method):
+    """A fine-tuned model with NaN in its last layer: refused, naming it (Task Arithmetic
+    while the first shards are already written; TATR and TIES in their first pass); the
+    output folder never appears and its temporary is removed."""
     state = weights(llamas["gamma"])
     state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     broken = tmp_path / "broken"
@@ -289,6 +291,12 @@ def test_a_failure_midway_leaves_nothing(tmp_path, llamas):
         base=str(llamas["base"]),
         models={"alpha": str(llamas["alpha"]), "broken": str(broken)},
         output=str(tmp_path / "merged"),
+        method={"class_path": f"mergelab.methods.{method}"}
+        | (
+            {"init_args": {"weights": {"alpha": 0.5, "broken": 0.5}}}
+            if method == "Mergekit"
+            else {}
+        ),
     )
     with pytest.raises(BadValue, match="'broken' has NaN"):
         merge_main([str(config)])

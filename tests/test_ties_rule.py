@@ -199,3 +199,12 @@ def test_streamed_ties_votes_decide_the_majority(budget):
         patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
         streamed = engine_ties.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
     assert streamed("w").tolist() == [5.0, 5.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])  # everything kept, or a threshold to find
+def test_streamed_ties_names_a_task_vector_with_nan(share):
+    pretrained = {"w": torch.zeros(4)}
+    finetuned = {"a": {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, "b": {"w": torch.ones(4)}}
+    finetuned["b"]["w"][2] = float("nan")
+    with pytest.raises(ValueError, match="task vector of 'b' has NaN or Inf values at 'w'"):
+        engine_ties.StreamedTies(mergelab.ModelPool(pretrained, finetuned), share)

@@ -29,10 +29,16 @@ from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot
 
 
 def conflict_block(
-    pool: ModelPool, key: str, gradients, part: slice, workspace: Workspace
+    pool: ModelPool,
+    key: str,
+    gradients,
+    part: slice,
+    workspace: Workspace,
+    checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(τ block, Ω in float32) of the flat slice ``part`` of one parameter; τ is a view of
-    ``workspace``. In numpy, so that BlockWorkers threads can run blocks side by side."""
+    ``workspace``. In numpy, so that BlockWorkers threads can run blocks side by side.
+    ``checked``: an earlier pass found this block finite (its checks are skipped)."""
     taus = pool.read_task_vectors(key, part, workspace)
     scratch = workspace.get("scratch", taus.shape, taus.dtype)
     if gradients is None:
@@ -41,12 +47,15 @@ def conflict_block(
         grads = workspace.get("gradients", taus.shape, taus.dtype)
         for task, row in zip(pool.tasks, grads, strict=True):
             read_into(gradients[task], key, row, part.start, part.stop)
+            if checked:
+                continue
             with np.errstate(all="ignore"):
                 if not np.isfinite(row.numpy().sum()) and not np.isfinite(row.numpy()).all():
                     raise BadValue(f"gradient statistics of {task!r} have NaN or Inf at {key!r}")
         omega = conflict(grads, taus, scratch)
     omega = torch.from_numpy(omega.numpy().astype(np.float32, copy=False))
-    pool.check_finite(key, taus, omega)
+    if not checked:
+        pool.check_finite(key, taus, omega)
     return taus, omega
 
 

@@ -232,7 +232,7 @@ class StreamedTies:
         try:
             if rank < 0:  # everything kept
                 self.thresholds = [-math.inf] * tasks
-                votes, _ = self._votes(self.thresholds, self.thresholds, 0)
+                votes, _ = self._votes(self.thresholds, self.thresholds, 0, check=True)
             else:
                 select = MagnitudeSelect(rank, total, tasks)
                 self._count(select)
@@ -252,14 +252,19 @@ class StreamedTies:
     def close(self) -> None:
         self._workers.close()
 
-    def _each_block(self, desc: str, work: Callable) -> list:
+    def _each_block(self, desc: str, work: Callable, check: bool = False) -> list:
         """``work(key, part, τ block)`` for every block of every merged parameter, the
-        blocks of a parameter on the workers' threads; the results in order."""
+        blocks of a parameter on the workers' threads; the results in order. ``check``:
+        each block checked finite first, naming the task (the first pass: a NaN would
+        otherwise be trimmed away without a word)."""
         pool, workers, results = self.pool, self._workers, []
         for key in progress(pool.merged_keys, desc):
 
             def one(part: slice, key: str = key):
-                return work(key, part, pool.read_task_vectors(key, part, workers.workspace()))
+                taus = pool.read_task_vectors(key, part, workers.workspace())
+                if check:
+                    pool.check_finite(key, taus, taus)
+                return work(key, part, taus)
 
             results += workers.run(one, pool.blocks(key))
         return results
@@ -279,7 +284,7 @@ class StreamedTies:
                 counts = per_thread[threading.get_ident()] = np.zeros_like(select.counts.numpy())
             kernels("ties_kernels").add_magnitude_counts(taus.numpy(), counts)
 
-        self._each_block("TIES: magnitudes", count)
+        self._each_block("TIES: magnitudes", count, check=True)
         for counts in per_thread.values():
             select.counts.numpy()[...] += counts
         select.locate()
@@ -290,6 +295,7 @@ class StreamedTies:
         undecided_from: Sequence[float],
         budget: float,
         select: MagnitudeSelect | None = None,
+        check: bool = False,
     ) -> tuple[int, list[_Held] | None]:
         """The votes of the decided coordinates and the values of the undecided ones
         (None beyond ``budget`` elements); with ``select``, its magnitudes inside each
@@ -310,7 +316,7 @@ class StreamedTies:
                 key, index + part.start, taus[:, index].clone()
             ) if keep else None
 
-        results = self._each_block("TIES: votes", vote)
+        results = self._each_block("TIES: votes", vote, check)
         held = [part for _, part in results if part is not None]
         return sum(votes for votes, _ in results), held if undecided[0] <= budget else None
 

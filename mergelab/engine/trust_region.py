@@ -135,9 +135,11 @@ def trust_region_parameter(
 ) -> torch.Tensor:
     """δ = Σ τt ⊙ 1{Ω < threshold} of one merged parameter (a new tensor), block by block."""
     delta = empty((pool.specs[key].numel,), pool.compute_dtype(key))
+    # a finite threshold was selected over every block, each checked finite then
+    checked = math.isfinite(threshold)
 
     def merge_block(part: slice) -> None:
-        taus, omega = conflict_block(pool, key, gradients, part, workers.workspace())
+        taus, omega = conflict_block(pool, key, gradients, part, workers.workspace(), checked)
         block = task_vector_sum(taus, out=delta[part]).numpy()
         block[~trust_region_mask(omega, threshold).numpy()] = 0  # numpy: no torch threads
 

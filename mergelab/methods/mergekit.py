@@ -24,6 +24,7 @@ from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.workspace import Workspace
 from mergelab.errors import BadValue, MissingKey
 from mergelab.merging import mergekit_rules
+from mergelab.merging.finite import all_finite
 from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
 
 MergekitMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
@@ -140,6 +141,8 @@ class Mergekit(ScaledMethod):
             models = workspace.get("models", (len(self.weights), *spec.shape), torch.float32)
             for row, task in zip(models, self.weights, strict=True):
                 read_into(pool.finetuned[task], key, row)
+                if not all_finite(row):
+                    raise BadValue(f"model {task!r} has NaN or Inf values at {key!r}")
             delta = rule(base, models) - base
             check_merged_finite(key, delta)
             return delta.to(pool.compute_dtype(key))
