@@ -280,8 +280,10 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, llamas):
 @pytest.mark.parametrize("method", ["TaskArithmetic", "TrustRegion", "Ties", "Mergekit"])
 def test_a_failure_midway_leaves_nothing(tmp_path, llamas, method):
     """A fine-tuned model with NaN in its last layer: refused, naming it (Task Arithmetic
-    while the first shards are already written; TATR and TIES in their first pass); the
+    while the first shards are already written; TATR, TIES and mergekit's rules in their
+    first pass or read); the
     output folder never appears and its temporary is removed."""
+    init_args = {"weights": {"alpha": 0.5, "broken": 0.5}} if method == "Mergekit" else {}
     state = weights(llamas["gamma"])
     state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     broken = tmp_path / "broken"
@@ -291,12 +293,7 @@ def test_a_failure_midway_leaves_nothing(tmp_path, llamas, method):
         base=str(llamas["base"]),
         models={"alpha": str(llamas["alpha"]), "broken": str(broken)},
         output=str(tmp_path / "merged"),
-        method={"class_path": f"mergelab.methods.{method}"}
-        | (
-            {"init_args": {"weights": {"alpha": 0.5, "broken": 0.5}}}
-            if method == "Mergekit"
-            else {}
-        ),
+        method={"class_path": f"mergelab.methods.{method}", "init_args": init_args},
     )
     with pytest.raises(BadValue, match="'broken' has NaN"):
         merge_main([str(config)])
