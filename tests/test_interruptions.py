@@ -77,8 +77,21 @@ def start(cache: Path, cwd: Path, *args: str) -> subprocess.Popen:
     env = embedded_env(cache) | {"WANDB_MODE": "offline", "PYTHONPATH": str(cwd)}
     out, err = open(cwd / "stdout", "w"), open(cwd / "stderr", "w")  # noqa: SIM115
     return subprocess.Popen(
-        [MERGELAB, *args], cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+        [MERGELAB, *args],
+        cwd=cwd,
+        env=env,
+        stdout=out,
+        stderr=err,
+        start_new_session=True,
+        preexec_fn=interruptible,
     )
+
+
+def interruptible() -> None:
+    """Ctrl-C's default disposition in the child, as a terminal's process has it: a test
+    run started as a shell's background job passes SIGINT down ignored, and Python then
+    never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(cache: Path, cwd: Path, *args: str) -> None:
