@@ -304,8 +304,12 @@ class StreamedTies:
         undecided = [0]  # values of the undecided coordinates so far, all threads
 
         def vote(key: str, part: slice, taus: torch.Tensor) -> tuple[int, _Held | None]:
-            if select is not None:
+            if select is not None and taus.dtype == torch.float32:
+                counts = select.low_counts(taus)
                 with lock:  # its counts are shared
+                    select.add_low(counts)
+            elif select is not None:
+                with lock:
                     select.observe_low(taus)
             merged = _merge(taus, thresholds, undecided_from)
             index = torch.isnan(merged.merged).nonzero().reshape(-1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 from mergelab.errors import BadValue
@@ -188,6 +189,22 @@ class MagnitudeSelect:
             bits = magnitude_bits(part)
             inside = bits[(bits >> MAGNITUDE_LOW_BITS) == bucket] & (_LOW_BINS - 1)
             self._low[row] += torch.bincount(inside, minlength=_LOW_BINS).cpu()
+
+    def low_counts(self, values: torch.Tensor) -> np.ndarray:
+        """What :meth:`observe_low` would add for float32 ``values`` [rows, …] on the CPU,
+        counted in numpy without touching this object: threads count their blocks side by
+        side, then :meth:`add_low` each result."""
+        bits = values.numpy().view(np.uint32).reshape(len(self._located()), -1)
+        counts = np.zeros((len(bits), _LOW_BINS), dtype=np.int64)
+        for row, (bucket, part) in enumerate(zip(self._located(), bits, strict=True)):
+            magnitude = part & np.uint32(0x7FFFFFFF)  # float32 |v|: the sign bit cleared
+            inside = magnitude[(magnitude >> MAGNITUDE_LOW_BITS) == bucket] & (_LOW_BINS - 1)
+            counts[row] = np.bincount(inside, minlength=_LOW_BINS)
+        return counts
+
+    def add_low(self, counts: np.ndarray) -> None:
+        """Add counts of :meth:`low_counts` to the second pass."""
+        self._low += torch.from_numpy(counts)
 
     def values(self) -> list[float]:
         """After the second pass: each row's value."""
