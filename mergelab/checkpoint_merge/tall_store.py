@@ -38,10 +38,10 @@ from mergelab.errors import BadValue, MissingFile, MissingKey
 from mergelab.io.model_folders import CARD
 from mergelab.io.model_sources import model_source
 from mergelab.merging.selection import pick_best
+from mergelab.methods.tall_masks import MASKS_FILE
 
 log = logging.getLogger(__name__)
 
-MASKS_FILE = "tall_masks.safetensors"
 STORE_INFO = "store.json"
 STORE_FORMAT = "mergelab.tall_store/1"
 GB = 1e9
