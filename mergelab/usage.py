@@ -18,8 +18,10 @@ USAGE = """mergelab: merge fine-tuned CLIP image encoders and score every result
     mergelab fit --model.help GradientStatistics  (the options of a fit model)
     mergelab embedded             (every method on the embedded miniature benchmark)
     mergelab sweep configs/sweeps/task_arithmetic.yaml   (a W&B sweep file, run locally)
-    mergelab merge configs/merge/llama.yaml   (any model's checkpoint folders into one)
-    mergelab compress configs/merge/llama_tall.yaml   (a TALL store: τMTL, 1 bit/param/task)
+    mergelab merge configs/merge/qwen2.5_1.5b_task_arithmetic.yaml   (any model's checkpoints
+        into one, in the base's layout; a mergekit YAML works too)
+    mergelab compress configs/merge/qwen2.5_1.5b_tall_store.yaml   (a TALL store: τMTL and
+        one 1-bit mask per task)
     mergelab retrieve <store> <task> --output <folder>   (one task's model from the store)
 
 --merge.method  the merge method, by class (test, validate; TrustRegion for fit's

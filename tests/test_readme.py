@@ -31,3 +31,13 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in test_command
     ci_lines = (README.parent / ".ci" / "run").read_text().splitlines()
     assert test_command in ci_lines
+
+
+@pytest.mark.parametrize("name", ["README.md", "mergelab/usage.py"])
+def test_every_config_named_in_the_docs_exists(name):
+    """The config files the README and ``mergelab --help`` tell users to run are there."""
+    text = (README.parent / name).read_text()
+    named = set(re.findall(r"configs/[\w./-]+\.yaml", text))
+    assert named, f"{name} names no config file"
+    missing = sorted(path for path in named if not (README.parent / path).is_file())
+    assert not missing, f"{name} names {missing}, which are not in configs/"
