@@ -3,7 +3,8 @@ prints it without importing Lightning (seconds on a small machine)."""
 
 COMMANDS = ("fit", "validate", "test", "embedded", "sweep", "merge", "compress", "retrieve")
 
-USAGE = """mergelab: merge fine-tuned CLIP image encoders and score every result on every task.
+USAGE = """mergelab: merge fine-tuned CLIP image encoders and score every result on every task;
+merge any model's checkpoints into one, or keep them as one TALL store.
 
     mergelab test -c configs/vit_b32/base.yaml -c configs/methods/task_arithmetic.yaml
     mergelab test -c configs/vit_b32/base.yaml -c configs/methods/ties.yaml
