@@ -193,12 +193,11 @@ def write_model(
     memory holds two parameters' δ (one written by a thread of its own while the next is
     computed) and a few pieces, whatever the model's size."""
     merged = frozenset(merged_keys)
-    specs = {key: tensor_spec(pretrained, key) for key in pretrained}
+    written = output_specs(pretrained, dtype)
     workspace = Workspace()  # the writing thread's
 
     def write(key: str, delta: torch.Tensor | None) -> None:
-        spec = specs[key]
-        out_dtype = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+        spec, out_dtype = tensor_spec(pretrained, key), written[key].dtype
 
         def pieces() -> Iterator[torch.Tensor]:
             for part in flat_blocks(spec.numel, WRITE_PIECE):
@@ -216,7 +215,7 @@ def write_model(
     # one thread writes each parameter while the next one's δ is computed
     with ThreadPoolExecutor(1) as writing:
         pending: Future | None = None
-        for key in progress(list(specs), desc):
+        for key in progress(list(written), desc):
             delta = delta_of(key).reshape(-1) if key in merged else None
             if pending is not None:
                 pending.result()
