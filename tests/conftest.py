@@ -30,6 +30,13 @@ settings.register_profile("thorough", deadline=None, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mergelab"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_of_the_session(tmp_path_factory):
+    """mergelab's default cache (decoded images, converted checkpoints) in a folder of
+    this session, not the user's ~/.cache/mergelab; tests that need their own set it."""
+    os.environ.setdefault("MERGELAB_CACHE", str(tmp_path_factory.mktemp("mergelab-cache")))
+
+
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory) -> Path:
     """A cache folder holding the embedded benchmark's ``test`` preset, built once per

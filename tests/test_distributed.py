@@ -56,11 +56,13 @@ def assets(tmp_path_factory) -> Path:
 
 def scored(assets: Path, label: str, method: str, *args: str, stage: str = "test") -> Path:
     """``mergelab <stage>`` with its own run folder (<label>/<method>/version_0): through
-    the console script when it launches processes, else in this process."""
+    the console script when it launches processes (its stderr kept in console.txt), else
+    in this process."""
     command = [stage, "-c", "base.yaml", *args, f"--trainer.default_root_dir={label}",
                *logger_dirs(label)]  # fmt: skip
     if "--trainer.strategy=ddp" in args:
-        run_mergelab(assets, *command, WANDB_MODE="disabled")
+        stderr = run_mergelab(assets, *command, WANDB_MODE="disabled").stderr
+        (assets / label / "console.txt").write_text(stderr)
     else:
         with pytest.MonkeyPatch.context() as patch:
             patch.chdir(assets)
@@ -109,11 +111,20 @@ def test_two_processes_score_what_one_does(assets, method):
 
 
 def test_validate_on_two_processes_scores_what_one_does(assets):
+    """... with a decoded-image cache of its own: one process decodes, the other waits
+    and reads what it wrote."""
     args = ["--merge.method=TallMasks", "--merge.method.lambdas=[0.3, 0.5]"]
     single = scored(assets, "one_validate", "tall_masks", *args, stage="validate")
-    several = scored(assets, "two_validate", "tall_masks", *args, *TWO_PROCESSES, stage="validate")
+    cache = assets / "two_validate_decoded"
+    several = scored(assets, "two_validate", "tall_masks", *args, *TWO_PROCESSES,
+                     f"--data.decoded_cache={cache}", stage="validate")  # fmt: skip
     assert_same(outcome(single), outcome(several))
     assert json.loads((several / "results_val.json").read_text())["stage"] == "val"
+    console = (assets / "two_validate" / "console.txt").read_text()
+    assert console.count("decoding ") == 1, console
+    entries = sorted(str(p.parent.relative_to(cache).parent) for p in cache.rglob("meta.json"))
+    assert entries == sorted(mirror.THREE_TASKS)
+    assert not [p for p in cache.rglob(".*")]  # no temporaries
 
 
 def test_consensus_with_each_tasks_lambda_on_two_processes(assets):
@@ -140,7 +151,10 @@ def free_port() -> int:
 
 
 def test_two_nodes_of_one_process_each(assets):
+    """... sharing a decoded-image cache that neither has filled: each node decodes, the
+    first to finish puts its entries in place, and the other's are dropped."""
     args = ["test", "-c", "base.yaml", *METHODS["trust_region"], "--trainer.num_nodes=2",
+            f"--data.decoded_cache={assets / 'nodes_decoded'}",
             "--trainer.devices=1", "--trainer.strategy=ddp", "--trainer.default_root_dir=nodes",
             *logger_dirs("nodes")]  # fmt: skip
     env = os.environ | {
@@ -165,3 +179,6 @@ def test_two_nodes_of_one_process_each(assets):
     [folder] = (assets / "nodes" / "trust_region").glob("version_*")
     single = scored(assets, "one_node", "trust_region", *METHODS["trust_region"])
     assert_same(outcome(single), outcome(folder))
+    entries = [p.parent for p in (assets / "nodes_decoded").rglob("meta.json")]
+    assert len(entries) == 2 * len(mirror.THREE_TASKS)  # val and test
+    assert not [p for p in (assets / "nodes_decoded").rglob(".*")]

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -12,7 +11,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 import mirror
 
-from mergelab.lightning import data as data_module
 from mergelab.lightning.data import TaskDataModule
 from mergelab.tasks import EIGHT_TASKS, TALL14_TASKS, TALL20_TASKS, builtin_tasks, load_task
 from mergelab.tasks.splits import protocol_split
@@ -78,7 +76,6 @@ def test_bad_task_file_names_file_and_key(tmp_path, change, message):
 
 def test_validation_split_is_the_protocols():
     """10 % of train, at most 5000, from randperm seeded with 0, as random_split does."""
-    import torch
     from torch.utils.data import random_split
 
     for size in (50, 1234, 73257):
@@ -89,51 +86,6 @@ def test_validation_split_is_the_protocols():
         )
         assert train.tolist() == list(ref_train.indices)
         assert val.tolist() == list(ref_val.indices)
-
-
-def test_scored_samples_are_kept_for_the_next_run_within_their_budget(tmp_path, monkeypatch):
-    """``keep_in_memory_mb``: a second data module over the same split reads the samples
-    the first preprocessed (no decoding), equal to freshly preprocessed ones; no more are
-    kept than the budget holds, and none without one."""
-    mirror.write_three_tasks(tmp_path, {"train": 110, "test": 41})
-    monkeypatch.setattr(data_module, "SAMPLE_MEMORY", data_module.SampleMemory())
-    decoded = []
-
-    def transform(image):  # 3 × 128 × 128 float32: 192 KiB a sample
-        decoded.append(1)
-        pixels = np.asarray(image.resize((128, 128)), dtype=np.float32)
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-
-    def read(budget_mb: int) -> list:
-        module = TaskDataModule(["mnist"], num_workers=0, dataset_root=str(tmp_path),
-                                keep_in_memory_mb=budget_mb)  # fmt: skip
-        module.set_transforms(transform, transform)
-        split = module.split(module.specs[0], "test")
-        return [split[i] for i in range(len(split))]
-
-    first, second = read(8), read(8)  # 8 MiB hold 42 samples: all 41 are kept
-    assert len(decoded) == 41  # the second read decoded nothing
-    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, second, strict=True))
-    assert data_module.SAMPLE_MEMORY.used == 41 * 3 * 128 * 128 * 4
-
-    monkeypatch.setattr(data_module, "SAMPLE_MEMORY", data_module.SampleMemory())
-    decoded.clear()
-    read(1), read(1)  # 1 MiB holds 5 samples: the others are decoded on both reads
-    assert len(data_module.SAMPLE_MEMORY.splits) == 1
-    assert len(next(iter(data_module.SAMPLE_MEMORY.splits.values()))) == 5
-    assert len(decoded) == 41 + 36
-    decoded.clear()
-    read(0), read(0)  # no budget: nothing kept
-    assert len(decoded) == 82
-
-    # the mirror rewritten in place with other images: its samples are decoded, not served
-    monkeypatch.setattr(data_module, "SAMPLE_MEMORY", data_module.SampleMemory())
-    before = read(8)
-    mirror.write_dataset(tmp_path, "ylecun/mnist", 10, {"train": 110, "test": 41}, seed=7)
-    decoded.clear()
-    after = read(8)
-    assert len(decoded) == 41
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(before, after, strict=True))
 
 
 def test_a_split_smaller_than_the_processes_is_refused_before_scoring(tmp_path):

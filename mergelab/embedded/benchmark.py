@@ -55,9 +55,6 @@ def tall_masks_for(consensus: MethodConfig, configs: dict[str, MethodConfig]) ->
 
 # the runs' own progress bars and model summary; the build keeps its progress bars
 QUIET_RUN = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-# every run scores the same validation and test images: preprocessed once, kept for the
-# others (the default preset's 8 × 550 images take 211 MiB)
-SHARED_SAMPLES = "--data.keep_in_memory_mb=512"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -137,7 +134,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
     log.info(
         "embedded benchmark ready in %.0f s: %s", time.perf_counter() - started, benchmark.root
     )
-    extra = [SHARED_SAMPLES, *(["--verbose"] if args.verbose else QUIET_RUN)]
+    extra = ["--verbose"] if args.verbose else QUIET_RUN
     configs = method_configs()
 
     def config(name: str) -> list[str]:

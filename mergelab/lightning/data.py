@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -16,66 +17,32 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mergelab.errors import BadValue, MissingKey
+from mergelab.io.cache import cache_root
+from mergelab.io.decoded_images import DecodedImageCache, DecodedKey
+from mergelab.lightning.decoded import DecodeRequest, rows_digest, serve_decoded
 from mergelab.tasks import EIGHT_TASKS, TaskSpec, load_task
-from mergelab.tasks.splits import SPLIT_SEED, load_split, protocol_split
+from mergelab.tasks.preprocessing import CachedPreprocessing
+from mergelab.tasks.splits import SPLIT_SEED, dataset_fingerprint, load_split, protocol_split
 
-
-class SampleMemory:
-    """Preprocessed samples of scored splits, kept in this process for its later runs (up
-    to a budget of bytes): ``mergelab embedded`` runs every method in one process, and
-    each would otherwise decode and preprocess the same images again. Only samples read
-    in this process are kept (not those of dataloader worker processes)."""
-
-    def __init__(self):
-        self.splits: dict[tuple, dict[int, tuple[torch.Tensor, int]]] = {}
-        self.used = 0
-
-    def split(self, key: tuple) -> dict[int, tuple[torch.Tensor, int]]:
-        """The kept samples of one split (position → sample), by what determines them."""
-        return self.splits.setdefault(key, {})
-
-    def keep(self, kept: dict, position: int, sample: tuple[torch.Tensor, int], budget: int):
-        size = sample[0].numel() * sample[0].element_size()
-        if self.used + size <= budget:
-            kept[position] = sample
-            self.used += size
-
-
-SAMPLE_MEMORY = SampleMemory()
+log = logging.getLogger(__name__)
 
 
 class TaskSplit(Dataset):
-    """(image tensor, label) pairs of some rows of a hub dataset, preprocessed on access;
-    with ``memory_budget`` (bytes), kept in :data:`SAMPLE_MEMORY` under ``key``."""
+    """(image tensor, label) pairs of some rows of a hub dataset, preprocessed on access."""
 
-    def __init__(
-        self,
-        data,
-        task: TaskSpec,
-        indices: Sequence[int],
-        transform: Callable,
-        key: tuple | None = None,
-        memory_budget: int = 0,
-    ):
+    def __init__(self, data, task: TaskSpec, indices: Sequence[int], transform: Callable):
         self.data = data
         self.task = task
         self.indices = [int(i) for i in indices]
         self.transform = transform
-        self.memory_budget = memory_budget
-        self.kept = SAMPLE_MEMORY.split(key) if memory_budget and key else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        if self.kept is not None and i in self.kept:
-            return self.kept[i]
         row = self.data[self.indices[i]]
         image = row[self.task.image_column].convert("RGB")
-        sample = self.transform(image), int(row[self.task.label_column])
-        if self.kept is not None:
-            SAMPLE_MEMORY.keep(self.kept, i, sample, self.memory_budget)
-        return sample
+        return self.transform(image), int(row[self.task.label_column])
 
 
 class ShardSampler(DistributedSampler):
@@ -108,9 +75,11 @@ class TaskDataModule(L.LightningDataModule):
         test_splits: the splits a test run scores (validation first, whatever the order
             given); with ``[val, test]`` every setting is scored on validation and the
             one picked there on test.
-        keep_in_memory_mb: keep up to this many MiB of preprocessed validation and test
-            samples in memory for the later runs of this process (``mergelab embedded``
-            runs every method in one); 0 keeps none.
+        decoded_cache: keep the preprocessed images of every split read with the
+            evaluation transform (uint8 at the model's resolution) on disk, decoded once
+            per machine and read by every later run, sweep trial and process: true (the
+            ``decoded_images`` folder of $MERGELAB_CACHE, else ~/.cache/mergelab), a
+            folder, or false (decode on every read).
     """
 
     def __init__(
@@ -121,11 +90,9 @@ class TaskDataModule(L.LightningDataModule):
         max_samples: int | None = None,
         dataset_root: str | None = None,
         test_splits: Sequence[str] = ("test",),
-        keep_in_memory_mb: int = 0,
+        decoded_cache: bool | str = True,
     ):
         super().__init__()
-        if keep_in_memory_mb < 0:
-            raise BadValue(f"keep_in_memory_mb must be ≥ 0, got {keep_in_memory_mb}")
         unknown = [s for s in test_splits if s not in ("val", "test")]
         if unknown or not test_splits:
             raise BadValue(f"test_splits takes 'val' and 'test', got {test_splits}")
@@ -140,12 +107,13 @@ class TaskDataModule(L.LightningDataModule):
         self.max_samples = max_samples
         self.dataset_root = dataset_root
         self.test_splits = [s for s in ("val", "test") if s in test_splits]
-        self.keep_in_memory_mb = keep_in_memory_mb
+        self.decoded = _decoded_cache(decoded_cache)
         self.transform_train: Callable | None = None
         self.transform_eval: Callable | None = None
         self._splits: dict[tuple[str, str], TaskSplit] = {}
         self._datasets: dict[tuple[str, str], object] = {}
         self._once: list[str] | None = None
+        self._cut_transform: tuple[Callable, CachedPreprocessing | None] | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -166,22 +134,8 @@ class TaskDataModule(L.LightningDataModule):
             if self.transform_eval is None:
                 raise RuntimeError("TaskDataModule needs set_transforms() before loading data")
             data, indices = self._rows(task, name)
-            if name == "train":
-                split = TaskSplit(data, task, indices, self.transform_train)
-            else:  # scored: preprocessed the same way by every run, so worth keeping
-                # the files the rows are read from too: a rewritten mirror is read into
-                # a cache folder of its own (load_split), so its samples are not these
-                key = (
-                    task,
-                    name,
-                    self.dataset_root,
-                    tuple(file["filename"] for file in data.cache_files),
-                    tuple(indices.tolist()),
-                    repr(self.transform_eval),
-                )
-                budget = self.keep_in_memory_mb << 20
-                split = TaskSplit(data, task, indices, self.transform_eval, key, budget)
-            self._splits[task.name, name] = split
+            transform = self.transform_train if name == "train" else self.transform_eval
+            self._splits[task.name, name] = TaskSplit(data, task, indices, transform)
         return self._splits[task.name, name]
 
     def _rows(self, task: TaskSpec, name: str) -> tuple[object, torch.Tensor]:
@@ -264,12 +218,68 @@ class TaskDataModule(L.LightningDataModule):
             return 1, 0
         return self.trainer.world_size, self.trainer.global_rank
 
-    def _loaders(self, stage: str) -> list[DataLoader]:
+    def _served(self, plan: Sequence[tuple[str, str]]) -> list[Dataset]:
+        """The datasets of ``plan``'s (task, split): read from the decoded-image cache
+        where the split's transform is deterministic (the evaluation transform) and can
+        be cut there (:class:`CachedPreprocessing`), else decoded on every read."""
         by_name = {task.name: task for task in self.specs}
+        served: list[Dataset] = [self.split(by_name[task], split) for task, split in plan]
+        requests = {}
+        for i, (task, split) in enumerate(plan):
+            request = self._decode_request(by_name[task], split, served[i])
+            if request is not None:
+                requests[i] = request
+        if self.decoded is None or not requests:
+            return served
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        decoded = serve_decoded(
+            self.decoded,
+            list(requests.values()),
+            self.num_workers,
+            writes=trainer is None or trainer.local_rank == 0,  # one process per node
+            wait=trainer.strategy.barrier if distributed else None,
+        )
+        for i, dataset in zip(requests, decoded, strict=True):
+            served[i] = dataset
+        return served
+
+    def _decode_request(self, task: TaskSpec, name: str, split: TaskSplit) -> DecodeRequest | None:
+        # a training transform draws at random (crops, flips), unless it is the
+        # evaluation one (gradient statistics read the train split with it)
+        if self.decoded is None or split.transform is not self.transform_eval:
+            return None
+        preprocessing = self._preprocessing()
+        if preprocessing is None:
+            return None
+        source = task.test_split if name == "test" else task.train_split
+        key = DecodedKey(
+            task=task.name,
+            split=name,
+            dataset=dataset_fingerprint(task, source, self.dataset_root, split.data),
+            rows=rows_digest(torch.tensor(split.indices)),
+            preprocessing=preprocessing.description,
+        )
+        rows = TaskSplit(split.data, task, split.indices, preprocessing.decode)
+        return DecodeRequest(rows, key, preprocessing)
+
+    def _preprocessing(self) -> CachedPreprocessing | None:
+        if self._cut_transform is None or self._cut_transform[0] is not self.transform_eval:
+            cut = CachedPreprocessing.of(self.transform_eval)
+            if cut is None:
+                log.info(
+                    "the evaluation transform %r is not a torchvision Compose with ToTensor "
+                    "whose steps show their settings: its images are decoded on every read",
+                    self.transform_eval,
+                )
+            self._cut_transform = (self.transform_eval, cut)
+        return self._cut_transform[1]
+
+    def _loaders(self, stage: str) -> list[DataLoader]:
         world, rank = self._world()
         loaders = []
-        for task, split in self.plan(stage):
-            data = self.split(by_name[task], split)
+        plan = self.plan(stage)
+        for (_, split), data in zip(plan, self._served(plan), strict=True):
             if split == "train":
                 loaders.append(self._loader(data, shuffle=True))
             else:  # scored: each sample exactly once over all ranks, in order
@@ -289,9 +299,8 @@ class TaskDataModule(L.LightningDataModule):
         self._once = list(tasks)
 
     def _loaders_once(self) -> CombinedLoader:
-        by_name = {task.name: task for task in self.specs}
         world, rank = self._world()
-        splits = [self.split(by_name[task], "train") for task in self._once]
+        splits = self._served([(task, "train") for task in self._once])
         loaders = [self._loader(s, sampler=ShardSampler(s, world, rank)) for s in splits]
         # Lightning synchronises the ranks at every training step, so every rank takes as
         # many steps as rank 0, which has the most batches (shards differ by at most one
@@ -309,3 +318,9 @@ class TaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._loaders("test")
+
+
+def _decoded_cache(setting: bool | str) -> DecodedImageCache | None:
+    if setting is False:
+        return None
+    return DecodedImageCache(cache_root() / "decoded_images" if setting is True else setting)

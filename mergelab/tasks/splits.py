@@ -37,9 +37,7 @@ def load_split(task: TaskSpec, split: str, dataset_root: str | os.PathLike | Non
     """
     import datasets
 
-    location = task.dataset
-    if dataset_root is not None and not Path(location).is_dir():
-        location = str(Path(dataset_root) / task.dataset)
+    location = _location(task, dataset_root)
     local = Path(location).is_dir()
     where = "folder" if local else "hub dataset"
     cache_dir = _local_cache_dir(location) if local else None
@@ -63,6 +61,38 @@ def load_split(task: TaskSpec, split: str, dataset_root: str | os.PathLike | Non
     return data
 
 
+def dataset_fingerprint(task: TaskSpec, split: str, dataset_root: str | None, data) -> str:
+    """What a loaded split's content is known by: the columns read, the split, and the
+    dataset's files: for a local folder their names, sizes and times (wherever the folder
+    lies, so that a moved or renamed copy keeps its fingerprint), for a hub dataset the
+    files ``datasets`` keeps it in (their folders name the hub revision) and their sizes."""
+    location = _location(task, dataset_root)
+    identity = [task.image_column, task.label_column, task.config, split, len(data)]
+    if Path(location).is_dir():
+        identity.append(_files_digest(Path(location)).hexdigest())
+    else:
+        files = [Path(entry["filename"]) for entry in data.cache_files]
+        # from the dataset's folder in the cache down, so that a moved cache keeps it
+        identity += [f"{'/'.join(f.parts[-5:])}:{f.stat().st_size}" for f in files]
+    return hashlib.sha256("\n".join(map(str, identity)).encode()).hexdigest()[:16]
+
+
+def _location(task: TaskSpec, dataset_root: str | os.PathLike | None) -> str:
+    """The folder or hub id a task's data is read from."""
+    if dataset_root is not None and not Path(task.dataset).is_dir():
+        return str(Path(dataset_root) / task.dataset)
+    return task.dataset
+
+
+def _files_digest(folder: Path):
+    """A digest of the names, sizes and modification times of a folder's files."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"\0{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest
+
+
 def _local_cache_dir(folder: str) -> str:
     """A ``datasets`` cache folder of its own for a local dataset folder and its files.
 
@@ -73,10 +103,7 @@ def _local_cache_dir(folder: str) -> str:
     import datasets
 
     root = Path(folder).resolve()
-    digest = hashlib.sha256(str(root).encode())
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"\0{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest = hashlib.sha256(f"{root}\0{_files_digest(root).hexdigest()}".encode())
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "mergelab-local" / digest.hexdigest()[:16])
 
 
