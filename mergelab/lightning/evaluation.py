@@ -116,7 +116,12 @@ class MergeEvaluator(L.LightningModule):
         """The frozen zero-shot head of a task, [num_classes, embed_dim]."""
         return self._heads[task]
 
+    # the weights of the variants stay float32 whatever the precision: autocast runs the
+    # encoder in half precision on them; a "-true" precision would need them converted
+    PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
     def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision, self.PRECISIONS, type(self).__name__)
         dm = self.datamodule
         dm.set_transforms(self.clip.preprocess_train, self.clip.preprocess_val)
         for spec in dm.specs:
@@ -229,6 +234,14 @@ class MergeEvaluator(L.LightningModule):
         metrics = flat_metrics(self.results, stage)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
+
+
+def check_precision(precision: str, supported: tuple[str, ...], module: str) -> None:
+    """Refuse a Lightning precision that ``module`` does not compute with, before any work."""
+    if precision not in supported:
+        raise BadValue(
+            f"{module} runs with --trainer.precision {' or '.join(supported)}, not {precision!r}"
+        )
 
 
 def top1(num_classes: int) -> MulticlassAccuracy:

@@ -96,6 +96,10 @@ class GradientStatistics(MergeEvaluator):
     def configure_optimizers(self):
         return None  # nothing is trained
 
+    # fp16 per-sample gradients underflow (no loss scaling: nothing is trained); under
+    # bf16-mixed they are computed in bfloat16 where autocast says, summed in float32
+    PRECISIONS = ("32-true", "bf16-mixed")
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = self.datamodule
@@ -119,6 +123,7 @@ class GradientStatistics(MergeEvaluator):
                     self._heads[spec.name].cpu().contiguous().numpy().tobytes()
                 ).hexdigest(),
                 repr(float(self.logit_scale)),
+                self.trainer.precision,
             )
             for spec in dm.specs
         }
@@ -134,8 +139,8 @@ class GradientStatistics(MergeEvaluator):
                     raise BadValue(
                         f"{path}: statistics over other samples or another zero-shot head "
                         f"of {task!r} than this run's ({statistics_samples(saved)} samples "
-                        f"saved, {count} now: another dataset, data.max_samples, task file "
-                        "or text tower); delete the file or choose another "
+                        f"saved, {count} now: another dataset, data.max_samples, task file, "
+                        "text tower or precision); delete the file or choose another "
                         "model.statistics folder"
                     )
                 log.info("gradient statistics of %s loaded from %s", task, path)

@@ -50,21 +50,26 @@ class _Sink:
     def add_products(self, name: str, left: torch.Tensor, right: torch.Tensor) -> None:
         """accumulator += Σb |left[b] @ right[b]|, ``chunk_size`` samples at a time.
 
-        The [chunk, m, n] products and their sum land in reused buffers: one reduction
-        over the chunk, then one addition, each a single pass over memory."""
+        The products are formed in the dtype of ``left`` (bfloat16 under bf16 autocast:
+        ``right`` is cast to it, as autocast casts a matmul's operands) and summed over
+        the chunk in the accumulator's. They and their sum land in reused buffers: one
+        reduction over the chunk, then one addition, each a single pass over memory."""
         accumulator = self.accumulators[name]
         flat = accumulator.view(left.shape[1], right.shape[2])
         total = self.workspace.get("total", tuple(flat.shape), flat.dtype)
+        right = right.to(left.dtype)
         for start in range(0, self.batch, self.chunk_size):
             stop = min(start + self.chunk_size, self.batch)
             shape = (stop - start, *flat.shape)
-            buffer = self.workspace.get("products", shape, flat.dtype)
+            buffer = self.workspace.get("products", shape, left.dtype)
             torch.bmm(left[start:stop], right[start:stop], out=buffer).abs_()
-            flat.add_(torch.sum(buffer, 0, out=total))
+            flat.add_(torch.sum(buffer, 0, dtype=flat.dtype, out=total))
 
     def add_rows(self, name: str, per_sample: torch.Tensor) -> None:
-        """accumulator += Σb |per_sample[b]| for a small [B, *shape] tensor."""
-        self.accumulators[name].add_(per_sample.abs().sum(0).view_as(self.accumulators[name]))
+        """accumulator += Σb |per_sample[b]| for a small [B, *shape] tensor, summed in the
+        accumulator's dtype."""
+        accumulator = self.accumulators[name]
+        accumulator.add_(per_sample.abs().sum(0, dtype=accumulator.dtype).view_as(accumulator))
 
     def batch_first(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """``tensor`` as [B, -1, last dim], checking that dim 0 is the batch."""
@@ -94,7 +99,8 @@ class _Linear(torch.autograd.Function):
             sink.add_products(weight_name, g.transpose(1, 2), sink.batch_first(x, "its input"))
         if bias_name is not None:
             sink.add_rows(bias_name, g.sum(1))
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        # in the dtype autocast computed the layer in; autograd casts it back to x's
+        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None, None
 
 
@@ -113,7 +119,7 @@ class _MatmulParameter(torch.autograd.Function):
         sink = ctx.sink
         xb = sink.batch_first(x, "the left operand of x @ P")
         sink.add_products(ctx.name, xb.transpose(1, 2), sink.batch_first(grad, "x @ P"))
-        grad_x = grad @ parameter.T if ctx.needs_input_grad[0] else None
+        grad_x = grad @ parameter.T.to(grad.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
 
@@ -133,13 +139,15 @@ class _Conv2d(torch.autograd.Function):
         sink, (weight_name, bias_name) = ctx.sink, ctx.names
         g = grad.reshape(sink.batch, grad.shape[1], -1)  # [B, out channels, positions]
         if weight_name is not None:
-            patches = F.unfold(x, weight.shape[2:], dilation, padding, stride)
+            patches = F.unfold(x.to(g.dtype), weight.shape[2:], dilation, padding, stride)
             sink.add_products(weight_name, g, patches.transpose(1, 2))
         if bias_name is not None:
             sink.add_rows(bias_name, g.sum(2))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride, padding, dilation)
+            grad_x = torch.nn.grad.conv2d_input(
+                x.shape, weight.to(grad.dtype), grad, stride, padding, dilation
+            )
         return grad_x, None, None, None, None, None, None
 
 
@@ -158,14 +166,15 @@ class _LayerNorm(torch.autograd.Function):
         sink, (weight_name, bias_name) = ctx.sink, ctx.names
         g = sink.batch_first(grad, "a layer norm's output")
         if weight_name is not None:
-            normalized = F.layer_norm(x, ctx.shape, eps=ctx.eps)
+            normalized = F.layer_norm(x.to(weight.dtype), ctx.shape, eps=ctx.eps)
             sink.add_rows(weight_name, (g * sink.batch_first(normalized, "its input")).sum(1))
         if bias_name is not None:
             sink.add_rows(bias_name, g.sum(1))
         grad_x = None
         if ctx.needs_input_grad[0]:  # cheap to recompute; autograd knows the formula
             with torch.enable_grad():
-                leaf = x.detach().requires_grad_()
+                # in the weights' dtype, as autocast runs a layer norm in float32
+                leaf = x.detach().to(weight.dtype).requires_grad_()
                 y = F.layer_norm(leaf, ctx.shape, weight.detach(), bias.detach(), ctx.eps)
                 (grad_x,) = torch.autograd.grad(y, leaf, grad)
         return grad_x, None, None, None, None, None, None, None
@@ -198,7 +207,7 @@ class _Broadcast(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-# operations that only reshape a parameter: their result stands for the parameter
+# operations that only reshape or cast a parameter: their result stands for the parameter
 _VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.to, torch.Tensor.unsqueeze}
 _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
@@ -257,9 +266,7 @@ class _PerSampleMode(TorchFunctionMode):
             sizes = args[1] if len(args) == 2 and isinstance(args[1], Sequence) else args[1:]
             return _Broadcast.apply(None, args[0], tuple(sizes), sink, used[0])
         if func in _VIEWS and self.name(args[0]) is not None:
-            out = func(*args, **kwargs)
-            if out.dtype != args[0].dtype:
-                raise BadValue(f"per-sample gradients: {used[0]!r} is cast to {out.dtype}")
+            out = func(*args, **kwargs)  # a cast too (``P.to(x.dtype)`` under autocast)
             self.names[out] = used[0]
             return out
         out = func(*args, **kwargs)
