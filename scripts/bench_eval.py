@@ -32,7 +32,7 @@ class SyntheticTasks(TaskDataModule):
     """The task data module with every split replaced by the same synthetic tensors."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
-        super().__init__(tasks=["mnist"], batch_size=batch_size, num_workers=0)
+        super().__init__(tasks=["mnist"], batch_size=batch_size, num_workers=0, decoded_cache=False)
         self.dataset = TensorDataset(images, labels)
 
     def split(self, task, name):
@@ -40,31 +40,45 @@ class SyntheticTasks(TaskDataModule):
 
 
 class LoopTimer(L.Callback):
-    """Wall time of the test loop from its first batch to its last (the first is warm-up)."""
+    """Wall time of the test loop from its second batch to its last, over all its
+    dataloaders (the first batch is warm-up)."""
 
     def __init__(self):
         self.start = self.end = 0.0
-        self.images = 0
+        self.images = self.batches = 0
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if batch_idx == 1:
+        self.batches += 1
+        if self.batches == 2:
             self.start = time.perf_counter()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx >= 1:
+        if self.batches >= 2:
             self.images += len(batch[0])
             self.end = time.perf_counter()
 
+    @property
+    def rate(self) -> float:
+        return self.images / (self.end - self.start)
+
 
 @torch.no_grad()
-def bare_loop(encoder, weights, head, scale, batches) -> tuple[float, int]:
+def bare_loop(
+    encoder, weights, head, scale, batches, device: str = "cpu", autocast: bool = False
+) -> tuple[float, int]:
+    """The test loop's work without the loop: each batch moved to ``device`` (under
+    bfloat16 autocast if asked), encoded, scored. Timed from the second batch."""
     encoder.load_state_dict(weights)
+    encoder.to(device)
+    head = head.to(device)
     images = 0
     start = 0.0
     for i, (x, y) in enumerate(batches):
         if i == 1:
             start = time.perf_counter()
-        logits = zero_shot_logits(encoder(x), head, scale)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
+            logits = zero_shot_logits(encoder(x), head, scale)
         int((logits.argmax(-1) == y).sum())  # the accuracy update the test loop makes
         if i >= 1:
             images += len(x)
@@ -102,7 +116,7 @@ def main() -> None:
             callbacks=[timer],
         )
         trainer.test(module, datamodule=data, verbose=False)
-        loop_rate = timer.images / (timer.end - timer.start)
+        loop_rate = timer.rate
 
         batches = list(
             zip(images.split(args.batch_size), labels.split(args.batch_size), strict=True)

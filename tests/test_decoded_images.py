@@ -156,3 +156,14 @@ def test_a_transform_whose_settings_are_hidden_is_not_cached(tmp_path):
     scored(tmp_path / "data", str(tmp_path / "cache"), transform=hidden)
     assert len(DECODED) == 92
     assert not (tmp_path / "cache").exists()
+
+
+def test_tensor_steps_other_than_to_tensor_and_normalize_run_image_by_image(tmp_path):
+    """Steps after ToTensor other than open_clip's Normalize: the same tensors as decoding."""
+    mirror.write_three_tasks(tmp_path / "data", {"train": 30, "test": 23})
+    steps = [*clip_like().transforms[:3], transforms.Normalize((0.5,), (0.2,)), torch.tanh]
+    transform = transforms.Compose(steps)
+    decoding = scored(tmp_path / "data", False, transform=transform)
+    scored(tmp_path / "data", str(tmp_path / "cache"), transform=transform)
+    cached = scored(tmp_path / "data", str(tmp_path / "cache"), transform=transform)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(decoding, cached, strict=True))

@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from mergelab.errors import BadValue, MissingKey
 from mergelab.io.cache import cache_root
 from mergelab.io.decoded_images import DecodedImageCache, DecodedKey
-from mergelab.lightning.decoded import DecodeRequest, rows_digest, serve_decoded
+from mergelab.lightning.decoded import (
+    DecodedSplit,
+    DecodeRequest,
+    as_served,
+    rows_digest,
+    serve_decoded,
+)
 from mergelab.tasks import EIGHT_TASKS, TaskSpec, load_task
 from mergelab.tasks.preprocessing import CachedPreprocessing
 from mergelab.tasks.splits import SPLIT_SEED, dataset_fingerprint, load_split, protocol_split
@@ -209,6 +215,7 @@ class TaskDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=as_served if isinstance(dataset, DecodedSplit) else None,
             **sampling,
         )
 

@@ -30,18 +30,31 @@ DECODE_BATCH = 64
 
 
 class DecodedSplit(Dataset):
-    """(image tensor, label) pairs of a split, read from its decoded images."""
+    """(image tensor, label) pairs of a split, read from its decoded images. A loader
+    reads a batch at a time (``__getitems__``, which the DataLoader calls with a batch's
+    indices), already stacked: give it ``collate_fn=as_served``."""
 
-    def __init__(self, images: DecodedImages, tensor: Callable):
+    def __init__(self, images: DecodedImages, preprocessing: CachedPreprocessing):
         self.images = images
-        self.tensor = tensor
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return self.images.count
 
-    def __getitem__(self, i: int):
-        # a copy: the map is read-only, and the tensor steps may work in place
-        return self.tensor(np.array(self.images.images[i])), int(self.images.labels[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        images, labels = self.__getitems__([i])
+        return images[0], int(labels[0])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.asarray(indices)
+        # one read of the rows (a copy: the steps work in place, the map is read-only)
+        images = self.preprocessing.tensors(self.images.images[rows])
+        return images, torch.from_numpy(self.images.labels[rows])
+
+
+def as_served(batch):
+    """The collate function of a DecodedSplit's loader: its batches come stacked."""
+    return batch
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ def serve_decoded(
         images = cache.read(request.key)
         if images is None:
             raise RuntimeError(f"{cache.folder(request.key)} was not written by this node's rank 0")
-        served.append(DecodedSplit(images, request.preprocessing.tensor))
+        served.append(DecodedSplit(images, request.preprocessing))
     return served
 
 
