@@ -132,12 +132,13 @@ def test_bad_accumulators_and_chunk_size_are_refused(encoder):
 def test_under_bf16_autocast_equals_one_backward_pass_per_sample_under_it(encoder, size, seed):
     """``--trainer.precision=bf16-mixed``: the passes run in bfloat16 where autocast says
     (the parameters cast, linear layers and attention in bfloat16, layer norms in
-    float32), the sums in float32. Against one autocast pass per sample: within 2 % of
-    each parameter's largest sum (bfloat16 keeps 8 bits: 0.4 % per rounding)."""
+    float32), the sums in float32. Against one autocast pass per sample: within 4 % of
+    each parameter's largest sum (bfloat16 keeps 8 bits, 0.4 % per rounding; the worst
+    of 60 draws was 2.0 %, the median 1.1 %)."""
     images, labels, head = batch(size, seed)
     sums = {n: torch.zeros_like(p) for n, p in encoder.named_parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         accumulate_abs_gradients(encoder, head, SCALE, images, labels, sums, 3)
         reference = naive_abs_gradient_sums(encoder, head, images, labels)
     assert all(s.dtype == torch.float32 for s in sums.values())
-    assert_close(sums, reference, rel=2e-2)
+    assert_close(sums, reference, rel=4e-2)
