@@ -256,6 +256,8 @@ class TaskDataModule(L.LightningDataModule):
         # evaluation one (gradient statistics read the train split with it)
         if self.decoded is None or split.transform is not self.transform_eval:
             return None
+        if not split.indices:  # nothing to decode (check_data names it where it matters)
+            return None
         preprocessing = self._preprocessing()
         if preprocessing is None:
             return None
