@@ -167,3 +167,25 @@ def test_tensor_steps_other_than_to_tensor_and_normalize_run_image_by_image(tmp_
     scored(tmp_path / "data", str(tmp_path / "cache"), transform=transform)
     cached = scored(tmp_path / "data", str(tmp_path / "cache"), transform=transform)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(decoding, cached, strict=True))
+
+
+def test_a_writer_that_fails_still_releases_the_processes_waiting_for_it(tmp_path):
+    """In a distributed run the other processes wait at a barrier for the one that
+    decodes: when decoding fails, it reaches the barrier before raising, and they find no
+    entry and stop too, instead of waiting until the strategy's timeout."""
+    from mergelab.io.decoded_images import DecodedImageCache
+    from mergelab.lightning.decoded import serve_decoded
+
+    mirror.write_three_tasks(tmp_path / "data", {"train": 30, "test": 23})
+    module = TaskDataModule(["mnist"], num_workers=0, dataset_root=str(tmp_path / "data"),
+                            decoded_cache=str(tmp_path / "cache"))  # fmt: skip
+    varying = transforms.Compose([CropByContent(), transforms.ToTensor()])
+    module.set_transforms(varying, varying)
+    spec = module.specs[0]
+    request = module._decode_request(spec, "test", module.split(spec, "test"))
+    cache, waited = DecodedImageCache(tmp_path / "cache"), []
+    with pytest.raises(BadValue, match="preprocesses to uint8"):
+        serve_decoded(cache, [request], 0, writes=True, wait=lambda: waited.append("writer"))
+    with pytest.raises(RuntimeError, match="was not written: the process that decodes"):
+        serve_decoded(cache, [request], 0, writes=False, wait=lambda: waited.append("other"))
+    assert waited == ["writer", "other"]

@@ -59,8 +59,9 @@ def as_served(batch):
 
 @dataclass(frozen=True)
 class DecodeRequest:
-    """A split to serve from the cache: its rows (a dataset of (PIL image, label) read
-    through ``decoder``), its key and its preprocessing."""
+    """A split to serve from the cache: its rows (a dataset of (uint8 H × W × C image,
+    label): the split read through the preprocessing's pixel steps), its key and its
+    preprocessing."""
 
     rows: Dataset
     key: DecodedKey
@@ -80,17 +81,28 @@ def serve_decoded(
 ) -> list[DecodedSplit]:
     """Each request's split read from the cache. Missing entries are written first by
     the process for which ``writes`` is true (one per node); ``wait`` holds every process
-    until they are (a barrier, in a distributed run)."""
+    until they are (a barrier, in a distributed run). If the writing fails, the writer
+    still reaches the barrier before raising, so that the other processes stop too
+    instead of waiting for it until the strategy's timeout."""
     missing = [r for r in requests if cache.read(r.key) is None]
+    failure = None
     if writes and missing:
-        _write(cache, missing, num_workers)
+        try:
+            _write(cache, missing, num_workers)
+        except BaseException as error:  # re-raised below, its traceback kept
+            failure = error
     if wait is not None:  # every process, whatever it found: each calls the barrier
         wait()
+    if failure is not None:
+        raise failure
     served = []
     for request in requests:
         images = cache.read(request.key)
         if images is None:
-            raise RuntimeError(f"{cache.folder(request.key)} was not written by this node's rank 0")
+            raise RuntimeError(
+                f"{cache.folder(request.key)} was not written: the process that decodes for "
+                "this node failed (its error says why)"
+            )
         served.append(DecodedSplit(images, request.preprocessing))
     return served
 
