@@ -1,6 +1,7 @@
 """One dataloader per task for train, validation and test, from hub datasets or local
 mirrors (read by :mod:`mergelab.tasks.splits`, which also holds the protocol's
-validation split)."""
+validation split); the splits read with the evaluation transform come from the
+decoded-image cache (:mod:`mergelab.lightning.decoded`), decoded once per machine."""
 
 from __future__ import annotations
 
