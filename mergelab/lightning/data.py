@@ -237,7 +237,7 @@ class TaskDataModule(L.LightningDataModule):
             request = self._decode_request(by_name[task], split, served[i])
             if request is not None:
                 requests[i] = request
-        if self.decoded is None or not requests:
+        if not requests:
             return served
         trainer = self.trainer
         distributed = trainer is not None and trainer.world_size > 1

@@ -1,4 +1,5 @@
-"""Scored splits read from the decoded-image cache (:mod:`mergelab.io.decoded_images`):
+"""Splits read with the evaluation transform, served from the decoded-image cache
+(:mod:`mergelab.io.decoded_images`):
 the first run that reads a split with a given preprocessing decodes it once, in the
 dataloader's worker processes, while the other processes of the node wait; every later
 run, sweep trial and process reads the uint8 images and only converts them to tensors.
