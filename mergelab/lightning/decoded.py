@@ -1,8 +1,8 @@
 """Splits read with the evaluation transform, served from the decoded-image cache
-(:mod:`mergelab.io.decoded_images`):
-the first run that reads a split with a given preprocessing decodes it once, in the
-dataloader's worker processes, while the other processes of the node wait; every later
-run, sweep trial and process reads the uint8 images and only converts them to tensors.
+(:mod:`mergelab.io.decoded_images`): the first run that reads a split with a given
+preprocessing decodes it once, in the dataloader's worker processes, while the other
+processes of the node wait; every later run, sweep trial and process reads the uint8
+images and only converts them to tensors.
 """
 
 from __future__ import annotations
