@@ -113,10 +113,11 @@ def _write(cache: DecodedImageCache, missing: Sequence[DecodeRequest], num_worke
     first = [np.asarray(r.rows[0][0]) for r in missing]
     total = sum(len(r.rows) for r in missing)
     nbytes = sum(len(r.rows) * image.size for r, image in zip(missing, first, strict=True))
-    tasks = len({r.key.task for r in missing})
+    count = len({r.key.task for r in missing})
+    tasks = f"{count} task" + "s" * (count != 1)
     splits = "/".join(sorted({r.key.split for r in missing}))
     log.info(
-        "decoding %d images (%s of %d tasks) once, into %s (%s)",
+        "decoding %d images (%s of %s) once, into %s (%s)",
         total, splits, tasks, cache.root, describe_size(nbytes),
     )  # fmt: skip
     with tqdm(total=total, desc="decoding images", unit="img", disable=None) as bar:
