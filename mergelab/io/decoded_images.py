@@ -73,10 +73,6 @@ class DecodedImages:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_images": None}  # a worker maps the file itself
 
-    @property
-    def nbytes(self) -> int:
-        return self.count * int(np.prod(self.shape))
-
 
 class DecodedImageCache:
     """The folder that holds the entries; refused up front if it is a file or cannot be
@@ -121,7 +117,7 @@ class DecodedImageCache:
         key: DecodedKey,
         count: int,
         batches: Iterable[tuple[Sequence[np.ndarray], Sequence[int]]],
-    ) -> DecodedImages:
+    ) -> None:
         """Write ``count`` images from ``batches`` of (uint8 images H × W × C, labels);
         every image must have the first one's shape."""
         folder = self.folder(key)
@@ -157,7 +153,6 @@ class DecodedImageCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return self.read(key)
 
 
 def _publish(tmp: Path, folder: Path) -> None:

@@ -85,7 +85,8 @@ def serve_decoded(
     until they are (a barrier, in a distributed run). If the writing fails, the writer
     still reaches the barrier before raising, so that the other processes stop too
     instead of waiting for it until the strategy's timeout."""
-    missing = [r for r in requests if cache.read(r.key) is None]
+    found = [cache.read(r.key) for r in requests]
+    missing = [r for r, images in zip(requests, found, strict=True) if images is None]
     failure = None
     if writes and missing:
         try:
@@ -97,8 +98,9 @@ def serve_decoded(
     if failure is not None:
         raise failure
     served = []
-    for request in requests:
-        images = cache.read(request.key)
+    for request, images in zip(requests, found, strict=True):
+        if images is None:  # missing before: written since, by this process or another
+            images = cache.read(request.key)
         if images is None:
             raise RuntimeError(
                 f"{cache.folder(request.key)} was not written: the process that decodes for "
