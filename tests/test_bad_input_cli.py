@@ -231,6 +231,7 @@ CASES = {
     # output and cache folders
     "cache folder is a file": (["--model.cache_dir={bad}/a_file"], "a_file"),
     "decoded-image cache is a file": (["--data.decoded_cache={bad}/a_file/decoded"], "a_file"),
+    "score cache is a file": (["--model.score_cache={bad}/a_file/scores"], "the score cache"),
     # a precision Lightning does not know
     "unknown precision": (["--trainer.precision=bf17"], "bf17"),
 }

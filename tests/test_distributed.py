@@ -112,13 +112,27 @@ def test_two_processes_score_what_one_does(assets, method):
 
 def test_validate_on_two_processes_scores_what_one_does(assets):
     """... with a decoded-image cache of its own: one process decodes, the other waits
-    and reads what it wrote."""
+    and reads what it wrote; and with a score cache of its own: each rank keeps its
+    shard's counts, and a rerun where rank 0 reads them and rank 1 computes (its entries
+    deleted) scores the same again."""
     args = ["--merge.method=TallMasks", "--merge.method.lambdas=[0.3, 0.5]"]
     single = scored(assets, "one_validate", "tall_masks", *args, stage="validate")
-    cache = assets / "two_validate_decoded"
-    several = scored(assets, "two_validate", "tall_masks", *args, *TWO_PROCESSES,
-                     f"--data.decoded_cache={cache}", stage="validate")  # fmt: skip
+    cache, scores = assets / "two_validate_decoded", assets / "two_validate_scores"
+    two = [*args, *TWO_PROCESSES, f"--data.decoded_cache={cache}", f"--model.score_cache={scores}"]
+    several = scored(assets, "two_validate", "tall_masks", *two, stage="validate")
     assert_same(outcome(single), outcome(several))
+    shards = {}
+    for entry in scores.rglob("*.json"):
+        shard = json.loads(entry.read_text())["key"]["samples"].split(" shard ")[1]
+        shards.setdefault(shard, {})[entry] = entry.stat().st_mtime_ns
+    assert sorted(shards) == ["0 of 2", "1 of 2"]  # 2 λ × 3 tasks each
+    assert [len(entries) for entries in shards.values()] == [6, 6]
+    for entry in shards["1 of 2"]:
+        entry.unlink()
+    again = scored(assets, "two_validate_again", "tall_masks", *two, stage="validate")
+    assert_same(outcome(single), outcome(again))
+    assert all(entry.stat().st_mtime_ns == t for entry, t in shards["0 of 2"].items())
+    assert all(entry.is_file() for entry in shards["1 of 2"])
     assert json.loads((several / "results_val.json").read_text())["stage"] == "val"
     console = (assets / "two_validate" / "console.txt").read_text()
     assert console.count("decoding ") == 1, console

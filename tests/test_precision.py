@@ -17,8 +17,10 @@ from mergelab.errors import BadValue
 from mergelab.lightning import evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
+# the encoder runs in each precision: no score read from an earlier run
 RUN = ["-c", "configs/embedded/base.yaml", "--report.print_table=false",
-       "--trainer.enable_progress_bar=false", "--trainer.logger=false"]  # fmt: skip
+       "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+       "--model.score_cache=false"]  # fmt: skip
 TALL = ["-c", "configs/methods/tall_masks.yaml"]
 LOGITS = evaluation.zero_shot_logits
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergelab.lightning.evaluation import flat_metrics, summarize
+from mergelab.lightning.results import flat_metrics, summarize
 from mergelab.sweep.runner import main, run_sweep, write_table
 from mergelab.sweep.sweep_file import SweepError, load_sweep, settings
 from mergelab.sweep.trials import Trial, agent_command, parsed_config, prepare

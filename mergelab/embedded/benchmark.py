@@ -149,12 +149,14 @@ def _benchmark(args: argparse.Namespace) -> dict:
         seconds[name] = time.perf_counter() - started_at
         headline = cli.model.results["headline"]
         normalized = headline.get("avg_normalized_acc")
+        read, scores = cli.model.scores_read
         log.info(
-            "%s: %.0f s, %.1f %% avg%s",
+            "%s: %.0f s, %.1f %% avg%s%s",
             name,
             seconds[name],
             100 * headline["avg_acc"],
             "" if normalized is None else f", {100 * normalized:.1f} % normalized",
+            f" ({read} of {scores} scores from the score cache)" if read else "",
         )
 
     for method in args.methods:

@@ -12,7 +12,6 @@ is read for (copied, edited, or truncated) is refused by name.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -24,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from mergelab.engine.atomic import temporary_path
-from mergelab.errors import BadValue, NotPermitted
-from mergelab.io.cache import check_folder_path
+from mergelab.errors import BadValue
+from mergelab.io.cache import CacheKey, check_cache_folder
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ IMAGES, LABELS, META = "images.npy", "labels.npy", "meta.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodedKey:
+class DecodedKey(CacheKey):
     """Everything a split's decoded images are computed from.
 
     ``dataset`` is the dataset's content fingerprint, ``rows`` a digest of the rows taken,
@@ -47,10 +46,6 @@ class DecodedKey:
     rows: str
     preprocessing: str
     format: int = FORMAT
-
-    def digest(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class DecodedImages:
@@ -80,13 +75,7 @@ class DecodedImageCache:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        check_folder_path(self.root, "the decoded-image cache")
-        existing = next(p for p in [self.root, *self.root.parents] if p.exists())
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise NotPermitted(
-                f"the decoded-image cache {self.root} cannot be written ({existing} is not "
-                "writable): choose another --data.decoded_cache folder, or false"
-            )
+        check_cache_folder(self.root, "the decoded-image cache", "--data.decoded_cache")
 
     def folder(self, key: DecodedKey) -> Path:
         task = re.sub(r"[^A-Za-z0-9_.-]", "_", key.task)

@@ -11,9 +11,9 @@ from pathlib import Path
 import lightning as L
 
 from mergelab.errors import BadValue
-from mergelab.lightning.evaluation import MergeEvaluator, check_reference
+from mergelab.lightning.evaluation import MergeEvaluator
 from mergelab.lightning.gradient_stats import GradientStatistics
-from mergelab.lightning.results import write_report
+from mergelab.lightning.results import check_reference, write_report
 from mergelab.methods import MergeContext, MergeMethod, TrustRegion
 
 log = logging.getLogger(__name__)

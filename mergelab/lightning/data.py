@@ -121,6 +121,7 @@ class TaskDataModule(L.LightningDataModule):
         self._datasets: dict[tuple[str, str], object] = {}
         self._once: list[str] | None = None
         self._cut_transform: tuple[Callable, CachedPreprocessing | None] | None = None
+        self._decoded_keys: dict[tuple[str, str], DecodedKey] = {}
 
     @property
     def task_names(self) -> list[str]:
@@ -164,6 +165,17 @@ class TaskDataModule(L.LightningDataModule):
         split = self.split(task, name)
         identity = [dataclasses.asdict(task), self.dataset_root, name, split.indices]
         return hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:16]
+
+    def served_samples(self, task: str, split: str) -> str | None:
+        """What this process's loader of a task's split serves, once served from the
+        decoded-image cache: the entry's digest and this rank's shard of it (scores of
+        those samples can be kept, :mod:`mergelab.io.scores`); None when the split is
+        decoded on every read."""
+        key = self._decoded_keys.get((task, split))
+        if key is None:
+            return None
+        world, rank = self._world()
+        return f"{key.digest()} shard {rank} of {world}"
 
     def _dataset(self, task: TaskSpec, split: str):
         """A hub split, loaded and checked once (train and val share the train split)."""
@@ -237,6 +249,7 @@ class TaskDataModule(L.LightningDataModule):
             request = self._decode_request(by_name[task], split, served[i])
             if request is not None:
                 requests[i] = request
+                self._decoded_keys[task, split] = request.key
         if not requests:
             return served
         trainer = self.trainer

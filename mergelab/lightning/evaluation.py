@@ -23,12 +23,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.func import functional_call
-from torchmetrics.classification import MulticlassAccuracy
 
 from mergelab.engine.pool import ModelPool
 from mergelab.errors import BadValue, MissingFile, MissingKey
 from mergelab.io.run_folder import check_finished
-from mergelab.merging.selection import pick_best
+from mergelab.lightning.results import flat_metrics, pick_settings, summarize
+from mergelab.lightning.scores import CachedScores, Top1
+from mergelab.lightning.scores import score_cache as score_cache_of
 from mergelab.methods.base import Variants
 from mergelab.models.clip import load_clip, load_image_encoder
 from mergelab.models.heads import zero_shot_head
@@ -53,6 +54,11 @@ class MergeEvaluator(L.LightningModule):
             (default $MERGELAB_CACHE or ~/.cache/mergelab).
         model_config: an open_clip model config JSON registered before loading ``model``
             (its file stem), for architectures open_clip does not ship.
+        score_cache: keep each setting's count of right answers on each task split, keyed
+            by the weights, the head, the samples and how they were computed, and read it
+            instead of running the encoder when the same is scored again: true
+            ($MERGELAB_CACHE/scores), a folder, or false. Only splits served from the
+            decoded-image cache are kept (their samples have a key).
     """
 
     def __init__(
@@ -63,9 +69,11 @@ class MergeEvaluator(L.LightningModule):
         finetuned_accuracy: dict[str, float] | str | None = None,
         cache_dir: str | None = None,
         model_config: str | None = None,
+        score_cache: bool | str = True,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.score_cache = score_cache_of(score_cache)
         self.clip = load_clip(model, pretrained, cache_dir, model_config)
         self.encoder = self.clip.model.visual
         self.encoder.requires_grad_(False)
@@ -86,7 +94,8 @@ class MergeEvaluator(L.LightningModule):
         self._picked: dict[str, str] | None = None  # task -> setting, once picked on val
         self._picks_on_val = False  # this run scores several settings on val, then test
         self._weights: tuple[str | None, dict[str, dict[str, torch.Tensor]]] | None = None
-        self._accuracy: dict[tuple[str, str, str], MulticlassAccuracy] = {}
+        self._accuracy: dict[tuple[str, str, str], Top1] = {}
+        self._scores: CachedScores | None = None
 
     # --- models -----------------------------------------------------------------------
 
@@ -140,13 +149,55 @@ class MergeEvaluator(L.LightningModule):
         self._picks_on_val = {"val", "test"} <= splits and len(self.variants.names) > 1
         # the test metrics of a run that picks on validation are made once it has picked
         self._accuracy = {
-            (name, task, split): top1(self._heads[task].shape[0]).to(self.device)
+            (name, task, split): Top1().to(self.device)
             for task, split in self._plan
             if not (split == "test" and self._picks_on_val)
             for name in self.variants.names
         }
         for task in {t for t, _ in self._plan}:
             self._heads[task] = self._heads[task].to(self.device)
+        self._scores = (
+            None
+            if self.score_cache is None
+            else CachedScores(self.score_cache, self._computation())
+        )
+
+    def _computation(self) -> dict:
+        """What turns weights and images into logits, besides the weights and the head."""
+        config = self.hparams.model_config
+        device = self.device
+        return {
+            "model": self.hparams.model,
+            "model_config": Path(config).read_text() if config else None,
+            "transform": repr(self.clip.preprocess_val),
+            "precision": self.trainer.precision,
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"{device.type} {torch.backends.cpu.get_cpu_capability()}",
+            "batch_size": self.datamodule.batch_size,
+        }
+
+    @property
+    def scores_read(self) -> tuple[int, int]:
+        """(scores read from the score cache, scores) of this process's last loop."""
+        scores = self._scores
+        return (0, 0) if scores is None else (len(scores.read), len(scores.keys))
+
+    def _read_from_cache(self, name: str, task: str, split: str, weights: StateDict) -> bool:
+        """Whether this (setting, task, split)'s counts were read from the score cache
+        (looked up on its first batch) instead of being computed."""
+        entry, scores = (name, task, split), self._scores
+        if scores is None:
+            return False
+        if not scores.looked_up(entry):
+            samples = self.datamodule.served_samples(task, split)
+            key = None
+            if samples is not None:
+                owner = (name,) if self.variants.shared is not None else (name, task)
+                head = {"head": self._heads[task], "logit_scale": torch.tensor(self.logit_scale)}
+                key = scores.key(scores.digest(owner, weights), scores.digest(task, head), samples)
+            scores.look_up(entry, key, self._accuracy[entry])
+        return entry in scores.read
 
     def _weights_for(self, task: str, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         """The weights of the variants ``names`` on the device. Shared ones are moved once
@@ -177,8 +228,7 @@ class MergeEvaluator(L.LightningModule):
             self._picked = pick_settings(val, tasks, self.variants.choose_per_task)
             for test_task in tasks:
                 name = self._picked[test_task]
-                classes = self._heads[test_task].shape[0]
-                self._accuracy[name, test_task, "test"] = top1(classes).to(self.device)
+                self._accuracy[name, test_task, "test"] = Top1().to(self.device)
         return self._picked[task]
 
     def _step(self, batch, dataloader_idx: int) -> None:
@@ -189,6 +239,8 @@ class MergeEvaluator(L.LightningModule):
         if split == "test" and self._picks_on_val:
             names = [self._picked_on_val(task)]
         for name, weights in self._weights_for(task, names).items():
+            if self._read_from_cache(name, task, split, weights):
+                continue
             features = functional_call(self.encoder, weights, (images,))
             logits = zero_shot_logits(features, head, self.logit_scale)
             self._accuracy[name, task, split].update(logits, labels)
@@ -214,6 +266,8 @@ class MergeEvaluator(L.LightningModule):
         self._finish("val")
 
     def _finish(self, stage: str) -> None:
+        if self._scores is not None:
+            self._scores.write(self._accuracy)
         accuracy: dict[str, dict[str, dict[str, float]]] = {}
         for (name, task, split), metric in self._accuracy.items():
             accuracy.setdefault(name, {}).setdefault(split, {})[task] = float(metric.compute())
@@ -242,11 +296,6 @@ def check_precision(precision: str, supported: tuple[str, ...], module: str) -> 
         raise BadValue(
             f"{module} runs with --trainer.precision {' or '.join(supported)}, not {precision!r}"
         )
-
-
-def top1(num_classes: int) -> MulticlassAccuracy:
-    """Top-1 accuracy over samples (torchmetrics' default would average over classes)."""
-    return MulticlassAccuracy(num_classes, average="micro")
 
 
 def _warn_shared_sources(sources: Mapping[str, str]) -> None:
@@ -297,84 +346,3 @@ def _fractions(accuracy: dict, source: str) -> dict[str, float]:
                 "fractions in (0, 1] (0.912, not 91.2)"
             )
     return {task: float(value) for task, value in accuracy.items()}
-
-
-def check_reference(
-    reference: Mapping[str, float] | None, tasks: list[str], source: str = "finetuned_accuracy"
-) -> None:
-    """The fine-tuned accuracies normalise every task: one entry per task."""
-    if not reference:
-        return
-    missing = [t for t in tasks if t not in reference]
-    if missing:
-        raise MissingKey(f"{source} has no entry for task {missing[0]!r}")
-
-
-def summarize(
-    accuracy: Mapping[str, Mapping[str, Mapping[str, float]]],
-    tasks: list[str],
-    stage: str,
-    choose_per_task: bool,
-    reference: Mapping[str, float] | None,
-) -> dict:
-    """The headline result: the variant(s) picked on validation, scored on ``stage``.
-
-    With validation scores, the pick is the variant with the best validation accuracy,
-    per task or on average over tasks (:func:`~mergelab.merging.selection.pick_best`);
-    without them (a test run that reports every setting) the first is the headline and
-    ``picked_on`` is None.
-    """
-    names = list(accuracy)
-    has_val = all("val" in accuracy[n] for n in names)
-    if has_val:
-        val = {n: accuracy[n]["val"] for n in names}
-        picked = pick_settings(val, tasks, choose_per_task)
-    else:
-        picked = dict.fromkeys(tasks, names[0])
-    headline = {t: accuracy[picked[t]][stage][t] for t in tasks}
-    result = {
-        "stage": stage,
-        "tasks": tasks,
-        "accuracy": {n: dict(accuracy[n]) for n in names},
-        "picked": picked,
-        "picked_on": "val" if has_val else None,
-        "headline": {"accuracy": headline, "avg_acc": sum(headline.values()) / len(tasks)},
-    }
-    if reference:
-        check_reference(reference, tasks)
-        normalized = {t: headline[t] / reference[t] for t in tasks}
-        result["headline"]["normalized_accuracy"] = normalized
-        result["headline"]["avg_normalized_acc"] = sum(normalized.values()) / len(tasks)
-        result["finetuned_accuracy"] = {t: reference[t] for t in tasks}
-    return result
-
-
-def pick_settings(
-    val: Mapping[str, Mapping[str, float]], tasks: list[str], choose_per_task: bool
-) -> dict[str, str]:
-    """Task → the setting picked on validation (``val``: setting → task → accuracy): each
-    task's best, or the best average over tasks, by
-    :func:`~mergelab.merging.selection.pick_best`."""
-    names = list(val)
-    if choose_per_task:
-        return {t: pick_best(names, lambda n, t=t: val[n][t]) for t in tasks}
-    best = pick_best(names, lambda n: sum(val[n].values()))
-    return dict.fromkeys(tasks, best)
-
-
-def flat_metrics(results: Mapping, stage: str) -> dict[str, float]:
-    """Logged names: ``<stage>/<task>/acc``, ``<stage>/avg_acc``, ``<stage>/avg_normalized_acc``
-    for the headline, ``<split>/<variant>/<task>/acc`` for every variant scored, and
-    ``<split>/<variant>/avg_acc`` for a variant scored on every task of the split."""
-    headline = results["headline"]
-    metrics = {f"{stage}/{t}/acc": a for t, a in headline["accuracy"].items()}
-    metrics[f"{stage}/avg_acc"] = headline["avg_acc"]
-    if "avg_normalized_acc" in headline:
-        metrics[f"{stage}/avg_normalized_acc"] = headline["avg_normalized_acc"]
-    for name, by_split in results["accuracy"].items():
-        for split, by_task in by_split.items():
-            for task, acc in by_task.items():
-                metrics[f"{split}/{name}/{task}/acc"] = acc
-            if len(by_task) == len(headline["accuracy"]):
-                metrics[f"{split}/{name}/avg_acc"] = sum(by_task.values()) / len(by_task)
-    return metrics

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from mergelab.engine.checkpoints import check_writable, save_state_dict
 from mergelab.engine.pool import fingerprint
 from mergelab.errors import BadValue
-from mergelab.lightning.evaluation import top1
+from mergelab.lightning.scores import Top1
 from mergelab.models.clip import load_clip
 from mergelab.models.heads import zero_shot_head
 from mergelab.models.logits import zero_shot_logits
@@ -93,8 +93,8 @@ class FineTuner(L.LightningModule):
         self.cache_dir = cache_dir
         self.output = output
         self.register_buffer("head", torch.empty(0), persistent=False)
-        self.train_acc = top1(self.spec.num_classes)
-        self.val_acc = top1(self.spec.num_classes)
+        self.train_acc = Top1()
+        self.val_acc = Top1()
         self.saved_to: Path | None = None
 
     @property

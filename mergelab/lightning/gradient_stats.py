@@ -85,7 +85,8 @@ class GradientStatistics(MergeEvaluator):
     ):
         if chunk_size < 1:
             raise BadValue(f"chunk_size must be ≥ 1, got {chunk_size}")
-        super().__init__(model, pretrained, finetuned, None, cache_dir, model_config)
+        # it scores nothing: no score cache
+        super().__init__(model, pretrained, finetuned, None, cache_dir, model_config, False)
         self.automatic_optimization = False
         self.encoder.requires_grad_(True)  # the parameters whose gradients are taken
         self.statistics = statistics

@@ -1,4 +1,5 @@
-"""Result files of an evaluation run: results.json, a markdown table and a bar chart.
+"""The results of an evaluation run: the headline, picked on validation (:func:`summarize`),
+the metrics logged, and its files: results.json, a markdown table and a bar chart.
 
 results.json (schema ``mergelab.results/1``)::
 
@@ -23,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mergelab.engine.atomic import temporary_path, write_atomically
+from mergelab.errors import MissingKey
+from mergelab.merging.selection import pick_best
 
 SCHEMA = "mergelab.results/1"
 
@@ -160,3 +163,84 @@ def write_report(results: Mapping, folder: Path) -> dict[str, Path]:
         "markdown": write_atomically(folder / f"results{suffix}.md", markdown_table(results)),
         "plot": bar_chart(results, folder / f"accuracy{suffix}.png"),
     }
+
+
+def check_reference(
+    reference: Mapping[str, float] | None, tasks: list[str], source: str = "finetuned_accuracy"
+) -> None:
+    """The fine-tuned accuracies normalise every task: one entry per task."""
+    if not reference:
+        return
+    missing = [t for t in tasks if t not in reference]
+    if missing:
+        raise MissingKey(f"{source} has no entry for task {missing[0]!r}")
+
+
+def summarize(
+    accuracy: Mapping[str, Mapping[str, Mapping[str, float]]],
+    tasks: list[str],
+    stage: str,
+    choose_per_task: bool,
+    reference: Mapping[str, float] | None,
+) -> dict:
+    """The headline result: the variant(s) picked on validation, scored on ``stage``.
+
+    With validation scores, the pick is the variant with the best validation accuracy,
+    per task or on average over tasks (:func:`~mergelab.merging.selection.pick_best`);
+    without them (a test run that reports every setting) the first is the headline and
+    ``picked_on`` is None.
+    """
+    names = list(accuracy)
+    has_val = all("val" in accuracy[n] for n in names)
+    if has_val:
+        val = {n: accuracy[n]["val"] for n in names}
+        picked = pick_settings(val, tasks, choose_per_task)
+    else:
+        picked = dict.fromkeys(tasks, names[0])
+    headline = {t: accuracy[picked[t]][stage][t] for t in tasks}
+    result = {
+        "stage": stage,
+        "tasks": tasks,
+        "accuracy": {n: dict(accuracy[n]) for n in names},
+        "picked": picked,
+        "picked_on": "val" if has_val else None,
+        "headline": {"accuracy": headline, "avg_acc": sum(headline.values()) / len(tasks)},
+    }
+    if reference:
+        check_reference(reference, tasks)
+        normalized = {t: headline[t] / reference[t] for t in tasks}
+        result["headline"]["normalized_accuracy"] = normalized
+        result["headline"]["avg_normalized_acc"] = sum(normalized.values()) / len(tasks)
+        result["finetuned_accuracy"] = {t: reference[t] for t in tasks}
+    return result
+
+
+def pick_settings(
+    val: Mapping[str, Mapping[str, float]], tasks: list[str], choose_per_task: bool
+) -> dict[str, str]:
+    """Task → the setting picked on validation (``val``: setting → task → accuracy): each
+    task's best, or the best average over tasks, by
+    :func:`~mergelab.merging.selection.pick_best`."""
+    names = list(val)
+    if choose_per_task:
+        return {t: pick_best(names, lambda n, t=t: val[n][t]) for t in tasks}
+    best = pick_best(names, lambda n: sum(val[n].values()))
+    return dict.fromkeys(tasks, best)
+
+
+def flat_metrics(results: Mapping, stage: str) -> dict[str, float]:
+    """Logged names: ``<stage>/<task>/acc``, ``<stage>/avg_acc``, ``<stage>/avg_normalized_acc``
+    for the headline, ``<split>/<variant>/<task>/acc`` for every variant scored, and
+    ``<split>/<variant>/avg_acc`` for a variant scored on every task of the split."""
+    headline = results["headline"]
+    metrics = {f"{stage}/{t}/acc": a for t, a in headline["accuracy"].items()}
+    metrics[f"{stage}/avg_acc"] = headline["avg_acc"]
+    if "avg_normalized_acc" in headline:
+        metrics[f"{stage}/avg_normalized_acc"] = headline["avg_normalized_acc"]
+    for name, by_split in results["accuracy"].items():
+        for split, by_task in by_split.items():
+            for task, acc in by_task.items():
+                metrics[f"{split}/{name}/{task}/acc"] = acc
+            if len(by_task) == len(headline["accuracy"]):
+                metrics[f"{split}/{name}/avg_acc"] = sum(by_task.values()) / len(by_task)
+    return metrics

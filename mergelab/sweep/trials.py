@@ -98,7 +98,7 @@ def logged_metrics(stage: str, config: Mapping) -> list[str]:
     from mergelab.cli import class_of
     from mergelab.embedded import expand
     from mergelab.lightning.data import TaskDataModule
-    from mergelab.lightning.evaluation import flat_metrics, summarize
+    from mergelab.lightning.results import flat_metrics, summarize
 
     plan = TaskDataModule(**expand(dict(config["data"]))).plan(stage)
     tasks = list(dict.fromkeys(task for task, _ in plan))
