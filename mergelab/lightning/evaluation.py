@@ -174,6 +174,11 @@ class MergeEvaluator(L.LightningModule):
             "device": torch.cuda.get_device_name(device)
             if device.type == "cuda"
             else f"{device.type} {torch.backends.cpu.get_cpu_capability()}",
+            # what else can change a float32 product's rounding: TF32 or bf16 passes for
+            # float32 matmuls (torch.set_float32_matmul_precision), and how a CPU kernel
+            # splits its sums over threads
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            "threads": torch.get_num_threads(),
             "batch_size": self.datamodule.batch_size,
         }
 
