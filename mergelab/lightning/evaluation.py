@@ -28,8 +28,7 @@ from mergelab.engine.pool import ModelPool
 from mergelab.errors import BadValue, MissingFile, MissingKey
 from mergelab.io.run_folder import check_finished
 from mergelab.lightning.results import flat_metrics, pick_settings, summarize
-from mergelab.lightning.scores import CachedScores, Top1
-from mergelab.lightning.scores import score_cache as score_cache_of
+from mergelab.lightning.scores import CachedScores, Top1, open_score_cache
 from mergelab.methods.base import Variants
 from mergelab.models.clip import load_clip, load_image_encoder
 from mergelab.models.heads import zero_shot_head
@@ -73,7 +72,7 @@ class MergeEvaluator(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.score_cache = score_cache_of(score_cache)
+        self.score_cache = open_score_cache(score_cache)
         self.clip = load_clip(model, pretrained, cache_dir, model_config)
         self.encoder = self.clip.model.visual
         self.encoder.requires_grad_(False)
@@ -198,7 +197,8 @@ class MergeEvaluator(L.LightningModule):
             samples = self.datamodule.served_samples(task, split)
             key = None
             if samples is not None:
-                owner = (name,) if self.variants.shared is not None else (name, task)
+                # a task's own models are built anew for test: digested anew
+                owner = (name,) if self.variants.shared is not None else (name, task, split)
                 head = {"head": self._heads[task], "logit_scale": torch.tensor(self.logit_scale)}
                 key = scores.key(scores.digest(owner, weights), scores.digest(task, head), samples)
             scores.look_up(entry, key, self._accuracy[entry])

@@ -61,7 +61,7 @@ class Top1(Metric):
         return int(self.right), int(self.total)
 
 
-def score_cache(setting: bool | str) -> ScoreCache | None:
+def open_score_cache(setting: bool | str) -> ScoreCache | None:
     """``--model.score_cache``: true ($MERGELAB_CACHE/scores), a folder, or false."""
     if setting is False:
         return None
