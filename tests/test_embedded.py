@@ -254,9 +254,10 @@ def _build_elsewhere(cache: Path, env: dict[str, str], setup: str = "") -> dict:
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_every_cpu_builds_identical_files(embedded_cache, tmp_path, capability):
-    """The session's build (this machine's own vector unit, every core) against one on a
-    single core with torch told to run another CPU's kernels: every file the same, byte
-    for byte (the manifest's SHA-256 of each)."""
+    """The session's build (this machine's own vector unit, every core: its steps shared
+    out among one process per core) against one on a single core, in one process, with
+    torch told to run another CPU's kernels: every file the same, byte for byte (the
+    manifest's SHA-256 of each)."""
     built = EmbeddedBenchmark("test", str(embedded_cache)).root
     files = _build_elsewhere(tmp_path, {"ATEN_CPU_CAPABILITY": capability})
     assert files == json.loads((built / MANIFEST).read_text())["files"]

@@ -11,7 +11,9 @@ cache that no longer matches it is moved aside and rebuilt, never used in part.
 
 The build runs in a process of its own (:mod:`mergelab.embedded.build_process`) whose
 kernels do not depend on the CPU's vector unit (:data:`BUILD_ENVIRONMENT`), so that every
-machine builds the same files, byte for byte, and prints the same table.
+machine builds the same files, byte for byte, and prints the same table. Its steps are
+shared out among one process per core (:mod:`mergelab.embedded.build_steps`), which
+changes no file.
 
 The assets are ordinary files in the layouts the real benchmark uses, read by the same
 loaders; configs name them as ``embedded:<asset>``, which the applications expand into
@@ -37,6 +39,7 @@ from typing import ClassVar
 
 import torch
 
+from mergelab.embedded.build_steps import MARKERS, Step, build_workers, run_steps
 from mergelab.embedded.preset import MODEL_NAME, Preset, get_preset
 from mergelab.embedded.scenes import TASKS
 from mergelab.errors import MissingKey, NotPermitted
@@ -59,6 +62,10 @@ BUILD_ENVIRONMENT = {
     "MKL_CBWR": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
+# ... and, unless the user set them, settings that change no file: OpenMP's idle threads
+# sleep instead of spinning, which lets the build's workers share the cores (two workers
+# of two spinning threads each on two cores: four times slower)
+BUILD_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 MANIFEST_SCHEMA = "mergelab.embedded/1"
 
 
@@ -95,6 +102,7 @@ class EmbeddedBenchmark:
         self.preset = preset if isinstance(preset, Preset) else get_preset(preset)
         self.cache_dir = cache_root(cache_dir)
         self.root = self.cache_dir / "embedded" / self.preset.key
+        self._progress_bars = True  # Lightning's bars in the build's steps
 
     @property
     def staging(self) -> Path:
@@ -137,7 +145,7 @@ class EmbeddedBenchmark:
         command += [json.dumps(asdict(self.preset)), str(self.cache_dir)]
         command += ["--log-level", str(log.getEffectiveLevel())]
         command += ["--quiet"] * is_quiet()
-        status = run_child(command, env={**os.environ, **BUILD_ENVIRONMENT})
+        status = run_child(command, env={**BUILD_DEFAULTS, **os.environ, **BUILD_ENVIRONMENT})
         if status == -signal.SIGINT or status == 128 + signal.SIGINT:
             raise KeyboardInterrupt
         if status != 0:
@@ -216,31 +224,31 @@ class EmbeddedBenchmark:
         and the rename that publishes it."""
         staging = self.staging
         staging.mkdir(parents=True, exist_ok=True)
-        steps = [("datasets", self._datasets), ("pretrained", self._pretrain)]
-        steps += [(f"finetuned/{task}", self._finetuner(task)) for task in TASKS]
-        steps += [("finetuned_accuracy", self._finetuned_accuracy)]
-        log.info("building the embedded benchmark (preset %s) in %s", self.preset.name, staging)
+        made = ("datasets", "pretrained")
+        steps = [Step("datasets", self._datasets), Step("pretrained", self._pretrain)]
+        steps += [Step(f"finetuned/{task}", self._finetuner(task), made) for task in TASKS]
+        tuned = tuple(f"finetuned/{task}" for task in TASKS)
+        steps += [Step("finetuned_accuracy", self._finetuned_accuracy, tuned)]
+        workers = build_workers(steps)
+        log.info(
+            "building the embedded benchmark (preset %s, %d process%s) in %s",
+            self.preset.name,
+            workers,
+            "es" * (workers > 1),
+            staging,
+        )
         started = time.perf_counter()
+        _import_step_modules()  # once, before the workers are forked
+        self._progress_bars = workers == 1  # side by side, bars would draw over each other
         threads = torch.get_num_threads()
         # the same arithmetic on any machine: float reductions split over another number
         # of threads would round differently, and the build's files would differ
         torch.set_num_threads(BUILD_THREADS)
         try:
-            for number, (name, step) in enumerate(steps, 1):
-                marker = staging / ".steps" / name
-                if marker.exists():
-                    log.info("[%d/%d] %s: done before, kept", number, len(steps), name)
-                    continue
-                log.info("[%d/%d] %s", number, len(steps), name)
-                step_started = time.perf_counter()
-                step(staging)
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-                seconds = time.perf_counter() - step_started
-                log.info("[%d/%d] %s: %.0f s", number, len(steps), name, seconds)
+            run_steps(steps, staging, workers)
         finally:
             torch.set_num_threads(threads)
-        shutil.rmtree(staging / ".steps")
+        shutil.rmtree(staging / MARKERS)
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         manifest = {
             "schema": MANIFEST_SCHEMA,
@@ -256,7 +264,6 @@ class EmbeddedBenchmark:
 
         sizes = {"train": self.preset.train_per_task, "test": self.preset.test_per_task}
         write_tasks(folder, sizes, self.preset.seed)
-        (folder / ASSETS["model_config"]).write_text(json.dumps(self.preset.model_config()))
 
     def _pretrain(self, folder: Path) -> None:
         import lightning as L
@@ -268,6 +275,7 @@ class EmbeddedBenchmark:
 
         preset = self.preset
         L.seed_everything(preset.seed, verbose=False)
+        (folder / ASSETS["model_config"]).write_text(json.dumps(preset.model_config()))
         open_clip.add_model_config(folder / ASSETS["model_config"])
         # open_clip warns that the model starts from random weights: here, on purpose
         disabled = logging.root.manager.disable
@@ -280,7 +288,7 @@ class EmbeddedBenchmark:
             preset.pretrain_pairs, preset.seed, preprocess, open_clip.get_tokenizer(MODEL_NAME)
         )
         loader = DataLoader(pairs, batch_size=preset.pretrain_batch_size, shuffle=True)
-        trainer = _trainer(preset.pretrain_steps, batches=len(loader))
+        trainer = _trainer(preset.pretrain_steps, len(loader), self._progress_bars)
         trainer.fit(ContrastivePretrainer(model, preset.pretrain_lr), loader)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         meta = {"mergelab": json.dumps({"kind": "embedded_pretrained", "preset": preset.key})}
@@ -312,7 +320,9 @@ class EmbeddedBenchmark:
             )
             train, _ = protocol_split(preset.train_per_task)
             batches = math.ceil(len(train) / preset.finetune_batch_size)
-            trainer = _trainer(preset.finetune_steps, batches=batches, gradient_clip_val=1.0)
+            trainer = _trainer(
+                preset.finetune_steps, batches, self._progress_bars, gradient_clip_val=1.0
+            )
             trainer.fit(module, datamodule=data)
 
         return finetune
@@ -336,12 +346,13 @@ class EmbeddedBenchmark:
         data = TaskDataModule(
             tasks=[str(folder / ASSETS[f"tasks/{t}"]) for t in TASKS], batch_size=256, num_workers=0
         )
-        trainer = _trainer(None, callbacks=[MergeCallback(Finetuned(), save_artifact=False)])
+        callback = MergeCallback(Finetuned(), save_artifact=False)
+        trainer = _trainer(None, None, self._progress_bars, callbacks=[callback])
         trainer.test(module, datamodule=data, verbose=False)
         write_report(module.results, (folder / ASSETS["finetuned_accuracy"]).parent)
 
 
-def _trainer(max_steps: int | None, batches: int | None = None, **kwargs):
+def _trainer(max_steps: int | None, batches: int | None, progress_bar: bool, **kwargs):
     """A quiet Trainer for ``max_steps`` (None: one pass); with ``batches`` per epoch, the
     epochs that those steps span, so that the progress bar counts them (the steps stop
     the training, as without it)."""
@@ -354,10 +365,22 @@ def _trainer(max_steps: int | None, batches: int | None = None, **kwargs):
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=progress_bar,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         **kwargs,
     )
+
+
+def _import_step_modules() -> None:
+    """The modules the steps import, imported here: forked workers then share them."""
+    import lightning  # noqa: F401
+    import open_clip  # noqa: F401
+
+    import mergelab.embedded.pretrain
+    import mergelab.embedded.scenes
+    import mergelab.lightning.evaluation
+    import mergelab.lightning.finetune  # noqa: F401
 
 
 def _sha256(path: Path) -> str:
