@@ -59,9 +59,9 @@ def dropped_task_vectors(pretrained, finetuned, p, seed) -> dict[str, StateDict]
     return out
 
 
-def hashed_draws(key: int, n: int) -> list[int]:
-    """lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) >> 8 for i in 0..n-1, with
-    lowbias32 as Chris Wellons published it (Hash Prospector), in Python integers."""
+def hashed_draws(key: int, n: int, start: int = 0) -> list[int]:
+    """lowbias32(lowbias32(key ^ (i >> 32)) ^ (i mod 2^32)) >> 8 for i in start..start+n-1,
+    with lowbias32 as Chris Wellons published it (Hash Prospector), in Python integers."""
     mask = (1 << 32) - 1
 
     def lowbias32(h: int) -> int:
@@ -71,7 +71,9 @@ def hashed_draws(key: int, n: int) -> list[int]:
         h = (h * 0x846CA68B) & mask
         return h ^ (h >> 16)
 
-    return [lowbias32(lowbias32(key ^ (i >> 32)) ^ (i & mask)) >> 8 for i in range(n)]
+    return [
+        lowbias32(lowbias32(key ^ (i >> 32)) ^ (i & mask)) >> 8 for i in range(start, start + n)
+    ]
 
 
 def masked_models(pretrained, finetuned, q, gradients=None) -> dict[str, StateDict]:

@@ -3,6 +3,8 @@ transcriptions of tests/naive.py and tests/naive_baselines.py on random models."
 
 from __future__ import annotations
 
+import functools
+
 import naive
 import naive_baselines
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from strategies import FACTORS, LAMBDA_GRID, assert_states_equal, families, make_family
 
 import mergelab
-from mergelab.engine.parameterwise import resolve_device
+from mergelab.engine.parameterwise import TaskVectors, resolve_device, summed_vector
 from mergelab.methods import Dare, Isotropic, TallMasks, TaskArithmetic, Ties, TrustRegion
 
 SHARES = st.sampled_from([1.0, 0.5, 0.2, 0.05])
@@ -48,6 +50,10 @@ def test_ties_matches_naive(family, factor, share, mean):
 def test_dare_matches_naive(family, factor, p, seed):
     """DARE + Task Arithmetic: the naive dropped vectors summed, task by task."""
     merged = mergelab.dare(family.pretrained, family.finetuned, factor, p, seed, device="cpu")
+    assert_states_equal(merged, _naive_dare(family, factor, p, seed))
+
+
+def _naive_dare(family, factor: float, p: float, seed: int):
     dropped = naive_baselines.dropped_task_vectors(family.pretrained, family.finetuned, p, seed)
     delta = {}
     for key in naive.merged_keys(family.pretrained):
@@ -55,7 +61,21 @@ def test_dare_matches_naive(family, factor, p, seed):
         delta[key] = parts[0].clone()
         for part in parts[1:]:
             delta[key] = delta[key] + part
-    assert_states_equal(merged, naive.assemble(family.pretrained, delta, factor))
+    return naive.assemble(family.pretrained, delta, factor)
+
+
+def test_dare_streamed_in_blocks_matches_naive():
+    """A parameter of several of the engine's blocks (the CPU path drops and sums block by
+    block, on threads), real floats: the naive whole-parameter drop and sum, to the bit,
+    and the whole-parameter path's δ too."""
+    family = make_family(1, [(400, 700), (3,)], 3, integer=False)
+    assert 2 * mergelab.ModelPool(family.pretrained, family.finetuned).chunk < 400 * 700
+    merged = mergelab.dare(family.pretrained, family.finetuned, 0.3, 0.5, 2)
+    assert_states_equal(merged, _naive_dare(family, 0.3, 0.5, 2))
+    pool = mergelab.ModelPool(family.pretrained, family.finetuned)
+    whole = TaskVectors(pool, "cpu", [mergelab.engine.dare.DareDrop(pool.tasks, 0.5, 2)])
+    streamed = mergelab.dare_vector(pool, 0.5, 2)
+    assert_states_equal(streamed, summed_vector(whole))
 
 
 @given(family=families(), p=st.sampled_from([0.5, 0.75]), share=SHARES)
@@ -211,3 +231,57 @@ def test_dare_drop_kernel_and_torch_path_match_the_hash(shape, tasks, p, keys, f
     )
     assert torch.equal(dare_drop(taus, p, keys), expected)
     assert torch.equal(dare_drop_(taus.clone(), p, keys), expected)
+
+
+@given(
+    blocks=st.integers(0, 3),
+    size=st.integers(1, 9000),
+    key=st.integers(0, 2**32 - 1),
+    high=st.booleans(),
+)
+def test_dare_drop_of_a_block_draws_as_the_whole_parameter(blocks, size, key, high):
+    """The fused drop and sum of one task's block of columns from an offset (a block of
+    the engine's; θ0 = 0, so τ is θ exactly): the transcribed hash at their own flat
+    indices, across 2^32 too."""
+    from mergelab.merging.dare import dropped_sum
+    from mergelab.merging.dare_kernels import BLOCK
+
+    offset = blocks * BLOCK + (2**32 - 2 * BLOCK if high else 0)
+    models = torch.randn(2, size, generator=torch.Generator().manual_seed(key))
+    models[0] = 0
+    draws = naive_baselines.hashed_draws(key, size, start=offset)
+    expected = torch.where(torch.tensor([d / 2**24 >= 0.5 for d in draws]), models[1] / 0.5, 0.0)
+    out = torch.empty(size)
+    assert dropped_sum(models, 0.5, [key], offset, out=out)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="not a multiple"):
+        dropped_sum(models, 0.5, [key], offset + 1, out=out)
+    models[1, -1] = float("nan")  # dropped or not, it is seen
+    assert not dropped_sum(models, 0.5, [key], offset, out=out)
+
+
+MERGES_FROM_ROWS = {
+    "task_arithmetic": mergelab.task_arithmetic,
+    "dare": functools.partial(mergelab.dare, drop_rate=0.999),
+}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("merge", sorted(MERGES_FROM_ROWS))
+def test_a_task_vector_with_nan_or_inf_is_named_even_where_dropped(bad, merge):
+    """The CPU paths that sum from the models' rows name the task; DARE at p = 0.999
+    drops the bad coordinate from the sum almost surely, and still names it."""
+    pretrained = {"w": torch.zeros(3000)}
+    finetuned = {"a": {"w": torch.ones(3000)}, "b": {"w": torch.ones(3000)}}
+    finetuned["b"]["w"][2900] = bad
+    with pytest.raises(ValueError, match="task vector of 'b' has NaN or Inf values at 'w'"):
+        MERGES_FROM_ROWS[merge](pretrained, finetuned, 0.3)
+
+
+def test_a_sum_that_overflows_is_named():
+    pretrained = {"w": torch.zeros(3000)}
+    finetuned = {task: {"w": torch.ones(3000)} for task in "ab"}
+    for task in "ab":
+        finetuned[task]["w"][2900] = 3e38  # finite; their sum is not, in float32
+    with pytest.raises(ValueError, match=r"merging 'w' overflows torch\.float32"):
+        mergelab.task_arithmetic(pretrained, finetuned, 0.3)

@@ -141,16 +141,22 @@ def test_resized_vocabulary_and_excluded_tensors_are_copied_and_named(tmp_path, 
     )
 
 
-def test_ties_and_zero_shot_trust_region_match_the_python_api(tmp_path, llamas):
+def test_ties_dare_and_zero_shot_trust_region_match_the_python_api(tmp_path, llamas):
+    """DARE's sum is streamed a parameter at a time (DARE + TIES, whole): both as the
+    method's δ of the whole model."""
     base = weights(llamas["base"])
     models = {task: weights(llamas[task]) for task in TASKS}
     pool = ModelPool(base, models)
     context = MergeContext(list(TASKS), lambda: base, lambda: pool)
-    for name, init_args in [
-        ("Ties", {"scaling_factor": 0.5, "keep": 0.3}),
-        ("TrustRegion", {"scaling_factor": 0.5, "threshold_quantile": 0.9}),
-    ]:
-        folder = tmp_path / name
+    for number, (name, init_args) in enumerate(
+        [
+            ("Ties", {"scaling_factor": 0.5, "keep": 0.3}),
+            ("TrustRegion", {"scaling_factor": 0.5, "threshold_quantile": 0.9}),
+            ("Dare", {"scaling_factor": 0.5, "drop_rate": 0.3, "seed": 4}),
+            ("Dare", {"scaling_factor": 0.5, "drop_rate": 0.3, "ties": 0.5}),
+        ]
+    ):
+        folder = tmp_path / f"{number}-{name}"
         folder.mkdir()
         method = {"class_path": f"mergelab.methods.{name}", "init_args": init_args}
         output = merge_main([str(merge_config(folder, llamas, method, dtype="float32"))])

@@ -22,6 +22,7 @@ from strategies import (
     assert_states_close,
     assert_states_equal,
     families,
+    make_family,
 )
 
 from mergelab import (
@@ -83,6 +84,14 @@ def test_task_arithmetic_factor_list_matches_naive(family, factors):
         expected = naive.task_arithmetic(family.pretrained, family.finetuned, factor)
         assert_states_equal(model, expected)
     assert_unchanged(family, before)
+
+
+def test_task_arithmetic_streamed_in_blocks_matches_naive_on_real_floats():
+    """Parameters of several of the engine's blocks, summed on threads: the naive formula
+    to the bit."""
+    family = make_family(3, [(400, 700), (1000,), (3, 5)], 4, integer=False)
+    merged = task_arithmetic(family.pretrained, family.finetuned, scaling_factor=0.3)
+    assert_states_equal(merged, naive.task_arithmetic(family.pretrained, family.finetuned, 0.3))
 
 
 # --- Trust region ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -80,23 +81,23 @@ class ModelPool:
         """Flat slices of :attr:`chunk` columns over one parameter (every ``every``-th only)."""
         return flat_blocks(self.specs[key].numel, self.chunk, every)
 
-    def read_task_vectors(self, key: str, part: slice, workspace: Workspace) -> torch.Tensor:
-        """τ[:, part], τ = θt − θ0 stacked as [T, part size], in a view of ``workspace``
-        (overwritten by its next use). Callers check what they reduce it to with
-        :meth:`check_finite`.
-
-        The subtraction runs in numpy (the same IEEE result as torch), single-threaded, so
-        that :class:`~mergelab.engine.workspace.BlockWorkers` threads can call it side by side.
-        """
+    def read_models(self, key: str, part: slice, workspace: Workspace) -> torch.Tensor:
+        """θ0, θ1, …, θT [:, part] stacked as [T + 1, part size] in the compute dtype, in a
+        view of ``workspace`` (overwritten by its next use): for kernels that form τ as they
+        go (:meth:`read_task_vectors` forms it first)."""
         sources = [self.pretrained, *self.finetuned.values()]
         size = part.stop - part.start
         # contiguous, so that the rows of τ are too (compiled kernels vectorise over them)
         block = workspace.get("models", (len(sources), size), self.compute_dtype(key))
         for row, checkpoint in zip(block, sources, strict=True):
             read_into(checkpoint, key, row, part.start, part.stop)
-        rows = block.numpy()
-        np.subtract(rows[1:], rows[0], out=rows[1:])
-        return block[1:]
+        return block
+
+    def read_task_vectors(self, key: str, part: slice, workspace: Workspace) -> torch.Tensor:
+        """τ[:, part], τ = θt − θ0 stacked as [T, part size], in a view of ``workspace``
+        (overwritten by its next use). Callers check what they reduce it to with
+        :meth:`check_finite`."""
+        return subtract_pretrained(self.read_models(key, part, workspace))
 
     def task_vector_chunks(
         self, key: str, workspace: Workspace
@@ -111,13 +112,23 @@ class ModelPool:
         that any NaN or Inf in them makes non-finite) is not finite. One sum of it decides
         in the common case (in numpy, which starts no threads); the element-wise checks run
         only when that sum is not finite."""
-        with np.errstate(all="ignore"):  # overflow to Inf is what the check looks for
-            if np.isfinite(summary.numpy().sum()) or torch.isfinite(summary).all():
-                return
+        if not _sums_to_finite(summary):
+            self._refuse(key, taus, summary.dtype)
+
+    def check_finite_from_models(
+        self, key: str, models: torch.Tensor, summary: torch.Tensor, finite: bool
+    ) -> None:
+        """:meth:`check_finite` for a ``summary`` computed from :meth:`read_models`' rows:
+        τ is formed, in their place, only to name the task when the summary is not finite
+        or ``finite`` is False (a kernel saw a NaN or Inf that its summary hides)."""
+        if not (finite and _sums_to_finite(summary)):
+            self._refuse(key, subtract_pretrained(models), summary.dtype)
+
+    def _refuse(self, key: str, taus: torch.Tensor, dtype: torch.dtype) -> NoReturn:
         for task, row in zip(self.tasks, taus, strict=True):
             if not torch.isfinite(row).all():
                 raise BadValue(f"task vector of {task!r} has NaN or Inf values at {key!r}")
-        raise BadValue(f"merging {key!r} overflows {summary.dtype}: task vectors too large")
+        raise BadValue(f"merging {key!r} overflows {dtype}: task vectors too large")
 
     def check_companions(self, stats: Mapping[str, Mapping[str, torch.Tensor]], what: str) -> None:
         """Check per-task tensors (e.g. gradient statistics) cover every merged parameter."""
@@ -137,6 +148,23 @@ class ModelPool:
     def fingerprint(self) -> str:
         """A short identity of θ0 (see :func:`fingerprint`)."""
         return fingerprint(self.pretrained)
+
+
+def subtract_pretrained(models: torch.Tensor) -> torch.Tensor:
+    """τ = θt − θ0 of rows stacked as [T + 1, n] (θ0 first), in their place: rows 1..T.
+
+    The subtraction runs in numpy (the same IEEE result as torch), single-threaded, so
+    that :class:`~mergelab.engine.workspace.BlockWorkers` threads can call it side by side.
+    """
+    rows = models.numpy()
+    np.subtract(rows[1:], rows[0], out=rows[1:])
+    return models[1:]
+
+
+def _sums_to_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is finite, decided in the common case by one numpy sum."""
+    with np.errstate(all="ignore"):  # overflow to Inf is what the check looks for
+        return bool(np.isfinite(tensor.numpy().sum()) or torch.isfinite(tensor).all())
 
 
 def fingerprint(checkpoint: Mapping[str, torch.Tensor]) -> str:

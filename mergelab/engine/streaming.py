@@ -10,6 +10,7 @@ computed otherwise (TALL retrieval: θ0 + mt ⊙ τMTL) is streamed by :func:`fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -296,6 +297,26 @@ def single_or_list(results: list, scaling_factor) -> StateDict | list:
     return results[0] if is_single(scaling_factor) else results
 
 
+def streamed_models(
+    pool: ModelPool,
+    delta_of: Callable[[str, BlockWorkers], torch.Tensor],
+    scaling_factor: float | Sequence[float],
+    output=None,
+    overwrite: bool = False,
+    desc: str = "merge",
+) -> StateDict | Path | list:
+    """θ0 + λ·δ for one λ or a list of them (the Python API's functions), δ of a key given
+    by ``delta_of(key, workers=workers)`` as the models are built, its blocks on ``workers``: the
+    methods whose δ of a parameter needs nothing of the others (Task Arithmetic, DARE)
+    never hold δ of the whole model."""
+    factors = as_factor_list(scaling_factor, "scaling_factor")
+    outputs = output_paths(output, len(factors), overwrite)
+    with BlockWorkers() as workers:
+        of_key = functools.partial(delta_of, workers=workers)
+        models = _models(pool, of_key, factors, outputs, overwrite, desc)
+    return single_or_list(models, scaling_factor)
+
+
 def scaled_models(
     pool: ModelPool,
     merged_vector: Callable[[], Mapping[str, torch.Tensor]],
@@ -310,14 +331,20 @@ def scaled_models(
     factors = as_factor_list(scaling_factor, "scaling_factor")
     outputs = output_paths(output, len(factors), overwrite)
     delta = merged_vector()
-    results = build_models(
+    return single_or_list(
+        _models(pool, delta.__getitem__, factors, outputs, overwrite, desc), scaling_factor
+    )
+
+
+def _models(pool, delta_of, factors, outputs, overwrite, desc) -> list[StateDict | Path]:
+    """θ0 + λ·δ for each λ, the last in δ's storage (δ is the caller's to overwrite)."""
+    return build_models(
         pool.pretrained,
         pool.merged_keys,
-        delta.__getitem__,
+        delta_of,
         factors,
         outputs,
         overwrite,
         desc=desc,
         consume=True,
     )
-    return single_or_list(results, scaling_factor)

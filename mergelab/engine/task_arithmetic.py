@@ -8,13 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from mergelab.engine.pool import CheckpointSource, ModelPool
-from mergelab.engine.streaming import (
-    StateDict,
-    as_factor_list,
-    build_models,
-    output_paths,
-    single_or_list,
-)
+from mergelab.engine.streaming import StateDict, streamed_models
 from mergelab.engine.workspace import BlockWorkers, empty
 from mergelab.merging.task_arithmetic import task_vector_sum
 
@@ -50,17 +44,11 @@ def task_arithmetic(
     λ) to write safetensors files and return their paths.
     """
     pool = ModelPool(pretrained, finetuned)
-    factors = as_factor_list(scaling_factor, "scaling_factor")
-    outputs = output_paths(output, len(factors), overwrite)
-    with BlockWorkers() as workers:
-        results = build_models(
-            pool.pretrained,
-            pool.merged_keys,
-            functools.partial(task_arithmetic_delta, pool, workers=workers),
-            factors,
-            outputs,
-            overwrite,
-            desc="task arithmetic",
-            consume=True,
-        )
-    return single_or_list(results, scaling_factor)
+    return streamed_models(
+        pool,
+        functools.partial(task_arithmetic_delta, pool),
+        scaling_factor,
+        output,
+        overwrite,
+        desc="task arithmetic",
+    )

@@ -71,3 +71,30 @@ def dare_drop_(task_vectors: torch.Tensor, drop_rate: float, seeds: Sequence[int
     keys = np.asarray(seeds, dtype=np.uint32)
     kernels("dare_kernels").drop_and_rescale(flat, keys, drop_cutoff(drop_rate), divisor)
     return task_vectors
+
+
+# the exponent bits of each float dtype, all ones in Inf and NaN
+_EXPONENT = {
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+    np.dtype(np.float64): (np.uint64, 0x7FF << 52),
+}
+
+
+def dropped_sum(
+    models: torch.Tensor, drop_rate: float, seeds: Sequence[int], offset: int, out: torch.Tensor
+) -> bool:
+    """Σt τt ⊙ mt / (1 − p) into ``out``, from the models' rows stacked as [T + 1, n] (θ0
+    first; τt = θt − θ0) that hold a parameter's flat coordinates from ``offset`` on (a
+    multiple of :data:`~mergelab.merging.dare_kernels.BLOCK`), each drawn as at its place
+    in the whole parameter: the bits of :func:`dare_drop_` then the ordered sum, in one
+    compiled pass that leaves the rows as they are. Returns whether every model's value
+    was finite (a NaN that is dropped is not in the sum)."""
+    compiled = kernels("dare_kernels")
+    if offset % compiled.BLOCK:
+        raise ValueError(f"offset {offset} is not a multiple of {compiled.BLOCK}")
+    rows = models.numpy()
+    divisor = rows.dtype.type(1 - drop_rate)
+    keys = np.asarray(seeds, dtype=np.uint32)
+    compiled.drop_and_sum(rows, keys, drop_cutoff(drop_rate), divisor, offset, out.numpy())
+    unsigned, exponent = _EXPONENT[rows.dtype]
+    return compiled.exponents_below(rows.view(unsigned), unsigned(exponent))

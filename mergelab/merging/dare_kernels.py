@@ -18,7 +18,8 @@ import numpy as np
 
 _MULTIPLIER_1 = np.uint32(0x7FEB352D)
 _MULTIPLIER_2 = np.uint32(0x846CA68B)
-_BLOCK = 4096  # coordinates per parallel block; 2^32 is a multiple: i >> 32 is the block's
+# coordinates per parallel block; 2^32 is a multiple: i >> 32 is the block's
+BLOCK = 4096
 
 
 @numba.njit(inline="always")
@@ -52,9 +53,9 @@ def drop_and_rescale(task_vectors, keys, cutoff, divisor):
     """In place: τt[i] / divisor where the draw of (keys[t], i) is at least ``cutoff``,
     else 0, for τ [T, n]."""
     tasks, size = task_vectors.shape
-    for block in numba.prange((size + _BLOCK - 1) // _BLOCK):
-        start = block * _BLOCK
-        width = min(size, start + _BLOCK) - start
+    for block in numba.prange((size + BLOCK - 1) // BLOCK):
+        start = block * BLOCK
+        width = min(size, start + BLOCK) - start
         for t in range(tasks):
             row = task_vectors[t, start : start + width]
             key = _block_key(keys[t], start)
@@ -66,13 +67,63 @@ def drop_and_rescale(task_vectors, keys, cutoff, divisor):
                 row[j] = value if kept else zero
 
 
+@numba.njit(
+    [
+        f"void({dtype}[:, ::1], uint32[::1], uint32, {dtype}, uint64, {dtype}[::1])"
+        for dtype in ("float32", "float64")
+    ],
+    cache=True,
+    nogil=True,
+)
+def drop_and_sum(models, keys, cutoff, divisor, offset, out):
+    """out = Σ_{t ≥ 1} τt ⊙ mt / divisor, added in order of t, for models [T + 1, n] (θ0
+    first) holding a parameter's columns from ``offset`` (a multiple of the block width):
+    τt = models[t] − models[0], mt where the draw of (keys[t − 1], offset + i) is at
+    least ``cutoff``. The bits of :func:`drop_and_rescale` on the subtracted rows, then
+    their sum in order, in one pass without the [T, n] temporaries."""
+    sources, size = models.shape
+    zero = divisor - divisor
+    for start in range(0, size, BLOCK):
+        stop = min(size, start + BLOCK)
+        first = np.uint64(offset) + np.uint64(start)  # the parameter's flat index
+        low = np.uint32(first & np.uint64(0xFFFFFFFF))
+        # slices per block, indexed from 0, one store per loop: the loops then vectorise
+        total, base, row = out[start:stop], models[0, start:stop], models[1, start:stop]
+        key = _block_key(keys[0], first)
+        for j in range(stop - start):
+            total[j] = (row[j] - base[j]) / divisor if _kept(key, low, j, cutoff) else zero
+        for t in range(2, sources):
+            row = models[t, start:stop]
+            key = _block_key(keys[t - 1], first)
+            for j in range(stop - start):
+                total[j] += (row[j] - base[j]) / divisor if _kept(key, low, j, cutoff) else zero
+
+
+@numba.njit(
+    ["boolean(uint32[:, ::1], uint32)", "boolean(uint64[:, ::1], uint64)"],
+    cache=True,
+    nogil=True,
+)
+def exponents_below(bits, exponent):
+    """Whether every float of ``bits`` (a float array's view as unsigned integers of its
+    width) has exponent bits below ``exponent`` (all ones: Inf or NaN): an integer max,
+    which vectorises where a float test does not."""
+    rows, size = bits.shape
+    top = exponent - exponent
+    for t in range(rows):
+        row = bits[t]
+        for j in range(size):
+            top = max(top, row[j] & exponent)
+    return top < exponent
+
+
 @numba.njit("void(uint32[::1], uint32, boolean[:, ::1])", cache=True, nogil=True, parallel=True)
 def keep_masks(keys, cutoff, out):
     """out[t, i] = the draw of (keys[t], i) is at least ``cutoff``."""
     tasks, size = out.shape
-    for block in numba.prange((size + _BLOCK - 1) // _BLOCK):
-        start = block * _BLOCK
-        width = min(size, start + _BLOCK) - start
+    for block in numba.prange((size + BLOCK - 1) // BLOCK):
+        start = block * BLOCK
+        width = min(size, start + BLOCK) - start
         low = np.uint32(np.uint64(start) & np.uint64(0xFFFFFFFF))
         for t in range(tasks):
             key = _block_key(keys[t], start)

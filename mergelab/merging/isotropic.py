@@ -73,20 +73,22 @@ def iso_cts_merge(
     total = ordered_sum(task_vectors)
     u, s, vh = checked_svd(total, label)
     common_u = u[:, :common]
-    us, ss, vhs, kept = [], [], [], []
+    # each task's directions are copied out of its SVD as they are found (a boolean
+    # index copies), so that one task's full factors are held at a time, not T
+    us, ss, vhs = [], [], []
     for index, tau in enumerate(task_vectors):
         if per_task == 0:
             break
         residual = tau - common_u @ (common_u.T @ tau)
         u_t, s_t, vh_t = checked_svd(residual, label, task_name(tasks, index))
-        us.append(u_t[:, :per_task])
+        keep = significant(s_t[:per_task], tau)
+        us.append(u_t[:, :per_task][:, keep])
         ss.append(s_t[:per_task])
-        vhs.append(vh_t[:per_task])
-        kept.append(significant(s_t[:per_task], tau))
-    us.append(common_u)
+        vhs.append(vh_t[:per_task][keep])
+    keep = significant(s[:common], total)
+    us.append(common_u[:, keep])
     ss.append(s[:common])
-    vhs.append(vh[:common])
-    kept.append(significant(s[:common], total))
-    keep = torch.cat(kept)
-    flat = torch.cat(ss).mean().expand(int(keep.sum()))
-    return recombined(torch.cat(us, 1)[:, keep], flat, torch.cat(vhs, 0)[keep], label)
+    vhs.append(vh[:common][keep])
+    directions = torch.cat(us, 1)
+    flat = torch.cat(ss).mean().expand(directions.shape[1])
+    return recombined(directions, flat, torch.cat(vhs, 0), label)

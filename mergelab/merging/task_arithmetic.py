@@ -15,8 +15,9 @@ def task_vector_sum(task_vectors: torch.Tensor, out: torch.Tensor | None = None)
     taus = task_vectors.numpy()
     total = np.empty(taus.shape[1:], taus.dtype) if out is None else out.numpy()
     np.copyto(total, taus[0])
-    for tau in taus[1:]:
-        np.add(total, tau, out=total)
+    with np.errstate(over="ignore", invalid="ignore"):  # the callers refuse a sum not finite
+        for tau in taus[1:]:
+            np.add(total, tau, out=total)
     return torch.from_numpy(total) if out is None else out
 
 

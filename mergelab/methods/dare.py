@@ -3,11 +3,16 @@ and the rest rescaled by 1/(1 − p), then summed (Task Arithmetic) or TIES-merg
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mergelab.engine.dare import dare_vector
+import torch
+
+from mergelab.engine.dare import dare_delta, dare_vector, summed_in_blocks
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, as_factor_list
+from mergelab.engine.workspace import BlockWorkers
 from mergelab.merging.dare import check_drop_rate
 from mergelab.merging.ties import check_keep_fraction
 from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
@@ -63,3 +68,17 @@ class Dare(ScaledMethod):
         delta = dare_vector(pool, rate, self.seed, self.ties, context.device)
         save_task_vector(delta, pool, output, self.describe() | {"drop_rate": rate})
         return delta
+
+    @contextlib.contextmanager
+    def parameter_deltas(
+        self, pool: ModelPool, context: MergeContext, drop_rate: float | None = None
+    ) -> Iterator[Callable[[str], torch.Tensor]]:
+        """The sum on the CPU: each parameter's δ as it is asked for (memory: one
+        parameter); under TIES or on another device, δ whole first."""
+        [rate] = self.drop_rates if drop_rate is None else [drop_rate]
+        if not summed_in_blocks(self.ties, context.device):
+            with super().parameter_deltas(pool, context, drop_rate=rate) as delta_of:
+                yield delta_of
+            return
+        with BlockWorkers() as workers:
+            yield lambda key: dare_delta(pool, key, workers, rate, self.seed)
