@@ -109,3 +109,12 @@ def test_workers_are_one_per_core_at_most_one_per_step_side_by_side(tmp_path, mo
     assert build_workers(steps) == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     assert build_workers(steps) == 1
+
+
+def test_a_step_listed_before_what_it_needs_is_refused(tmp_path):
+    log = tmp_path / "log"
+    tuned = Step("tuned", _recording("tuned", log), ("data",))
+    steps = [tuned, Step("data", _recording("data", log))]
+    with pytest.raises(ValueError, match="'tuned' needs"):
+        run_steps(steps, tmp_path, 2)
+    assert not log.exists()

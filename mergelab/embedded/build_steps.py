@@ -54,9 +54,13 @@ def build_workers(steps: Sequence[Step]) -> int:
 
 
 def run_steps(steps: Sequence[Step], staging: Path, workers: int) -> None:
-    """Every step not marked done, by ``workers`` processes (1: this one, in order).
-    Raises KeyboardInterrupt when a worker was interrupted, RuntimeError when one failed
-    (its traceback printed by it)."""
+    """Every step not marked done, by ``workers`` processes (1: this one, in order); each
+    step comes after the steps it needs. Raises KeyboardInterrupt when a worker was
+    interrupted, RuntimeError when one failed (its traceback printed by it)."""
+    for number, step in enumerate(steps):
+        earlier = {s.name for s in steps[:number]}
+        if not set(step.needs) <= earlier:  # a worker would wait for it forever
+            raise ValueError(f"step {step.name!r} needs {step.needs}, not all before it")
     markers = staging / MARKERS
     markers.mkdir(parents=True, exist_ok=True)
     for claim in markers.rglob(f"*{CLAIMED}"):  # of a build stopped before; the lock is ours
