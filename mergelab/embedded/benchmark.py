@@ -1,6 +1,7 @@
 """``mergelab embedded``: the main job on the embedded miniature benchmark.
 
-Builds what is missing (first run: a few minutes, with progress bars), then runs
+Builds what is missing (first run: a few minutes; a line as each build step starts and
+ends, and Lightning's progress bars when the build runs on one process), then runs
 ``mergelab test --config configs/embedded/base.yaml --config configs/methods/<method>.yaml``
 for every method config in configs/methods/ (mergelab.registry), in this process, each with
 its own run folder, and writes one comparison of them all: ``<output>/summary.md``
@@ -53,7 +54,7 @@ def tall_masks_for(consensus: MethodConfig, configs: dict[str, MethodConfig]) ->
     )
 
 
-# the runs' own progress bars and model summary; the build keeps its progress bars
+# the runs' own progress bars and model summary (the build decides its own)
 QUIET_RUN = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
