@@ -21,7 +21,7 @@ import torch
 
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
-from mergelab.engine.workspace import Workspace, empty
+from mergelab.engine.workspace import Workspace, empty, release_freed_heap
 from mergelab.errors import BadValue
 from mergelab.merging.finite import all_finite
 from mergelab.merging.task_arithmetic import ordered_sum
@@ -100,6 +100,8 @@ def merged_vector(task_vectors: TaskVectors, rule: Rule, desc: str = "merge") ->
         check_merged_finite(key, merged)
         out = empty(spec.shape, pool.compute_dtype(key))
         delta[key] = out.copy_(merged)
+        del merged, taus
+        release_freed_heap()  # the rule's temporaries, before the next parameter's
     return delta
 
 
