@@ -270,7 +270,10 @@ MERGES_FROM_ROWS = {
 @pytest.mark.parametrize("merge", sorted(MERGES_FROM_ROWS))
 def test_a_task_vector_with_nan_or_inf_is_named_even_where_dropped(bad, merge):
     """The CPU paths that sum from the models' rows name the task; DARE at p = 0.999
-    drops the bad coordinate from the sum almost surely, and still names it."""
+    drops the bad coordinate from the sum (checked), and still names it."""
+    from mergelab.merging.dare import drop_seed, keep_mask
+
+    assert not keep_mask((3000,), 0.999, [drop_seed(0, "b", "w")])[0, 2900]  # DARE drops it
     pretrained = {"w": torch.zeros(3000)}
     finetuned = {"a": {"w": torch.ones(3000)}, "b": {"w": torch.ones(3000)}}
     finetuned["b"]["w"][2900] = bad

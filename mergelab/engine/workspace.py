@@ -48,8 +48,8 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
 def release_freed_heap() -> None:
     """Hand the pages of the C heap's free chunks back to the system (glibc's public
     ``malloc_trim``; nothing elsewhere). glibc raises its mmap threshold after a large
-    block is freed, so the next large temporaries come from the heap, and the holes
-    between them and the tensors that stay stay resident: the rules that take whole
+    block is freed, so later large temporaries come from the heap, and the freed holes
+    between the tensors that are kept remain resident: the rules that take whole
     matrices (an SVD's factors and LAPACK's workspace, parameter after parameter) then
     grow the peak RSS. Iso-CTS of ViT-B/32 with 20 tasks (scripts/bench_merge.py) peaked
     at 4.05 models, and at 3.93 trimmed after each parameter (3.41 with glibc's threshold
