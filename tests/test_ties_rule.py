@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from strategies import FACTORS, assert_states_equal, families
 
 import mergelab
-import mergelab.engine.ties as engine_ties
+import mergelab.engine.ties_blocks as ties_blocks
+import mergelab.engine.ties_undecided as ties_undecided
 from mergelab.merging.quantile import MagnitudeSelect
 from mergelab.merging.ties import PENDING, ties_vector
-from mergelab.merging.ties_kernels import add_magnitude_counts, ties_merge
+from mergelab.merging.ties_kernels import add_magnitude_counts, ties_merge, ties_merge_models
 
 # integers and halves: many equal magnitudes, exact sums, both zeros
 ENTRIES = st.one_of(st.integers(-4, 4).map(float), st.integers(-9, 9).map(lambda v: v / 2))
@@ -126,7 +127,37 @@ def test_rule_and_kernel_match_the_transcription(taus, data, majority, mean, flo
     out = torch.empty(taus.shape[1], dtype=taus.dtype)
     limits = [np.asarray(v, dtype=np.float32) for v in (thresholds, lows)]
     kernel = ties_merge(taus.numpy(), *limits, majority, mean, out.numpy())
-    for merged, counts in ((part.merged, (part.votes, part.sign_ties)), (out, kernel)):
+    # from the models' rows: θ0 drawn, θt = θ0 + τt where that is exact in floats
+    base = torch.tensor(data.draw(st.lists(ENTRIES, min_size=len(out), max_size=len(out))))
+    base = base.to(taus.dtype)
+    base = torch.where(((base + taus) - base == taus).all(0), base, 0)
+    models = torch.cat([base[None], base + taus])
+    from_models, kept = torch.empty_like(out), np.zeros(tasks, np.int64)
+    size, capacity = len(out), len(out) * tasks + 1
+    columns, held_counts = np.empty(size, np.int64), np.empty(size, np.int32)
+    owners, band_owners = np.empty(capacity, np.int16), np.empty(capacity, np.int16)
+    values, band = np.empty(capacity, taus.numpy().dtype), np.empty(capacity, np.float32)
+    *kernel_models, held, _, _ = ties_merge_models(
+        models.numpy(),
+        *limits,
+        majority,
+        mean,
+        from_models.numpy(),
+        kept,
+        columns,
+        held_counts,
+        owners,
+        values,
+        band_owners,
+        band,
+    )
+    assert columns[:held].tolist() == torch.isnan(from_models).nonzero().reshape(-1).tolist()
+    magnitudes = taus.abs().float()
+    assert kept.tolist() == [
+        int((m >= t).sum()) for m, t in zip(magnitudes, thresholds, strict=True)
+    ]
+    outputs = (part.merged, (part.votes, part.sign_ties)), (out, kernel)
+    for merged, counts in (*outputs, (from_models, tuple(kernel_models))):
         assert counts == (votes, ties)
         for got, want in zip(merged.tolist(), expected, strict=True):
             if want is None:
@@ -147,7 +178,7 @@ def test_ties_with_and_without_room_for_undecided_values(family, factor, share, 
     coordinates merged again), or none (a second counting pass pins the thresholds, and
     the parameters with sign ties are read and merged again)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
         merged = mergelab.ties(family.pretrained, family.finetuned, factor, keep=share)
     delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, False)
     assert_states_equal(merged, naive.assemble(family.pretrained, delta, factor))
@@ -166,7 +197,7 @@ def test_undecided_votes_decide_the_majority(budget):
     expected = naive.ties_multitask_vector(pretrained, finetuned, 0.5)
     assert expected["w"].tolist() == [5.0, 5.0, 2.0, 0.0]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
         pool = mergelab.ModelPool(pretrained, finetuned)
         delta = mergelab.ties_merged_vector(mergelab.TaskVectors(pool, "cpu"), 0.5)
     assert_states_equal(delta, expected)
@@ -184,9 +215,9 @@ def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean):
     passes over blocks, then each parameter's δ; with and without room for the undecided
     values."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
         pool = mergelab.ModelPool(family.pretrained, family.finetuned)
-        streamed = engine_ties.StreamedTies(pool, share, mean)
+        streamed = ties_blocks.StreamedTies(pool, share, mean)
     delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
     assert_states_equal({key: streamed(key) for key in family.merged_keys}, delta)
 
@@ -200,8 +231,8 @@ def test_streamed_ties_votes_decide_the_majority(budget):
         "b": {"w": torch.tensor([-5.0, -5.0, 1.0, 0.0])},
     }
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine_ties, "UNDECIDED_BUDGET", budget)
-        streamed = engine_ties.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
+        streamed = ties_blocks.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
     assert streamed("w").tolist() == [5.0, 5.0, 2.0, 0.0]
 
 
@@ -211,4 +242,4 @@ def test_streamed_ties_names_a_task_vector_with_nan(share):
     finetuned = {"a": {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, "b": {"w": torch.ones(4)}}
     finetuned["b"]["w"][2] = float("nan")
     with pytest.raises(ValueError, match="task vector of 'b' has NaN or Inf values at 'w'"):
-        engine_ties.StreamedTies(mergelab.ModelPool(pretrained, finetuned), share)
+        ties_blocks.StreamedTies(mergelab.ModelPool(pretrained, finetuned), share)

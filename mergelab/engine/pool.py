@@ -116,13 +116,14 @@ class ModelPool:
             self._refuse(key, taus, summary.dtype)
 
     def check_finite_from_models(
-        self, key: str, models: torch.Tensor, summary: torch.Tensor, finite: bool
+        self, key: str, models: torch.Tensor, summary: torch.Tensor | None, finite: bool
     ) -> None:
         """:meth:`check_finite` for a ``summary`` computed from :meth:`read_models`' rows:
         τ is formed, in their place, only to name the task when the summary is not finite
-        or ``finite`` is False (a kernel saw a NaN or Inf that its summary hides)."""
-        if not (finite and _sums_to_finite(summary)):
-            self._refuse(key, subtract_pretrained(models), summary.dtype)
+        or ``finite`` is False (a kernel saw a NaN or Inf that its summary hides; without a
+        summary, ``finite`` alone decides)."""
+        if not (finite and (summary is None or _sums_to_finite(summary))):
+            self._refuse(key, subtract_pretrained(models), models.dtype)
 
     def _refuse(self, key: str, taus: torch.Tensor, dtype: torch.dtype) -> NoReturn:
         for task, row in zip(self.tasks, taus, strict=True):

@@ -22,6 +22,7 @@ import torch
 
 from mergelab.errors import BadValue
 from mergelab.merging.compiled import kernels
+from mergelab.merging.finite import rows_finite
 
 _DRAWS = 1 << 24  # a draw's values: 24-bit uniforms, like float32's mantissa
 
@@ -73,13 +74,6 @@ def dare_drop_(task_vectors: torch.Tensor, drop_rate: float, seeds: Sequence[int
     return task_vectors
 
 
-# the exponent bits of each float dtype, all ones in Inf and NaN
-_EXPONENT = {
-    np.dtype(np.float32): (np.uint32, 0x7F800000),
-    np.dtype(np.float64): (np.uint64, 0x7FF << 52),
-}
-
-
 def dropped_sum(
     models: torch.Tensor, drop_rate: float, seeds: Sequence[int], offset: int, out: torch.Tensor
 ) -> bool:
@@ -96,5 +90,4 @@ def dropped_sum(
     divisor = rows.dtype.type(1 - drop_rate)
     keys = np.asarray(seeds, dtype=np.uint32)
     compiled.drop_and_sum(rows, keys, drop_cutoff(drop_rate), divisor, offset, out.numpy())
-    unsigned, exponent = _EXPONENT[rows.dtype]
-    return compiled.exponents_below(rows.view(unsigned), unsigned(exponent))
+    return rows_finite(rows)

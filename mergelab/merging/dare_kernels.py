@@ -99,24 +99,6 @@ def drop_and_sum(models, keys, cutoff, divisor, offset, out):
                 total[j] += (row[j] - base[j]) / divisor if _kept(key, low, j, cutoff) else zero
 
 
-@numba.njit(
-    ["boolean(uint32[:, ::1], uint32)", "boolean(uint64[:, ::1], uint64)"],
-    cache=True,
-    nogil=True,
-)
-def exponents_below(bits, exponent):
-    """Whether every float of ``bits`` (a float array's view as unsigned integers of its
-    width) has exponent bits below ``exponent`` (all ones: Inf or NaN): an integer max,
-    which vectorises where a float test does not."""
-    rows, size = bits.shape
-    top = exponent - exponent
-    for t in range(rows):
-        row = bits[t]
-        for j in range(size):
-            top = max(top, row[j] & exponent)
-    return top < exponent
-
-
 @numba.njit("void(uint32[::1], uint32, boolean[:, ::1])", cache=True, nogil=True, parallel=True)
 def keep_masks(keys, cutoff, out):
     """out[t, i] = the draw of (keys[t], i) is at least ``cutoff``."""

@@ -115,6 +115,21 @@ def _bits_to_float(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
+def bucket_range(counts: torch.Tensor, low_rank: int, high_rank: int) -> tuple[list, list]:
+    """Per row of magnitude counts per bucket [rows, 2^20] (as :attr:`MagnitudeSelect.counts`):
+    [low, high), from the smallest magnitude of the bucket holding the 0-based ``low_rank``
+    to the smallest above the bucket holding ``high_rank``: every magnitude of those ranks
+    lies in it."""
+    lows, highs = [], []
+    for row in counts:  # a row at a time: the cumulative counts of all are 8 MB a row
+        cumulative = row.cumsum(0, dtype=torch.int64)
+        ranks = torch.tensor([low_rank, high_rank])
+        low, high = torch.searchsorted(cumulative, ranks, right=True).tolist()
+        lows.append(_bits_to_float(low << MAGNITUDE_LOW_BITS))
+        highs.append(_bits_to_float((high + 1) << MAGNITUDE_LOW_BITS))
+    return lows, highs
+
+
 class MagnitudeSelect:
     """The value of 0-based ``rank`` among ``total`` magnitudes (float32 |values|), for
     each of ``rows`` streams at once (TIES: one per task vector).

@@ -3,10 +3,12 @@ where the torch rule (:func:`mergelab.merging.ties.ties_vector`) takes about ten
 allocating a [T, *shape] temporary (ViT-B/32, eight tasks: 9 s for the torch rule's
 passes, 0.75 s for the kernels; see scripts/bench_merge.py).
 
-Both run their outer loop over threads (``parallel=True``; numba's own thread pool,
-``NUMBA_NUM_THREADS``), take C-contiguous [T, n] task vectors and compile once per given
-signature (``cache=True``: the machine code is kept on disk). The arithmetic is IEEE in
-the order of the torch rule, in the task vectors' dtype: no fastmath.
+``add_magnitude_counts`` and ``ties_merge`` run their outer loop over threads
+(``parallel=True``; numba's own thread pool, ``NUMBA_NUM_THREADS``) and take C-contiguous
+[T, n] task vectors; ``ties_merge_models`` runs on its caller's thread (the engine's
+block threads), from the models' rows. All compile once per given signature
+(``cache=True``: the machine code is kept on disk). The arithmetic is IEEE in the order
+of the torch rule, in the task vectors' dtype: no fastmath.
 """
 
 from __future__ import annotations
@@ -39,6 +41,123 @@ def add_magnitude_counts(task_vectors, counts):
 
 @numba.njit(
     [
+        f"void({dtype}[:, ::1], {count}[:, ::1])"
+        for dtype in ("float32", "float64")
+        for count in ("int32", "int64")
+    ],
+    cache=True,
+    nogil=True,
+)
+def add_model_magnitude_counts(models, counts):
+    """:func:`add_magnitude_counts` of τt = models[t] − models[0] (float32 |τt|) for the
+    models' rows [T + 1, n] (θ0 first), on the calling thread (the engine's block threads)."""
+    sources, size = models.shape
+    base = models[0]
+    for t in range(1, sources):
+        row, histogram = models[t], counts[t - 1]
+        for i in range(size):
+            magnitude = np.float32(abs(row[i] - base[i])).view(np.uint32)
+            histogram[magnitude >> MAGNITUDE_LOW_BITS] += 1
+
+
+@numba.njit(inline="always")
+def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kept, scratch):
+    """The TIES rule on the columns start .. start + width of τ rows [T, n], into ``out``
+    (width values); adds each task's count of kept entries to ``kept``; returns (votes,
+    sign_ties). ``limits``: (thresholds, undecided_from); ``scratch``: (total, merged,
+    agreeing, undecided, nonzero), each at least ``width`` long.
+
+    Each loop makes one store per element and has no branch: they vectorise (a loop over
+    coordinates that walks the T tasks of each was 3.5x slower)."""
+    thresholds, undecided_from = limits
+    total, merged, agreeing, undecided, nonzero = scratch
+    tasks = rows.shape[0]
+    total[:width] = 0
+    merged[:width] = 0
+    agreeing[:width] = 0
+    undecided[:width] = False
+    nonzero[:width] = False
+    zero = total[0]
+    for t in range(tasks):
+        row, threshold, low = rows[t, start : start + width], thresholds[t], undecided_from[t]
+        count = 0
+        for j in range(width):
+            magnitude = np.float32(abs(row[j]))
+            is_kept = magnitude >= threshold
+            total[j] += row[j] if is_kept else zero
+            undecided[j] |= (magnitude >= low) & ~is_kept
+            count += is_kept
+        kept[t] += count
+    for t in range(tasks):
+        row, threshold = rows[t, start : start + width], thresholds[t]
+        for j in range(width):
+            value = row[j]
+            positive = (total[j] > 0) | ((total[j] == 0) & (majority > 0))
+            signed = (value > 0) if positive else (value < 0)
+            is_kept = np.float32(abs(value)) >= threshold
+            merged[j] += value if is_kept & signed else zero
+            nonzero[j] |= is_kept & (value != 0)
+        if disjoint_mean:
+            for j in range(width):
+                value = row[j]
+                positive = (total[j] > 0) | ((total[j] == 0) & (majority > 0))
+                signed = (value > 0) if positive else (value < 0)
+                agreeing[j] += (np.float32(abs(value)) >= threshold) & signed
+
+    votes = 0
+    ties = 0
+    for j in range(width):
+        tie = (total[j] == 0) & nonzero[j]
+        if undecided[j] or (tie and majority == PENDING):
+            out[j] = np.nan
+        else:
+            # float64 quotient, rounded once to τ's dtype: the correctly rounded division
+            mean = disjoint_mean and agreeing[j] > 1
+            out[j] = merged[j] / agreeing[j] if mean else merged[j]
+            votes += (total[j] > 0) - (total[j] < 0)
+            ties += tie
+    return votes, ties
+
+
+@numba.njit(inline="always")
+def _scratch(width, dtype):
+    """The per-column arrays of :func:`_merge_columns`."""
+    return (
+        np.empty(width, dtype),
+        np.empty(width, dtype),
+        np.empty(width, np.int64),
+        np.empty(width, np.bool_),
+        np.empty(width, np.bool_),
+    )
+
+
+@numba.njit(inline="always")
+def _hold_column(taus, j, lows, highs, held, ends):
+    """Appends column ``j`` of τ rows [T, w] to the held arrays ``held`` (tasks, values,
+    band tasks, band magnitudes; ``ends``: their filled lengths, advanced): the column's
+    entries whose float32 magnitude is at least their task's ``lows``, in task order, and
+    apart those also below their task's ``highs``. Returns how many entries it kept.
+
+    Each step writes and keeps a value by advancing the end, without a branch (the arrays
+    hold one slot to spare)."""
+    owners, values, band_owners, band_magnitudes = held
+    count = 0
+    for t in range(taus.shape[0]):
+        value = taus[t, j]
+        magnitude = np.float32(abs(value))
+        kept = magnitude >= lows[t]
+        owners[ends[0]] = t
+        values[ends[0]] = value
+        band_owners[ends[1]] = t
+        band_magnitudes[ends[1]] = magnitude
+        ends[0] += kept
+        ends[1] += kept & (magnitude < highs[t])
+        count += kept
+    return count
+
+
+@numba.njit(
+    [
         f"UniTuple(int64, 2)({dtype}[:, ::1], float32[::1], float32[::1], int64, boolean, "
         f"{dtype}[::1])"
         for dtype in ("float32", "float64")
@@ -50,55 +169,166 @@ def add_magnitude_counts(task_vectors, counts):
 def ties_merge(task_vectors, thresholds, undecided_from, majority, disjoint_mean, out):
     """out = ties_vector(τ, thresholds, majority, disjoint_mean, undecided_from).merged
     for τ [T, n]; returns (votes, sign_ties) as :class:`~mergelab.merging.ties.TiesPart`.
-
-    Blocks of coordinates run in parallel; inside a block each task's row is one loop
-    without branches, which vectorises (3.5x faster than a loop over coordinates that
-    walks the T tasks of each)."""
+    Blocks of coordinates run in parallel."""
     tasks, size = task_vectors.shape
     votes = 0
     ties = 0
     for block in numba.prange((size + _BLOCK - 1) // _BLOCK):
         start = block * _BLOCK
         width = min(size, start + _BLOCK) - start
-        total = np.zeros(width, task_vectors.dtype)
-        merged = np.zeros(width, task_vectors.dtype)
-        agreeing = np.zeros(width, np.int64)
-        undecided = np.zeros(width, np.bool_)
-        nonzero = np.zeros(width, np.bool_)
-        zero = total[0]
-        for t in range(tasks):
-            row, threshold, low = (
-                task_vectors[t, start : start + width],
-                thresholds[t],
-                undecided_from[t],
-            )
-            for j in range(width):
-                magnitude = np.float32(abs(row[j]))
-                kept = magnitude >= threshold
-                total[j] += row[j] if kept else zero
-                undecided[j] |= (magnitude >= low) & ~kept
-        for t in range(tasks):
-            row, threshold = task_vectors[t, start : start + width], thresholds[t]
-            for j in range(width):
-                value = row[j]
-                kept = np.float32(abs(value)) >= threshold
-                positive = (total[j] > 0) | ((total[j] == 0) & (majority > 0))
-                agree = kept & ((value > 0) if positive else (value < 0))
-                merged[j] += value if agree else zero
-                agreeing[j] += agree
-                nonzero[j] |= kept & (value != 0)
-        for j in range(width):
-            tie = total[j] == 0 and nonzero[j]
-            if undecided[j] or (tie and majority == PENDING):
-                out[start + j] = np.nan
-            else:
-                # float64 quotient, rounded once to τ's dtype: the correctly rounded division
-                mean = disjoint_mean and agreeing[j] > 1
-                out[start + j] = merged[j] / agreeing[j] if mean else merged[j]
-                if total[j] > 0:
-                    votes += 1
-                elif total[j] < 0:
-                    votes += -1
-                elif tie:
-                    ties += 1
+        kept = np.zeros(tasks, np.int64)
+        block_votes, block_ties = _merge_columns(
+            task_vectors,
+            start,
+            width,
+            (thresholds, undecided_from),
+            majority,
+            disjoint_mean,
+            out[start : start + width],
+            kept,
+            _scratch(width, task_vectors.dtype),
+        )
+        votes += block_votes
+        ties += block_ties
     return votes, ties
+
+
+@numba.njit(
+    [
+        f"UniTuple(int64, 5)({dtype}[:, ::1], float32[::1], float32[::1], int64, boolean, "
+        f"{dtype}[::1], int64[::1], int64[::1], int32[::1], int16[::1], {dtype}[::1], "
+        "int16[::1], float32[::1])"
+        for dtype in ("float32", "float64")
+    ],
+    cache=True,
+    nogil=True,
+)
+def ties_merge_models(
+    models,
+    thresholds,
+    undecided_from,
+    majority,
+    disjoint_mean,
+    out,
+    kept,
+    held_columns,
+    held_counts,
+    owners,
+    values,
+    band_owners,
+    band_magnitudes,
+):
+    """:func:`ties_merge` of τt = models[t] − models[0] for the models' rows [T + 1, n]
+    (θ0 first), formed a few columns at a time beside the rule rather than as a [T, n]
+    temporary, on the calling thread; adds each task's count of entries at or above its
+    threshold to ``kept``. Each column left undecided (NaN) is held while its τ is in the
+    cache: its position in ``held_columns``, its entries as :func:`held_entries` gives
+    them (capacity: n columns, n·T + 1 entries). Returns (votes, sign_ties, columns held,
+    entries held, band entries held)."""
+    sources, size = models.shape
+    taus = np.empty((sources - 1, _BLOCK), models.dtype)
+    scratch = _scratch(_BLOCK, models.dtype)
+    held = (owners, values, band_owners, band_magnitudes)
+    limits = (thresholds, undecided_from)
+    ends = np.zeros(2, np.int64)
+    columns = 0
+    votes = 0
+    ties = 0
+    for start in range(0, size, _BLOCK):
+        width = min(size, start + _BLOCK) - start
+        base = models[0, start : start + width]
+        for t in range(sources - 1):
+            row, tau = models[t + 1, start : start + width], taus[t]
+            for j in range(width):
+                tau[j] = row[j] - base[j]
+        merged = out[start : start + width]
+        block = _merge_columns(
+            taus, 0, width, limits, majority, disjoint_mean, merged, kept, scratch
+        )
+        votes, ties = votes + block[0], ties + block[1]
+        for j in range(width):
+            if np.isnan(out[start + j]):
+                held_columns[columns] = start + j
+                held_counts[columns] = _hold_column(taus, j, undecided_from, thresholds, held, ends)
+                columns += 1
+    return votes, ties, columns, ends[0], ends[1]
+
+
+@numba.njit(
+    [
+        f"UniTuple(int64, 2)(int32[::1], int16[::1], {dtype}[::1], int64, float32[::1], "
+        f"int64, boolean, {dtype}[::1])"
+        for dtype in ("float32", "float64")
+    ],
+    cache=True,
+    nogil=True,
+)
+def ties_merge_held(counts, tasks, values, num_tasks, thresholds, majority, disjoint_mean, out):
+    """:func:`ties_merge` at exact thresholds of coordinates held sparsely: coordinate i
+    has ``counts[i]`` entries, in task order, their tasks and values in ``tasks`` and
+    ``values`` (the entries not held are dropped: 0 in the rule). Each few columns are
+    laid out densely in a scratch block, then merged by the same rule."""
+    size = counts.shape[0]
+    taus = np.zeros((num_tasks, _BLOCK), values.dtype)
+    scratch = _scratch(_BLOCK, values.dtype)
+    kept = np.zeros(num_tasks, np.int64)
+    limits = (thresholds, thresholds)
+    votes = 0
+    ties = 0
+    entry = 0
+    for start in range(0, size, _BLOCK):
+        width = min(size, start + _BLOCK) - start
+        taus[:, :width] = 0
+        for j in range(width):
+            for _ in range(counts[start + j]):
+                taus[tasks[entry], j] = values[entry]
+                entry += 1
+        merged = out[start : start + width]
+        block = _merge_columns(
+            taus, 0, width, limits, majority, disjoint_mean, merged, kept, scratch
+        )
+        votes, ties = votes + block[0], ties + block[1]
+    return votes, ties
+
+
+@numba.njit(
+    [
+        f"Tuple((int32[::1], int16[::1], {dtype}[::1], int16[::1], float32[::1]))"
+        f"({dtype}[:, ::1], int64[::1], float32[::1], float32[::1])"
+        for dtype in ("float32", "float64")
+    ],
+    cache=True,
+    nogil=True,
+)
+def held_entries(task_vectors, columns, lows, highs):
+    """The entries of τ [T, n] at ``columns`` whose float32 magnitude is at least their
+    task's ``lows``, column by column in task order: (count per column, their tasks,
+    their values), and apart the tasks and magnitudes of those also below their task's
+    ``highs``."""
+    tasks = task_vectors.shape[0]
+    size = columns.shape[0]
+    # gathered row by row first: each row read in the columns' (ascending) order
+    gathered = np.empty((tasks, size), task_vectors.dtype)
+    for t in range(tasks):
+        row, out = task_vectors[t], gathered[t]
+        for i in range(size):
+            out[i] = row[columns[i]]
+    counts = np.empty(size, np.int32)
+    held = (
+        np.empty(size * tasks + 1, np.int16),
+        np.empty(size * tasks + 1, task_vectors.dtype),
+        np.empty(size * tasks + 1, np.int16),
+        np.empty(size * tasks + 1, np.float32),
+    )
+    ends = np.zeros(2, np.int64)
+    for i in range(size):
+        counts[i] = _hold_column(gathered, i, lows, highs, held, ends)
+    owners, values, band_owners, band_magnitudes = held
+    entries, in_band = ends
+    return (
+        counts,
+        owners[:entries].copy(),
+        values[:entries].copy(),
+        band_owners[:in_band].copy(),
+        band_magnitudes[:in_band].copy(),
+    )

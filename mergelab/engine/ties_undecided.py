@@ -1,0 +1,130 @@
+"""What a TIES pass cannot merge at once, set aside and settled: the coordinates with an
+entry inside its task's threshold range, and those waiting for the majority sign.
+
+A pass that knows each task's threshold only to lie in [low, high) merges every other
+coordinate and leaves these NaN (:func:`mergelab.merging.ties.ties_vector`'s
+``undecided_from``). Of each such coordinate, only the entries at or above their task's
+``low`` are held (:func:`hold`): an entry below it is dropped whatever the exact
+threshold, and the rule gives the same bits with a 0 in its place (a dropped entry adds
+nothing to any sum). With a keep share of 0.2, that is about a fifth of the T values.
+Every magnitude of a task inside its range lies among the held entries, so they alone
+pin the exact thresholds (:func:`in_ranges`); the held coordinates' votes complete the
+majority sign, and they are merged last (:func:`settle`). Shared by the whole-parameter
+passes (:mod:`mergelab.engine.ties`) and the block passes
+(:mod:`mergelab.engine.ties_blocks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from mergelab.merging.compiled import kernels
+from mergelab.merging.ties import PENDING, TiesPart, ties_vector
+
+# the entries set aside by a pass, at most this share of the elements of one model (6
+# bytes each, with their task; beyond it, the thresholds are pinned by another counting
+# pass). ViT-B/32, 20 tasks, a keep share of 0.2: 0.24 (4 % of the coordinates held)
+UNDECIDED_BUDGET = 0.5
+
+
+class Held(NamedTuple):
+    """Undecided coordinates of one parameter: their flat ``index``, how many entries each
+    keeps (``counts``), and those entries, coordinate by coordinate in task order: their
+    ``tasks`` and ``values``; and apart, the tasks and float32 magnitudes of the entries
+    inside their task's band (``band_tasks``, ``band_magnitudes``), which pin the
+    thresholds."""
+
+    key: str
+    index: torch.Tensor
+    counts: torch.Tensor
+    tasks: torch.Tensor
+    values: torch.Tensor
+    band_tasks: torch.Tensor
+    band_magnitudes: torch.Tensor
+
+
+def hold(
+    key: str,
+    task_vectors: np.ndarray,
+    columns: np.ndarray,
+    offset: int,
+    lows: Sequence[float],
+    highs: Sequence[float],
+) -> Held:
+    """The coordinates ``offset + columns`` of parameter ``key``, τ there taken from the
+    C-contiguous ``task_vectors`` [T, n], each keeping its entries whose float32
+    magnitude is at least their task's ``lows``; those below its ``highs`` too are its
+    band's."""
+    kernel = kernels("ties_kernels").held_entries
+    limits = (np.asarray(values, dtype=np.float32) for values in (lows, highs))
+    columns = np.asarray(columns, dtype=np.int64)
+    arrays = kernel(task_vectors, columns, *limits)
+    return Held(key, torch.from_numpy(columns + offset), *map(torch.from_numpy, arrays))
+
+
+def merge_part(
+    taus: torch.Tensor,
+    thresholds: Sequence[float],
+    undecided_from: Sequence[float],
+    majority: int = PENDING,
+    disjoint_mean: bool = False,
+) -> TiesPart:
+    """The TIES rule on τ [T, n]: the compiled kernel on the CPU, the torch rule elsewhere."""
+    if taus.device.type != "cpu":
+        return ties_vector(taus, thresholds, majority, disjoint_mean, undecided_from)
+    taus = taus.contiguous()
+    merged = torch.empty(taus.shape[1], dtype=taus.dtype)
+    limits = (np.asarray(values, dtype=np.float32) for values in (thresholds, undecided_from))
+    kernel = kernels("ties_kernels").ties_merge
+    votes, ties = kernel(taus.numpy(), *limits, majority, disjoint_mean, merged.numpy())
+    return TiesPart(merged, votes, ties)
+
+
+def in_ranges(held: Sequence[Held], tasks: int) -> list[torch.Tensor]:
+    """Per task, the float32 magnitudes of its held entries inside its band."""
+    if not held:
+        return [torch.empty(0) for _ in range(tasks)]
+    owners = torch.cat([part.band_tasks for part in held])
+    magnitudes = torch.cat([part.band_magnitudes for part in held])
+    return [magnitudes[owners == task] for task in range(tasks)]
+
+
+def _merged_held(
+    part: Held, tasks: int, thresholds: Sequence[float], majority: int, disjoint_mean: bool
+) -> TiesPart:
+    """The rule at the exact thresholds over one part's held coordinates."""
+    merged = torch.empty(part.index.numel(), dtype=part.values.dtype)
+    kernel = kernels("ties_kernels").ties_merge_held
+    limits = np.asarray(thresholds, dtype=np.float32)
+    arrays = (part.counts.numpy(), part.tasks.numpy(), part.values.numpy())
+    votes, ties = kernel(*arrays, tasks, limits, majority, disjoint_mean, merged.numpy())
+    return TiesPart(merged, votes, ties)
+
+
+def held_votes(held: Sequence[Held], tasks: int, thresholds: Sequence[float]) -> int:
+    """The votes of the held coordinates at the exact thresholds (those still waiting for
+    the majority sign vote 0)."""
+    return sum(_merged_held(part, tasks, thresholds, PENDING, False).votes for part in held)
+
+
+def settle(
+    delta: Mapping[str, torch.Tensor],
+    held: Sequence[Held],
+    tasks: int,
+    thresholds: Sequence[float],
+    votes: int,
+    disjoint_mean: bool,
+) -> int:
+    """With the exact thresholds: the held coordinates' votes added to ``votes`` (those of
+    every decided coordinate), and the held coordinates merged into ``delta`` under the
+    majority sign so elected, which is returned."""
+    votes += held_votes(held, tasks, thresholds)
+    majority = (votes > 0) - (votes < 0)
+    for part in held:
+        merged = _merged_held(part, tasks, thresholds, majority, disjoint_mean).merged
+        delta[part.key].view(-1)[part.index] = merged
+    return majority

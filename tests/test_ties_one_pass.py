@@ -1,0 +1,108 @@
+"""TIES in one pass from the models' rows (engine.ties_blocks.banded_ties_vector): each
+task's threshold placed in a band by a sample, the coordinates outside every band merged
+at once, the others held and settled; and its way back to the counting passes when the
+band misses or the held values exceed their budget. Against the naive transcription."""
+
+from __future__ import annotations
+
+import math
+
+import naive
+import naive_baselines
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import assert_states_equal, families
+
+import mergelab
+import mergelab.engine.ties_blocks as ties_blocks
+import mergelab.engine.ties_undecided as ties_undecided
+from mergelab.engine.workspace import BlockWorkers
+
+
+def _one_pass(pretrained, finetuned, share, mean=False):
+    with BlockWorkers() as workers:
+        pool = mergelab.ModelPool(pretrained, finetuned)
+        return ties_blocks.banded_ties_vector(pool, share, mean, workers)
+
+
+@given(
+    family=families(),
+    share=st.sampled_from([1.0, 0.5, 0.2, 0.05]),
+    mean=st.booleans(),
+    errors=st.sampled_from([0.0, 8.0]),
+)
+@settings(max_examples=60)
+def test_one_pass_matches_naive_when_its_sample_is_everything(family, share, mean, errors):
+    """A sample of every coordinate: each band holds its threshold (at 0 standard errors
+    too), and with room for the held entries the one pass settles every coordinate."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
+        patch.setattr(ties_blocks, "BAND_ERRORS", errors)
+        patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", len(family.finetuned))
+        delta = _one_pass(family.pretrained, family.finetuned, share, mean)
+    assert delta is not None
+    expected = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
+    assert_states_equal(delta, expected)
+
+
+@given(family=families(), share=st.sampled_from([1.0, 0.5, 0.2]))
+@settings(max_examples=30)
+def test_without_room_for_held_values_the_counting_passes_merge(family, share):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
+        patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", 0)
+        merged = mergelab.ties(family.pretrained, family.finetuned, 0.5, keep=share)
+    delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, False)
+    assert_states_equal(merged, naive.assemble(family.pretrained, delta, 0.5))
+
+
+def test_a_band_that_misses_its_threshold_hands_over_to_the_counting_passes():
+    """Hand-made: the sample of the one 32-value parameter is its first two coordinates,
+    whose entries (0.01) are far below the threshold of the top half (the entries from
+    1 to 30): the band from the sample misses it."""
+    pretrained = {"w": torch.zeros(32)}
+    values = torch.cat([torch.full((2,), 0.01), torch.arange(1.0, 31.0)])
+    finetuned = {"a": {"w": values}, "b": {"w": -values.flip(0)}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)
+        assert _one_pass(pretrained, finetuned, 0.5) is None
+        merged = mergelab.ties(pretrained, finetuned, 1.0, keep=0.5)
+    expected = naive.ties_multitask_vector(pretrained, finetuned, 0.5)
+    assert_states_equal(merged, naive.assemble(pretrained, expected, 1.0))
+
+
+def test_one_pass_on_real_floats_over_several_blocks():
+    """Unpatched, on models large enough for its sample (three parameters, one of them
+    2.3 blocks long), in float32 noise: the one pass settles the thresholds and gives the
+    naive transcription's bits (two tasks: every sum is one rounding, as in float64 then
+    cast)."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"blocks.0.weight": (300, 1000), "blocks.0.bias": (1000,), "proj": (200, 150)}
+    pretrained = {key: torch.randn(shape, generator=gen) for key, shape in shapes.items()}
+    finetuned = {
+        task: {
+            key: value + 0.01 * torch.randn(value.shape, generator=gen)
+            for key, value in pretrained.items()
+        }
+        for task in ("a", "b")
+    }
+    delta = _one_pass(pretrained, finetuned, 0.2)
+    assert delta is not None
+    assert_states_equal(delta, naive.ties_multitask_vector(pretrained, finetuned, 0.2))
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_one_pass_names_a_task_vector_with_nan(share):
+    pretrained = {"w": torch.zeros(4)}
+    finetuned = {"a": {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, "b": {"w": torch.ones(4)}}
+    finetuned["b"]["w"][2] = float("nan")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
+        patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", 2)
+        with pytest.raises(ValueError, match="task vector of 'b' has NaN or Inf values at 'w'"):
+            _one_pass(pretrained, finetuned, share)
