@@ -41,7 +41,7 @@ def test_one_pass_matches_naive_when_its_sample_is_everything(family, share, mea
         patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
         patch.setattr(ties_blocks, "BAND_ERRORS", errors)
         patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)
-        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", len(family.finetuned))
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", math.inf)
         delta = _one_pass(family.pretrained, family.finetuned, share, mean)
     assert delta is not None
     expected = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
@@ -58,6 +58,24 @@ def test_without_room_for_held_values_the_counting_passes_merge(family, share):
         merged = mergelab.ties(family.pretrained, family.finetuned, 0.5, keep=share)
     delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, False)
     assert_states_equal(merged, naive.assemble(family.pretrained, delta, 0.5))
+
+
+def test_held_entries_over_budget_hand_over_to_the_counting_passes():
+    """Hand-worked: everything kept (no sample, no band), coordinates 0 and 1 sum to
+    exactly 0 and wait for the majority: four held entries, over a budget of none."""
+    pretrained = {"w": torch.zeros(4)}
+    finetuned = {
+        "a": {"w": torch.tensor([5.0, 5.0, 1.0, 0.0])},
+        "b": {"w": torch.tensor([-5.0, -5.0, 1.0, 0.0])},
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", math.inf)
+        assert _one_pass(pretrained, finetuned, 1.0) is not None
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", 0)
+        assert _one_pass(pretrained, finetuned, 1.0) is None
+        merged = mergelab.ties(pretrained, finetuned, 1.0, keep=1.0)
+    expected = naive.ties_multitask_vector(pretrained, finetuned, 1.0)
+    assert_states_equal(merged, naive.assemble(pretrained, expected, 1.0))
 
 
 def test_a_band_that_misses_its_threshold_hands_over_to_the_counting_passes():
@@ -103,6 +121,6 @@ def test_one_pass_names_a_task_vector_with_nan(share):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
         patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)
-        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", 2)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", math.inf)
         with pytest.raises(ValueError, match="task vector of 'b' has NaN or Inf values at 'w'"):
             _one_pass(pretrained, finetuned, share)

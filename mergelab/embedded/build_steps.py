@@ -117,6 +117,9 @@ def _worker(steps: Sequence[Step], markers: Path, staging: Path) -> None:
     try:
         _take_steps(steps, markers, staging)
     except KeyboardInterrupt:
+        # a second Ctrl-C may follow (the build process passes one on to the workers the
+        # terminal's reached too): it must not interrupt the exit with a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(INTERRUPTED)
 
 

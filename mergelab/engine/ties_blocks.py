@@ -14,14 +14,16 @@ coordinates are settled; should a threshold lie outside its band (the sample mis
 or the held entries exceed their budget, None: the caller takes the counting passes
 over whole parameters, having lost one pass.
 
-ViT-B/32 (scripts/bench_merge.py, 2026-12-06): 8 tasks, 1.05-1.09 s against 2.64 s for
-the counting passes (2 % of the coordinates held); 20 tasks, 2.6-2.8 s against 5.55 s
-(4 % held, 0.24 of a model's elements in entries).
+ViT-B/32 (scripts/bench_merge.py, 2026-12-06): 8 tasks, 1.41 s against 2.64 s for the
+counting passes (2 % of the coordinates held); 20 tasks, 3.07 s against 5.55 s (4 %
+held, 0.24 of a model's elements in entries). The miniature benchmark's task vectors,
+alike within each piece, give bands too wide to try: the counting passes run at once.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -44,18 +46,20 @@ from mergelab.engine.ties_undecided import (
 from mergelab.engine.workspace import BlockWorkers, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.finite import rows_finite
-from mergelab.merging.quantile import MagnitudeSelect, bucket_range
+from mergelab.merging.quantile import MagnitudeSelect, bucket_ranges
 from mergelab.merging.ties import PENDING, check_keep_fraction, ties_rank
 
-# the share of every parameter whose magnitudes place the thresholds' bands, in pieces
-# of SAMPLE_SPAN / SAMPLE_EVERY elements: fewer, longer reads than a piece of every
-# block (ViT-B/32: 189 pieces rather than 783)
+# the share of every parameter whose magnitudes place the thresholds' bands, in pieces:
+# one per SAMPLE_SPAN elements, at least MIN_PIECES of at least MIN_PIECE elements where
+# the parameter has room (ViT-B/32: 302 pieces)
 SAMPLE_EVERY = 16
 SAMPLE_SPAN = 1 << 19
-# a band's half-width, in standard errors of its sample rank (a binomial share's)
+MIN_PIECES = 8
+MIN_PIECE = 1024
+# a band's half-width, in standard errors of the sample's share below it
 BAND_ERRORS = 6.0
-# a band wider than this share of the magnitudes either side (a sample too small to
-# narrow it): no pass is tried, the counting passes run at once
+# a band wider than this share of the magnitudes either side (a sample too small or too
+# uneven to narrow it): no pass is tried, the counting passes run at once
 WIDEST_BAND = 0.05
 # the undecided values StreamedTies sets aside, at most this many elements: its memory
 # must stay flat in the model's size (256 MB of float32)
@@ -63,28 +67,40 @@ STREAMED_UNDECIDED_LIMIT = 1 << 26
 
 
 def _sample(pool: ModelPool, key: str) -> list[slice]:
-    """1/SAMPLE_EVERY of a merged parameter (rounded up), as pieces evenly spread over it,
-    one per SAMPLE_SPAN elements: a share of each parameter as large as of any other, in
-    pieces long enough that reading them is not mostly the calls' own cost."""
+    """1/SAMPLE_EVERY of a merged parameter (rounded up), as pieces evenly spread over it:
+    one per SAMPLE_SPAN elements, and at least MIN_PIECES where each can hold MIN_PIECE.
+    Neighbouring coordinates are alike (a row, a neuron), so a parameter's share is cut
+    into many pieces; each long enough that reading it is not mostly the calls' cost."""
     numel = pool.specs[key].numel
-    pieces = max(1, round(numel / SAMPLE_SPAN))
+    spread = min(MIN_PIECES, numel // (SAMPLE_EVERY * MIN_PIECE))
+    pieces = max(1, round(numel / SAMPLE_SPAN), spread)
     length = -(-numel // (SAMPLE_EVERY * pieces))
     starts = (piece * numel // pieces for piece in range(pieces))
     return [slice(start, min(start + length, numel)) for start in starts]
 
 
+def _sample_magnitudes(
+    pool: ModelPool, pieces: list[tuple[str, slice]], starts: np.ndarray, workers
+) -> np.ndarray:
+    """[T, sample size]: the float32 |τ| of every piece, side by side from ``starts``."""
+    magnitudes = np.empty((len(pool.tasks), int(starts[-1])), dtype=np.float32)
+
+    def read(item: tuple[int, tuple[str, slice]]) -> None:
+        number, (key, part) = item
+        taus = pool.read_task_vectors(key, part, workers.workspace()).numpy()
+        np.abs(taus, out=magnitudes[:, starts[number] : starts[number + 1]], casting="unsafe")
+
+    workers.run(read, list(enumerate(pieces)))
+    return magnitudes
+
+
 def _add_magnitude_counts(
-    pool: ModelPool,
-    parts_of: Callable[[str], list[slice]],
-    workers: BlockWorkers,
-    out: np.ndarray,
-    desc: str,
-    check: bool = False,
+    pool: ModelPool, workers: BlockWorkers, out: np.ndarray, desc: str, check: bool = False
 ) -> None:
-    """Adds to ``out`` [T, buckets] each task's float32 |τ| counted per bucket over the
-    flat slices ``parts_of(key)`` of every merged parameter, a count array per thread.
-    ``check``: each block checked finite, naming the task (a first pass: a NaN would
-    otherwise be trimmed away without a word)."""
+    """Adds to ``out`` [T, buckets] each task's float32 |τ| counted per bucket over every
+    merged parameter, block by block, a count array per thread. ``check``: each block
+    checked finite, naming the task (a first pass: a NaN would otherwise be trimmed away
+    without a word)."""
     kernel = kernels("ties_kernels").add_model_magnitude_counts
     per_thread: dict[int, np.ndarray] = {}
     lock = threading.Lock()
@@ -101,29 +117,69 @@ def _add_magnitude_counts(
         kernel(models.numpy(), counts)
 
     for key in progress(pool.merged_keys, desc):
-        workers.run(functools.partial(count, key), parts_of(key))
+        workers.run(functools.partial(count, key), pool.blocks(key))
     for counts in per_thread.values():
         if counts is not out:
             out += counts
+
+
+def _stratified_error(below: np.ndarray, lengths: np.ndarray, strata: list[str]) -> np.ndarray:
+    """Per task, the standard error of the sample's count below a value, its pieces drawn
+    parameter by parameter (strata): from each piece's departure from its parameter's
+    own share, as a parameter's share of the sample is fixed."""
+    squares = np.zeros(below.shape[1])
+    start = 0
+    for _, stratum in itertools.groupby(strata):
+        stop = start + len(list(stratum))
+        if stop - start > 1:
+            counts, sizes = below[start:stop], lengths[start:stop]
+            residuals = counts - np.outer(sizes, counts.sum(0) / sizes.sum())
+            squares += (residuals**2).sum(0) * (stop - start) / (stop - start - 1)
+        start = stop
+    return np.sqrt(squares)
 
 
 def sampled_bands(
     pool: ModelPool, rank: int, workers: BlockWorkers
 ) -> tuple[list[float], list[float]] | None:
     """Each task's band [low, high) that its threshold, the magnitude of 0-based ``rank``,
-    all but certainly lies in, from the sample; None where the sample is too small."""
-    size = sum(part.stop - part.start for key in pool.merged_keys for part in _sample(pool, key))
-    share = rank / pool.num_merged_params
-    margin = BAND_ERRORS * math.sqrt(share * (1 - share) / size) + 1 / size
-    if margin > WIDEST_BAND:
+    all but certainly lies in, from the sample; None where the sample cannot narrow it.
+
+    The band is BAND_ERRORS standard errors of the sample's share either side of the
+    sample's quantile: the larger of a binomial share's and the one the pieces' own shares
+    give (pieces, not values, are the sample's units where values within a piece are
+    alike; in the miniature benchmark's task vectors they are: its binomial bands
+    missed 4 of 8 thresholds)."""
+    pieces = [(key, part) for key in pool.merged_keys for part in _sample(pool, key)]
+    lengths = np.array([part.stop - part.start for _, part in pieces], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    size = int(starts[-1])
+    if not size:
         return None
+    share = rank / pool.num_merged_params
+    binomial = math.sqrt(share * (1 - share) / size)
+    if BAND_ERRORS * binomial > WIDEST_BAND:
+        return None
+    magnitudes = _sample_magnitudes(pool, pieces, starts, workers)
     counts = MagnitudeSelect(0, size, len(pool.tasks)).counts  # int32 below 2^31 values
-    _add_magnitude_counts(
-        pool, functools.partial(_sample, pool), workers, counts.numpy(), "TIES: sample"
-    )
-    low_rank = max(0, math.floor((share - margin) * size))
-    high_rank = min(size - 1, math.ceil((share + margin) * size))
-    return bucket_range(counts, low_rank, high_rank)
+    kernels("ties_kernels").add_magnitude_counts(magnitudes, counts.numpy())
+    strata = [key for key, _ in pieces]
+    central = min(size - 1, math.floor(share * size))
+    margins = []
+    for row, task_magnitudes in zip(counts, magnitudes, strict=True):
+        median = bucket_ranges(row[None], [central], [central])[0][0]
+        below = np.add.reduceat(task_magnitudes < np.float32(median), starts[:-1])
+        error = _stratified_error(below[:, None], lengths, strata)[0] / size
+        margins.append(BAND_ERRORS * max(error, binomial) + 1 / size)
+    del magnitudes
+    # the entries the pass would hold: a coordinate is undecided where any of its T
+    # entries lies in its band, and keeps about the kept share of the others
+    held = 2 * sum(margins) * (1 + (1 - share) * (len(margins) - 1))
+    if max(margins) > WIDEST_BAND or held > ties_undecided.UNDECIDED_BUDGET:
+        return None
+    low_ranks = [max(0, math.floor((share - margin) * size)) for margin in margins]
+    high_ranks = [min(size - 1, math.ceil((share + margin) * size)) for margin in margins]
+    return bucket_ranges(counts, low_ranks, high_ranks)
 
 
 class _BandedPass:
@@ -293,9 +349,7 @@ class StreamedTies:
     def _count(self, select: MagnitudeSelect) -> None:
         """Pass 1: every task's magnitudes counted per bucket."""
         out = select.counts.numpy()
-        _add_magnitude_counts(
-            self.pool, self.pool.blocks, self._workers, out, "TIES: magnitudes", check=True
-        )
+        _add_magnitude_counts(self.pool, self._workers, out, "TIES: magnitudes", check=True)
         select.locate()
 
     def _votes(

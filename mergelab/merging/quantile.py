@@ -11,6 +11,7 @@ value. Memory is two 65,536-bin histograms whatever the stream's length.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -115,14 +116,16 @@ def _bits_to_float(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
-def bucket_range(counts: torch.Tensor, low_rank: int, high_rank: int) -> tuple[list, list]:
+def bucket_ranges(
+    counts: torch.Tensor, low_ranks: Sequence[int], high_ranks: Sequence[int]
+) -> tuple[list[float], list[float]]:
     """Per row of magnitude counts per bucket [rows, 2^20] (as :attr:`MagnitudeSelect.counts`):
-    [low, high), from the smallest magnitude of the bucket holding the 0-based ``low_rank``
-    to the smallest above the bucket holding ``high_rank``: every magnitude of those ranks
-    lies in it."""
+    [low, high), from the smallest magnitude of the bucket holding the row's 0-based
+    ``low_ranks`` to the smallest above the bucket holding its ``high_ranks``: every
+    magnitude of those ranks lies in it."""
     lows, highs = [], []
-    for row in counts:  # a row at a time: the cumulative counts of all are 8 MB a row
-        cumulative = row.cumsum(0, dtype=torch.int64)
+    for row, low_rank, high_rank in zip(counts, low_ranks, high_ranks, strict=True):
+        cumulative = row.cumsum(0, dtype=torch.int64)  # a row at a time: 8 MB each
         ranks = torch.tensor([low_rank, high_rank])
         low, high = torch.searchsorted(cumulative, ranks, right=True).tolist()
         lows.append(_bits_to_float(low << MAGNITUDE_LOW_BITS))
