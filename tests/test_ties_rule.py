@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from strategies import FACTORS, assert_states_equal, families
 
 import mergelab
-import mergelab.engine.ties_blocks as ties_blocks
+import mergelab.engine.ties_streamed as ties_streamed
 import mergelab.engine.ties_undecided as ties_undecided
 from mergelab.merging.quantile import MagnitudeSelect
 from mergelab.merging.ties import PENDING, ties_vector
@@ -217,7 +217,7 @@ def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
         pool = mergelab.ModelPool(family.pretrained, family.finetuned)
-        streamed = ties_blocks.StreamedTies(pool, share, mean)
+        streamed = ties_streamed.StreamedTies(pool, share, mean)
     delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
     assert_states_equal({key: streamed(key) for key in family.merged_keys}, delta)
 
@@ -232,7 +232,7 @@ def test_streamed_ties_votes_decide_the_majority(budget):
     }
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
-        streamed = ties_blocks.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
+        streamed = ties_streamed.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
     assert streamed("w").tolist() == [5.0, 5.0, 2.0, 0.0]
 
 
@@ -242,4 +242,4 @@ def test_streamed_ties_names_a_task_vector_with_nan(share):
     finetuned = {"a": {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, "b": {"w": torch.ones(4)}}
     finetuned["b"]["w"][2] = float("nan")
     with pytest.raises(ValueError, match="task vector of 'b' has NaN or Inf values at 'w'"):
-        ties_blocks.StreamedTies(mergelab.ModelPool(pretrained, finetuned), share)
+        ties_streamed.StreamedTies(mergelab.ModelPool(pretrained, finetuned), share)

@@ -11,7 +11,7 @@ Every magnitude of a task inside its range lies among the held entries, so they 
 pin the exact thresholds (:func:`in_ranges`); the held coordinates' votes complete the
 majority sign, and they are merged last (:func:`settle`). Shared by the whole-parameter
 passes (:mod:`mergelab.engine.ties`) and the block passes
-(:mod:`mergelab.engine.ties_blocks`).
+(:mod:`mergelab.engine.ties_blocks`, :mod:`mergelab.engine.ties_streamed`).
 """
 
 from __future__ import annotations

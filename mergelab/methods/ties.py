@@ -13,7 +13,7 @@ from mergelab.engine.parameterwise import TaskVectors
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, as_factor_list
 from mergelab.engine.ties import ties_merged_vector
-from mergelab.engine.ties_blocks import StreamedTies
+from mergelab.engine.ties_streamed import StreamedTies
 from mergelab.merging.ties import check_keep_fraction
 from mergelab.methods.base import MergeContext, ScaledMethod, save_task_vector
 

@@ -1,0 +1,176 @@
+"""TIES for a model written parameter by parameter (:class:`StreamedTies`, for
+``mergelab merge``): every pass on the CPU, block by block, the blocks of a parameter on
+BlockWorkers threads, and no δ of the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mergelab.engine import ties_undecided
+from mergelab.engine.parameterwise import check_merged_finite
+from mergelab.engine.pool import ModelPool
+from mergelab.engine.streaming import progress
+from mergelab.engine.ties_undecided import Held, held_votes, hold, merge_part
+from mergelab.engine.workspace import BlockWorkers, empty
+from mergelab.merging.compiled import kernels
+from mergelab.merging.finite import rows_finite
+from mergelab.merging.quantile import MagnitudeSelect
+from mergelab.merging.ties import check_keep_fraction, ties_rank
+
+# the undecided values StreamedTies sets aside, at most this many elements: its memory
+# must stay flat in the model's size (256 MB of float32)
+STREAMED_UNDECIDED_LIMIT = 1 << 26
+
+
+def _add_magnitude_counts(
+    pool: ModelPool, workers: BlockWorkers, out: np.ndarray, desc: str, check: bool = False
+) -> None:
+    """Adds to ``out`` [T, buckets] each task's float32 |τ| counted per bucket over every
+    merged parameter, block by block, a count array per thread. ``check``: each block
+    checked finite, naming the task (a first pass: a NaN would otherwise be trimmed away
+    without a word)."""
+    kernel = kernels("ties_kernels").add_model_magnitude_counts
+    per_thread: dict[int, np.ndarray] = {}
+    lock = threading.Lock()
+
+    def count(key: str, part: slice) -> None:
+        models = pool.read_models(key, part, workers.workspace())
+        if check:
+            pool.check_finite_from_models(key, models, None, rows_finite(models.numpy()))
+        counts = per_thread.get(threading.get_ident())
+        if counts is None:
+            with lock:  # the first thread counts into ``out`` itself
+                counts = np.zeros_like(out) if per_thread else out
+                per_thread[threading.get_ident()] = counts
+        kernel(models.numpy(), counts)
+
+    for key in progress(pool.merged_keys, desc):
+        workers.run(functools.partial(count, key), pool.blocks(key))
+    for counts in per_thread.values():
+        if counts is not out:
+            out += counts
+
+
+class StreamedTies:
+    """TIES for a model written parameter by parameter: ``self(key)`` is one parameter's δ,
+    as :func:`ties_merged_vector` computes it, without δ of the whole model in memory.
+
+    On construction, passes over the task vectors block by block (the blocks of a
+    parameter shared out among BlockWorkers threads) find what every coordinate's merge
+    depends on: each task's bucket (counting), then, in one more pass, the votes of the
+    decided coordinates, the undecided coordinates' values (up to a budget) and the low
+    bits of each task's magnitudes inside its bucket, which pin the exact thresholds
+    whatever the budget; beyond it, a third pass counts the votes at the exact
+    thresholds. The majority sign follows from the votes; δ of a parameter is then
+    computed block by block when asked for. Memory: a block of every model per thread
+    and the values set aside, whatever the model's size; reads: three or four passes.
+    """
+
+    def __init__(self, pool: ModelPool, keep_fraction: float = 0.2, disjoint_mean: bool = False):
+        check_keep_fraction(keep_fraction)
+        self.pool, self.disjoint_mean = pool, disjoint_mean
+        self._workers = BlockWorkers()
+        tasks, total = len(pool.tasks), pool.num_merged_params
+        rank = ties_rank(keep_fraction, total)
+        try:
+            if rank < 0:  # everything kept
+                self.thresholds = [-math.inf] * tasks
+                votes, _ = self._votes(self.thresholds, self.thresholds, 0, check=True)
+            else:
+                select = MagnitudeSelect(rank, total, tasks)
+                self._count(select)
+                lows, highs = select.bounds()
+                budget = min(ties_undecided.UNDECIDED_BUDGET * total, STREAMED_UNDECIDED_LIMIT)
+                votes, held = self._votes(highs, lows, budget, select)
+                self.thresholds = exact = select.values()
+                if held is None:
+                    votes, _ = self._votes(exact, exact, 0)
+                else:
+                    votes += held_votes(held, tasks, exact)
+        except BaseException:
+            self.close()
+            raise
+        self.majority = (votes > 0) - (votes < 0)
+
+    def close(self) -> None:
+        self._workers.close()
+
+    def _each_block(self, desc: str, work: Callable, check: bool = False) -> list:
+        """``work(key, part, τ block)`` for every block of every merged parameter, the
+        blocks of a parameter on the workers' threads; the results in order. ``check``:
+        each block checked finite first, naming the task (the first pass: a NaN would
+        otherwise be trimmed away without a word)."""
+        pool, workers, results = self.pool, self._workers, []
+        for key in progress(pool.merged_keys, desc):
+
+            def one(part: slice, key: str = key):
+                taus = pool.read_task_vectors(key, part, workers.workspace())
+                if check:
+                    pool.check_finite(key, taus, taus)
+                return work(key, part, taus)
+
+            results += workers.run(one, pool.blocks(key))
+        return results
+
+    def _count(self, select: MagnitudeSelect) -> None:
+        """Pass 1: every task's magnitudes counted per bucket."""
+        out = select.counts.numpy()
+        _add_magnitude_counts(self.pool, self._workers, out, "TIES: magnitudes", check=True)
+        select.locate()
+
+    def _votes(
+        self,
+        thresholds: Sequence[float],
+        undecided_from: Sequence[float],
+        budget: float,
+        select: MagnitudeSelect | None = None,
+        check: bool = False,
+    ) -> tuple[int, list[Held] | None]:
+        """The votes of the decided coordinates and the entries held of the undecided ones
+        (None beyond ``budget`` of them); with ``select``, its magnitudes inside each
+        task's bucket counted too (its second pass)."""
+        lock = threading.Lock()
+        undecided = [0]  # entries held so far, all threads
+
+        def vote(key: str, part: slice, taus: torch.Tensor) -> tuple[int, Held | None]:
+            if select is not None and taus.dtype == torch.float32:
+                counts = select.low_counts(taus)
+                with lock:  # its counts are shared
+                    select.add_low(counts)
+            elif select is not None:
+                with lock:
+                    select.observe_low(taus)
+            merged = merge_part(taus, thresholds, undecided_from)
+            index = torch.isnan(merged.merged).nonzero().reshape(-1)
+            if not index.numel():
+                return merged.votes, None
+            columns = index.numpy()
+            held = hold(key, taus.numpy(), columns, part.start, undecided_from, thresholds)
+            with lock:
+                undecided[0] += held.values.numel()
+                keep = undecided[0] <= budget
+            return merged.votes, held if keep else None
+
+        results = self._each_block("TIES: votes", vote, check)
+        held = [part for _, part in results if part is not None]
+        return sum(votes for votes, _ in results), held if undecided[0] <= budget else None
+
+    def __call__(self, key: str) -> torch.Tensor:
+        spec = self.pool.specs[key]
+        delta = empty((spec.numel,), self.pool.compute_dtype(key))
+        exact, majority = self.thresholds, self.majority
+
+        def merge_block(part: slice) -> None:
+            taus = self.pool.read_task_vectors(key, part, self._workers.workspace())
+            delta[part] = merge_part(taus, exact, exact, majority, self.disjoint_mean).merged
+
+        self._workers.run(merge_block, self.pool.blocks(key))
+        check_merged_finite(key, delta)
+        return delta.view(spec.shape)
