@@ -33,11 +33,7 @@ from mergelab.engine import ties_undecided
 from mergelab.engine.parameterwise import check_merged_finite
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
-from mergelab.engine.ties_undecided import (
-    Held,
-    in_ranges,
-    settle,
-)
+from mergelab.engine.ties_undecided import Held, in_ranges, settle
 from mergelab.engine.workspace import BlockWorkers, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.finite import rows_finite
@@ -204,8 +200,8 @@ def _held_buffers(workspace, columns: int, tasks: int, dtype: torch.dtype) -> li
     magnitudes), reused block after block."""
     capacity = columns * tasks + 1
     return [
-        workspace.get(f"held {name}", (length,), dtype)
-        for name, length, dtype in (
+        workspace.get(f"held {name}", (length,), kind)
+        for name, length, kind in (
             ("columns", columns, torch.int64),
             ("counts", columns, torch.int32),
             ("tasks", capacity, torch.int16),

@@ -29,12 +29,10 @@ from mergelab.merging.ties import check_keep_fraction, ties_rank
 STREAMED_UNDECIDED_LIMIT = 1 << 26
 
 
-def _add_magnitude_counts(
-    pool: ModelPool, workers: BlockWorkers, out: np.ndarray, desc: str, check: bool = False
-) -> None:
+def _add_magnitude_counts(pool: ModelPool, workers: BlockWorkers, out: np.ndarray) -> None:
     """Adds to ``out`` [T, buckets] each task's float32 |τ| counted per bucket over every
-    merged parameter, block by block, a count array per thread. ``check``: each block
-    checked finite, naming the task (a first pass: a NaN would otherwise be trimmed away
+    merged parameter, block by block, a count array per thread; each block checked
+    finite, naming the task (the first pass: a NaN would otherwise be trimmed away
     without a word)."""
     kernel = kernels("ties_kernels").add_model_magnitude_counts
     per_thread: dict[int, np.ndarray] = {}
@@ -42,8 +40,7 @@ def _add_magnitude_counts(
 
     def count(key: str, part: slice) -> None:
         models = pool.read_models(key, part, workers.workspace())
-        if check:
-            pool.check_finite_from_models(key, models, None, rows_finite(models.numpy()))
+        pool.check_finite_from_models(key, models, None, rows_finite(models.numpy()))
         counts = per_thread.get(threading.get_ident())
         if counts is None:
             with lock:  # the first thread counts into ``out`` itself
@@ -51,7 +48,7 @@ def _add_magnitude_counts(
                 per_thread[threading.get_ident()] = counts
         kernel(models.numpy(), counts)
 
-    for key in progress(pool.merged_keys, desc):
+    for key in progress(pool.merged_keys, "TIES: magnitudes"):
         workers.run(functools.partial(count, key), pool.blocks(key))
     for counts in per_thread.values():
         if counts is not out:
@@ -108,7 +105,7 @@ class StreamedTies:
         each block checked finite first, naming the task (the first pass: a NaN would
         otherwise be trimmed away without a word)."""
         pool, workers, results = self.pool, self._workers, []
-        for key in progress(pool.merged_keys, desc):
+        for key in progress(pool.merged_keys, "TIES: magnitudes"):
 
             def one(part: slice, key: str = key):
                 taus = pool.read_task_vectors(key, part, workers.workspace())
@@ -122,7 +119,7 @@ class StreamedTies:
     def _count(self, select: MagnitudeSelect) -> None:
         """Pass 1: every task's magnitudes counted per bucket."""
         out = select.counts.numpy()
-        _add_magnitude_counts(self.pool, self._workers, out, "TIES: magnitudes", check=True)
+        _add_magnitude_counts(self.pool, self._workers, out)
         select.locate()
 
     def _votes(
