@@ -5,12 +5,21 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mergelab.merging.quantile import RadixSelect, quantile_rank
+from mergelab.merging.quantile import (
+    COARSE_BUCKETS,
+    MAGNITUDE_BUCKETS,
+    RadixSelect,
+    bucket_floor,
+    quantile_rank,
+    rank_bucket,
+)
+from mergelab.merging.ties_kernels import add_piece_magnitude_counts
 
 # a small pool of awkward float32 values, so ties, both zeros and both signs are common
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-38, -1e-38, 1e-45, -1e-45, 3.4e38, -3.4e38]
@@ -107,3 +116,31 @@ def test_radix_select_refuses_misuse():
 )
 def test_quantile_rank_reads_the_decimal(q, n, rank):
     assert quantile_rank(q, n) == rank
+
+
+@given(
+    magnitudes=st.lists(st.floats(0, width=32, allow_infinity=False), min_size=1, max_size=400),
+    data=st.data(),
+)
+def test_rank_bucket_and_the_sample_kernel_match_a_sort(magnitudes, data):
+    """The sample's counts (per bucket and per coarse bucket, from the models' rows, in
+    per-thread arrays) and the two-level bucket search give the bucket of the rank-th
+    smallest magnitude of a sort."""
+    base = np.zeros(len(magnitudes), np.float32)
+    signs = data.draw(
+        st.lists(st.sampled_from([1, -1]), min_size=len(magnitudes), max_size=len(magnitudes))
+    )
+    models = np.stack([base, np.array(magnitudes, np.float32) * np.array(signs, np.float32)])
+    threads = data.draw(st.integers(1, 3), label="threads")
+    counts = [np.zeros((1, MAGNITUDE_BUCKETS), np.int32) for _ in range(threads)]
+    coarse = np.zeros((1, COARSE_BUCKETS), np.int32)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(magnitudes)), max_size=3), label="cuts"))
+    for number, (start, stop) in enumerate(itertools.pairwise([0, *cuts, len(magnitudes)])):
+        piece = np.ascontiguousarray(models[:, start:stop])
+        add_piece_magnitude_counts(piece, counts[number % threads], coarse)
+    rank = data.draw(st.integers(0, len(magnitudes) - 1), label="rank")
+    value = sorted(magnitudes)[rank]
+    bucket = rank_bucket(coarse[0], [part[0] for part in counts], rank)
+    assert bucket_floor(bucket) <= value < bucket_floor(bucket + 1)
+    bits = np.array(magnitudes, np.float32).view(np.int32)
+    assert coarse[0].tolist() == np.bincount(bits >> 21, minlength=COARSE_BUCKETS).tolist()

@@ -114,10 +114,12 @@ def test_one_pass_on_real_floats_over_several_blocks():
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])
-def test_one_pass_names_a_task_vector_with_nan(share):
-    pretrained = {"w": torch.zeros(4)}
-    finetuned = {"a": {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, "b": {"w": torch.ones(4)}}
-    finetuned["b"]["w"][2] = float("nan")
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -3e38])
+def test_one_pass_names_a_task_vector_with_nan(share, bad):
+    """NaN and ±Inf in a model, and finite models whose difference overflows float32."""
+    pretrained = {"w": torch.tensor([0.0, 0.0, 3e38, 0.0])}
+    finetuned = {"a": {"w": torch.tensor([1.0, 2.0, 3e38, 4.0])}, "b": {"w": torch.ones(4)}}
+    finetuned["b"]["w"][2] = bad
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
         patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)

@@ -137,7 +137,7 @@ def test_rule_and_kernel_match_the_transcription(taus, data, majority, mean, flo
     columns, held_counts = np.empty(size, np.int64), np.empty(size, np.int32)
     owners, band_owners = np.empty(capacity, np.int16), np.empty(capacity, np.int16)
     values, band = np.empty(capacity, taus.numpy().dtype), np.empty(capacity, np.float32)
-    *kernel_models, held, _, _ = ties_merge_models(
+    *kernel_models, held, _, _, finite = ties_merge_models(
         models.numpy(),
         *limits,
         majority,
@@ -151,6 +151,7 @@ def test_rule_and_kernel_match_the_transcription(taus, data, majority, mean, flo
         band_owners,
         band,
     )
+    assert finite  # the entries are finite, their differences too
     assert columns[:held].tolist() == torch.isnan(from_models).nonzero().reshape(-1).tolist()
     magnitudes = taus.abs().float()
     assert kept.tolist() == [

@@ -2,6 +2,7 @@
 autograd mode."""
 
 import naive
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -10,7 +11,7 @@ from safetensors.torch import load, save
 from strategies import assert_states_equal, make_family
 
 from mergelab import ModelPool, TallMasks
-from mergelab.engine.workspace import BlockWorkers, empty
+from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
 
 DTYPES = [
     torch.float32,
@@ -38,6 +39,21 @@ def test_empty_is_an_own_writable_tensor_of_the_shape_and_dtype(dtype, shape):
     if dtype != torch.complex128:  # (safetensors has no complex128)
         # safetensors refuses to save tensors that share memory
         assert torch.equal(load(save({"a": first, "b": second}))["a"], values)
+
+
+@given(items=st.lists(st.integers(0, 4), max_size=40), threads=st.integers(1, 3))
+def test_thread_totals_add_every_threads_counts_to_what_out_held(items, threads):
+    start = np.array([1, 0, 2, 0, 5], np.int64)
+    expected = (np.bincount(items, minlength=5) + start).tolist()
+    out = start.copy()
+    totals = ThreadTotals(out)
+    with BlockWorkers(threads) as workers:
+        workers.run(lambda item: np.add.at(totals.mine(), item, 1), items)
+    parts = totals.parts()
+    assert sum(parts).tolist() == expected
+    assert any(part is out for part in parts)
+    assert totals.total() is out
+    assert out.tolist() == expected
 
 
 @pytest.mark.parametrize("inference", [True, False])

@@ -34,10 +34,15 @@ from mergelab.engine.parameterwise import check_merged_finite
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.ties_undecided import Held, in_ranges, settle
-from mergelab.engine.workspace import BlockWorkers, empty
+from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
 from mergelab.merging.compiled import kernels
-from mergelab.merging.finite import rows_finite
-from mergelab.merging.quantile import MagnitudeSelect, bucket_ranges
+from mergelab.merging.quantile import (
+    COARSE_BUCKETS,
+    COARSE_SHIFT,
+    MAGNITUDE_BUCKETS,
+    bucket_floor,
+    rank_bucket,
+)
 from mergelab.merging.ties import PENDING, check_keep_fraction, ties_rank
 
 # the share of every parameter whose magnitudes place the thresholds' bands, in pieces:
@@ -67,25 +72,31 @@ def _sample(pool: ModelPool, key: str) -> list[slice]:
     return [slice(start, min(start + length, numel)) for start in starts]
 
 
-def _sample_magnitudes(
-    pool: ModelPool, pieces: list[tuple[str, slice]], starts: np.ndarray, workers
-) -> np.ndarray:
-    """[T, sample size]: the float32 |τ| of every piece, side by side from ``starts``."""
-    magnitudes = np.empty((len(pool.tasks), int(starts[-1])), dtype=np.float32)
+def _sample_counts(
+    pool: ModelPool, pieces: list[tuple[str, slice]], workers: BlockWorkers
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The sample's float32 |τ| counted from the models' rows on the block threads: per
+    task and bucket [T, 2^20], one array per thread (zeroed lazily: only the pages the
+    magnitudes fall in are mapped), and per piece, task and coarse bucket [pieces, T,
+    2^10]."""
+    tasks = len(pool.tasks)
+    totals = ThreadTotals(np.zeros((tasks, MAGNITUDE_BUCKETS), np.int32))  # a sample < 2^31
+    piece_counts = np.zeros((len(pieces), tasks, COARSE_BUCKETS), dtype=np.int32)
+    kernel = kernels("ties_kernels").add_piece_magnitude_counts
 
-    def read(item: tuple[int, tuple[str, slice]]) -> None:
+    def count(item: tuple[int, tuple[str, slice]]) -> None:
         number, (key, part) = item
-        taus = pool.read_task_vectors(key, part, workers.workspace()).numpy()
-        np.abs(taus, out=magnitudes[:, starts[number] : starts[number + 1]], casting="unsafe")
+        models = pool.read_models(key, part, workers.workspace())
+        kernel(models.numpy(), totals.mine(), piece_counts[number])
 
-    workers.run(read, list(enumerate(pieces)))
-    return magnitudes
+    workers.run(count, list(enumerate(pieces)))
+    return totals.parts(), piece_counts
 
 
 def _stratified_error(below: np.ndarray, lengths: np.ndarray, strata: list[str]) -> np.ndarray:
-    """Per task, the standard error of the sample's count below a value, its pieces drawn
-    parameter by parameter (strata): from each piece's departure from its parameter's
-    own share, as a parameter's share of the sample is fixed."""
+    """Per column, the standard error of the sample's count below a value, its pieces
+    drawn parameter by parameter (strata): from each piece's departure from its
+    parameter's own share, as a parameter's share of the sample is fixed."""
     squares = np.zeros(below.shape[1])
     start = 0
     for _, stratum in itertools.groupby(strata):
@@ -108,37 +119,40 @@ def sampled_bands(
     sample's quantile: the larger of a binomial share's and the one the pieces' own shares
     give (pieces, not values, are the sample's units where values within a piece are
     alike; in the miniature benchmark's task vectors they are: its binomial bands
-    missed 4 of 8 thresholds)."""
+    missed 4 of 8 thresholds). The pieces' shares are taken below the edges of the
+    coarse bucket (a quarter octave) holding the quantile, the larger error of the two."""
     pieces = [(key, part) for key in pool.merged_keys for part in _sample(pool, key)]
     lengths = np.array([part.stop - part.start for _, part in pieces], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    size = int(starts[-1])
+    size = int(lengths.sum())
     if not size:
         return None
     share = rank / pool.num_merged_params
     binomial = math.sqrt(share * (1 - share) / size)
     if BAND_ERRORS * binomial > WIDEST_BAND:
         return None
-    magnitudes = _sample_magnitudes(pool, pieces, starts, workers)
-    counts = MagnitudeSelect(0, size, len(pool.tasks)).counts  # int32 below 2^31 values
-    kernels("ties_kernels").add_magnitude_counts(magnitudes, counts.numpy())
+    counts, piece_counts = _sample_counts(pool, pieces, workers)
+    coarse_counts = piece_counts.sum(0, dtype=np.int64)
+
+    def bucket(task: int, rank: int) -> int:
+        rank = min(size - 1, max(0, rank))
+        return rank_bucket(coarse_counts[task], [part[task] for part in counts], rank)
+
     strata = [key for key, _ in pieces]
-    central = min(size - 1, math.floor(share * size))
     margins = []
-    for row, task_magnitudes in zip(counts, magnitudes, strict=True):
-        median = bucket_ranges(row[None], [central], [central])[0][0]
-        below = np.add.reduceat(task_magnitudes < np.float32(median), starts[:-1])
-        error = _stratified_error(below[:, None], lengths, strata)[0] / size
+    for task in range(len(pool.tasks)):
+        coarse = bucket(task, math.floor(share * size)) >> COARSE_SHIFT
+        below = piece_counts[:, task, : coarse + 1].cumsum(1)[:, -2:]
+        below = below if coarse else np.hstack([np.zeros_like(below), below])
+        error = _stratified_error(below, lengths, strata).max() / size
         margins.append(BAND_ERRORS * max(error, binomial) + 1 / size)
-    del magnitudes
     # the entries the pass would hold: a coordinate is undecided where any of its T
     # entries lies in its band, and keeps about the kept share of the others
     held = 2 * sum(margins) * (1 + (1 - share) * (len(margins) - 1))
     if max(margins) > WIDEST_BAND or held > ties_undecided.UNDECIDED_BUDGET:
         return None
-    low_ranks = [max(0, math.floor((share - margin) * size)) for margin in margins]
-    high_ranks = [min(size - 1, math.ceil((share + margin) * size)) for margin in margins]
-    return bucket_ranges(counts, low_ranks, high_ranks)
+    lows = [bucket(task, math.floor((share - m) * size)) for task, m in enumerate(margins)]
+    highs = [bucket(task, math.ceil((share + m) * size)) for task, m in enumerate(margins)]
+    return [bucket_floor(low) for low in lows], [bucket_floor(high + 1) for high in highs]
 
 
 class _BandedPass:
@@ -152,32 +166,33 @@ class _BandedPass:
         limits = [np.asarray(values, dtype=np.float32) for values in (highs, lows)]
         kernel = kernels("ties_kernels").ties_merge_models
         budget = ties_undecided.UNDECIDED_BUDGET * pool.num_merged_params
-        per_thread: dict[int, np.ndarray] = {}
+        kept = ThreadTotals(np.zeros(tasks, np.int64))
         self.delta: StateDict = {}
         self.votes = 0
         self.held: list[Held] | None = []
         held_entries = 0
 
+        held_buffers: dict[tuple[int, torch.dtype], list[np.ndarray]] = {}
+
         def merge_block(key: str, part: slice) -> tuple[int, Held | None]:
-            workspace = workers.workspace()
-            models = pool.read_models(key, part, workspace)
-            rows, out = models.numpy(), self.delta[key].view(-1)[part]
-            kept = per_thread.setdefault(threading.get_ident(), np.zeros(tasks, np.int64))
-            buffers = _held_buffers(workspace, rows.shape[1], tasks, models.dtype)
-            votes, _, columns, entries, in_band = kernel(
-                rows,
-                *limits,
-                PENDING,
-                disjoint_mean,
-                out.numpy(),
-                kept,
-                *(buffer.numpy() for buffer in buffers),
+            models = pool.read_models(key, part, workers.workspace())
+            rows = models.numpy()
+            thread = threading.get_ident(), rows.dtype
+            if thread not in held_buffers:
+                held_buffers[thread] = _held_buffers(pool.chunk, tasks, rows.dtype)
+            buffers = held_buffers[thread]
+            out = self.delta[key].view(-1)[part].numpy()
+            votes, _, columns, entries, in_band, finite = kernel(
+                rows, *limits, PENDING, disjoint_mean, out, kept.mine(), *buffers
             )
-            pool.check_finite_from_models(key, models, None, rows_finite(rows))
+            pool.check_finite_from_models(key, models, None, finite)
             if not columns:
                 return votes, None
             lengths = (columns, columns, entries, entries, in_band, in_band)
-            held = [buffer[:n].clone() for buffer, n in zip(buffers, lengths, strict=True)]
+            held = [
+                torch.from_numpy(array[:n].copy())
+                for array, n in zip(buffers, lengths, strict=True)
+            ]
             return votes, Held(key, held[0] + part.start, *held[1:])
 
         for key in progress(pool.merged_keys, "TIES: merge"):
@@ -191,23 +206,23 @@ class _BandedPass:
             if held_entries > budget:
                 self.held = None
                 return
-        self.kept = sum(per_thread.values(), np.zeros(tasks, np.int64)).tolist()
+        self.kept = kept.total().tolist()
 
 
-def _held_buffers(workspace, columns: int, tasks: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """A thread's buffers for what the merge kernel holds of a block of ``columns``: its
-    columns, their counts, and room for every entry (tasks, values, band tasks, band
-    magnitudes), reused block after block."""
+def _held_buffers(columns: int, tasks: int, dtype: np.dtype) -> list[np.ndarray]:
+    """A thread's arrays for what the merge kernel holds of a block of up to ``columns``:
+    their columns, their counts, and room for every entry (tasks, values, band tasks,
+    band magnitudes), reused block after block."""
     capacity = columns * tasks + 1
     return [
-        workspace.get(f"held {name}", (length,), kind)
-        for name, length, kind in (
-            ("columns", columns, torch.int64),
-            ("counts", columns, torch.int32),
-            ("tasks", capacity, torch.int16),
-            ("values", capacity, dtype),
-            ("band tasks", capacity, torch.int16),
-            ("band magnitudes", capacity, torch.float32),
+        np.empty(length, kind)
+        for length, kind in (
+            (columns, np.int64),
+            (columns, np.int32),
+            (capacity, np.int16),
+            (capacity, dtype),
+            (capacity, np.int16),
+            (capacity, np.float32),
         )
     ]
 

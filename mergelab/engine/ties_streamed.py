@@ -18,7 +18,7 @@ from mergelab.engine.parameterwise import check_merged_finite
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import progress
 from mergelab.engine.ties_undecided import Held, held_votes, hold, merge_part
-from mergelab.engine.workspace import BlockWorkers, empty
+from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.finite import rows_finite
 from mergelab.merging.quantile import MagnitudeSelect
@@ -35,24 +35,16 @@ def _add_magnitude_counts(pool: ModelPool, workers: BlockWorkers, out: np.ndarra
     finite, naming the task (the first pass: a NaN would otherwise be trimmed away
     without a word)."""
     kernel = kernels("ties_kernels").add_model_magnitude_counts
-    per_thread: dict[int, np.ndarray] = {}
-    lock = threading.Lock()
+    totals = ThreadTotals(out)
 
     def count(key: str, part: slice) -> None:
         models = pool.read_models(key, part, workers.workspace())
         pool.check_finite_from_models(key, models, None, rows_finite(models.numpy()))
-        counts = per_thread.get(threading.get_ident())
-        if counts is None:
-            with lock:  # the first thread counts into ``out`` itself
-                counts = np.zeros_like(out) if per_thread else out
-                per_thread[threading.get_ident()] = counts
-        kernel(models.numpy(), counts)
+        kernel(models.numpy(), totals.mine())
 
     for key in progress(pool.merged_keys, "TIES: magnitudes"):
         workers.run(functools.partial(count, key), pool.blocks(key))
-    for counts in per_thread.values():
-        if counts is not out:
-            out += counts
+    totals.total()
 
 
 class StreamedTies:

@@ -88,27 +88,46 @@ def in_ranges(held: Sequence[Held], tasks: int) -> list[torch.Tensor]:
     """Per task, the float32 magnitudes of its held entries inside its band."""
     if not held:
         return [torch.empty(0) for _ in range(tasks)]
-    owners = torch.cat([part.band_tasks for part in held])
-    magnitudes = torch.cat([part.band_magnitudes for part in held])
-    return [magnitudes[owners == task] for task in range(tasks)]
+    owners = torch.cat([part.band_tasks for part in held]).numpy()
+    magnitudes = torch.cat([part.band_magnitudes for part in held]).numpy()
+    # grouped by task: a stable sort of int16 keys is numpy's radix sort, one linear pass
+    grouped = magnitudes[np.argsort(owners, kind="stable")]
+    sizes = np.bincount(owners, minlength=tasks).tolist()
+    return list(torch.from_numpy(grouped).split(sizes))
 
 
 def _merged_held(
-    part: Held, tasks: int, thresholds: Sequence[float], majority: int, disjoint_mean: bool
-) -> TiesPart:
-    """The rule at the exact thresholds over one part's held coordinates."""
-    merged = torch.empty(part.index.numel(), dtype=part.values.dtype)
+    held: Sequence[Held],
+    tasks: int,
+    thresholds: Sequence[float],
+    majority: int,
+    disjoint_mean: bool,
+) -> tuple[list[torch.Tensor], int]:
+    """The rule at the exact thresholds over the held coordinates: each part's merged
+    values, and their votes. One kernel call for all the parts of a dtype, their arrays
+    side by side."""
     kernel = kernels("ties_kernels").ties_merge_held
     limits = np.asarray(thresholds, dtype=np.float32)
-    arrays = (part.counts.numpy(), part.tasks.numpy(), part.values.numpy())
-    votes, ties = kernel(*arrays, tasks, limits, majority, disjoint_mean, merged.numpy())
-    return TiesPart(merged, votes, ties)
+    merged: list[torch.Tensor] = [torch.empty(0)] * len(held)
+    votes = 0
+    for dtype in {part.values.dtype for part in held}:
+        numbers = [number for number, part in enumerate(held) if part.values.dtype == dtype]
+        arrays = [
+            torch.cat([getattr(held[number], name) for number in numbers]).numpy()
+            for name in ("counts", "tasks", "values")
+        ]
+        out = torch.empty(len(arrays[0]), dtype=dtype)
+        votes += kernel(*arrays, tasks, limits, majority, disjoint_mean, out.numpy())[0]
+        pieces = out.split([held[number].index.numel() for number in numbers])
+        for number, piece in zip(numbers, pieces, strict=True):
+            merged[number] = piece
+    return merged, votes
 
 
 def held_votes(held: Sequence[Held], tasks: int, thresholds: Sequence[float]) -> int:
     """The votes of the held coordinates at the exact thresholds (those still waiting for
     the majority sign vote 0)."""
-    return sum(_merged_held(part, tasks, thresholds, PENDING, False).votes for part in held)
+    return _merged_held(held, tasks, thresholds, PENDING, False)[1]
 
 
 def settle(
@@ -122,9 +141,18 @@ def settle(
     """With the exact thresholds: the held coordinates' votes added to ``votes`` (those of
     every decided coordinate), and the held coordinates merged into ``delta`` under the
     majority sign so elected, which is returned."""
-    votes += held_votes(held, tasks, thresholds)
+    # the votes do not depend on the majority: one call gives them and every value but
+    # those of the coordinates waiting for it (NaN), whose parts are merged again
+    merged, their_votes = _merged_held(held, tasks, thresholds, PENDING, disjoint_mean)
+    votes += their_votes
     majority = (votes > 0) - (votes < 0)
-    for part in held:
-        merged = _merged_held(part, tasks, thresholds, majority, disjoint_mean).merged
-        delta[part.key].view(-1)[part.index] = merged
+    waiting = [number for number, values in enumerate(merged) if values.isnan().any()]
+    again, _ = _merged_held(
+        [held[number] for number in waiting], tasks, thresholds, majority, disjoint_mean
+    )
+    for number, values in zip(waiting, again, strict=True):
+        merged[number] = values
+    for part, values in zip(held, merged, strict=True):
+        # numpy's scatter: torch's index_put costs 0.1 ms a call whatever its size
+        delta[part.key].view(-1).numpy()[part.index.numpy()] = values.numpy()
     return majority

@@ -109,7 +109,7 @@ class BlockWorkers:
         thread rather than per item, which costs as much as a small block's work).
         """
         items = list(items)
-        share = -(-len(items) // self.threads)
+        share = max(1, -(-len(items) // self.threads))  # no items: one empty run
         runs = [items[i : i + share] for i in range(0, len(items), share)]
 
         def run_items(run: list[Item]) -> list[Result]:
@@ -143,3 +143,35 @@ class BlockWorkers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ThreadTotals:
+    """Counts that the block threads add up without a lock on the way: each thread adds
+    into an array of its own (the first into ``out`` itself, which may hold counts
+    already); :meth:`total` adds the others into ``out`` once they have all ended."""
+
+    def __init__(self, out: np.ndarray):
+        self.out = out
+        self._arrays: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def mine(self) -> np.ndarray:
+        """The calling thread's array."""
+        counts = self._arrays.get(threading.get_ident())
+        if counts is None:
+            with self._lock:
+                counts = np.zeros_like(self.out) if self._arrays else self.out
+                self._arrays[threading.get_ident()] = counts
+        return counts
+
+    def parts(self) -> list[np.ndarray]:
+        """Every thread's array, ``out`` among them, once they have all ended."""
+        return list(self._arrays.values()) or [self.out]
+
+    def total(self) -> np.ndarray:
+        """``out`` with every thread's counts in it."""
+        for counts in self._arrays.values():
+            if counts is not self.out:
+                self.out += counts
+        self._arrays = {}
+        return self.out

@@ -105,6 +105,10 @@ class RadixSelect:
 MAGNITUDE_LOW_BITS = 11
 MAGNITUDE_BUCKETS = 1 << (31 - MAGNITUDE_LOW_BITS)
 _LOW_BINS = 1 << MAGNITUDE_LOW_BITS
+# coarse buckets, four an octave (the upper 10 bits: exponent and two of the fraction's)
+COARSE_LOW_BITS = 21
+COARSE_BUCKETS = 1 << (31 - COARSE_LOW_BITS)
+COARSE_SHIFT = COARSE_LOW_BITS - MAGNITUDE_LOW_BITS  # a bucket's coarse bucket: bucket >> this
 
 
 def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
@@ -116,21 +120,22 @@ def _bits_to_float(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
-def bucket_ranges(
-    counts: torch.Tensor, low_ranks: Sequence[int], high_ranks: Sequence[int]
-) -> tuple[list[float], list[float]]:
-    """Per row of magnitude counts per bucket [rows, 2^20] (as :attr:`MagnitudeSelect.counts`):
-    [low, high), from the smallest magnitude of the bucket holding the row's 0-based
-    ``low_ranks`` to the smallest above the bucket holding its ``high_ranks``: every
-    magnitude of those ranks lies in it."""
-    lows, highs = [], []
-    for row, low_rank, high_rank in zip(counts, low_ranks, high_ranks, strict=True):
-        cumulative = row.cumsum(0, dtype=torch.int64)  # a row at a time: 8 MB each
-        ranks = torch.tensor([low_rank, high_rank])
-        low, high = torch.searchsorted(cumulative, ranks, right=True).tolist()
-        lows.append(_bits_to_float(low << MAGNITUDE_LOW_BITS))
-        highs.append(_bits_to_float((high + 1) << MAGNITUDE_LOW_BITS))
-    return lows, highs
+def rank_bucket(coarse_counts: np.ndarray, counts: Sequence[np.ndarray], rank: int) -> int:
+    """The bucket (of 2^20) holding 0-based ``rank`` of magnitudes counted per bucket in
+    ``counts`` (added together: one array per thread), given their counts per coarse
+    bucket (of 2^10, :data:`COARSE_LOW_BITS`): the coarse bucket first, then only its own
+    buckets are read (pages of counts never touched stay unmapped)."""
+    coarse_cumulative = np.cumsum(coarse_counts, dtype=np.int64)
+    coarse = int(np.searchsorted(coarse_cumulative, rank, side="right"))
+    below = int(coarse_cumulative[coarse - 1]) if coarse else 0
+    width = 1 << COARSE_SHIFT
+    inside = sum(part[coarse * width : (coarse + 1) * width].astype(np.int64) for part in counts)
+    return coarse * width + int(np.searchsorted(np.cumsum(inside), rank - below, side="right"))
+
+
+def bucket_floor(bucket: int) -> float:
+    """The smallest magnitude in a bucket (of 2^20)."""
+    return _bits_to_float(bucket << MAGNITUDE_LOW_BITS)
 
 
 class MagnitudeSelect:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mergelab.merging.quantile import MAGNITUDE_LOW_BITS
+from mergelab.merging.quantile import COARSE_LOW_BITS, MAGNITUDE_LOW_BITS
 from mergelab.merging.ties import PENDING
 
 _MAGNITUDE = 0x7FFFFFFF  # a float32's bits without the sign: its magnitude's bits
@@ -60,24 +60,43 @@ def add_model_magnitude_counts(models, counts):
             histogram[magnitude >> MAGNITUDE_LOW_BITS] += 1
 
 
+@numba.njit(
+    [f"void({dtype}[:, ::1], int32[:, ::1], int32[:, ::1])" for dtype in ("float32", "float64")],
+    cache=True,
+    nogil=True,
+)
+def add_piece_magnitude_counts(models, counts, piece_counts):
+    """:func:`add_model_magnitude_counts` into ``counts`` [T, 2^20], and into
+    ``piece_counts`` [T, 2^10] the piece's own counts per coarse bucket (4 an octave:
+    :data:`~mergelab.merging.quantile.COARSE_LOW_BITS`)."""
+    sources, size = models.shape
+    base = models[0]
+    for t in range(1, sources):
+        row, histogram, coarse = models[t], counts[t - 1], piece_counts[t - 1]
+        for i in range(size):
+            magnitude = np.float32(abs(row[i] - base[i])).view(np.uint32)
+            histogram[magnitude >> MAGNITUDE_LOW_BITS] += 1
+            coarse[magnitude >> COARSE_LOW_BITS] += 1
+
+
 @numba.njit(inline="always")
 def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kept, scratch):
     """The TIES rule on the columns start .. start + width of τ rows [T, n], into ``out``
     (width values); adds each task's count of kept entries to ``kept``; returns (votes,
     sign_ties). ``limits``: (thresholds, undecided_from); ``scratch``: (total, merged,
-    agreeing, undecided, nonzero), each at least ``width`` long.
+    agreeing, undecided, nonzero, sign), each at least ``width`` long.
 
     Each loop makes one store per element and has no branch: they vectorise (a loop over
     coordinates that walks the T tasks of each was 3.5x slower)."""
     thresholds, undecided_from = limits
-    total, merged, agreeing, undecided, nonzero = scratch
+    total, merged, agreeing, undecided, nonzero, sign = scratch
     tasks = rows.shape[0]
     total[:width] = 0
     merged[:width] = 0
     agreeing[:width] = 0
     undecided[:width] = False
     nonzero[:width] = False
-    zero = total[0]
+    zero, one = total[0], total[0] + 1
     for t in range(tasks):
         row, threshold, low = rows[t, start : start + width], thresholds[t], undecided_from[t]
         count = 0
@@ -88,34 +107,36 @@ def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kep
             undecided[j] |= (magnitude >= low) & ~is_kept
             count += is_kept
         kept[t] += count
+    # the elected sign, ±1: total's, the majority's where total is 0 (value · sign > 0
+    # is then exactly "value has the elected sign")
+    for j in range(width):
+        positive = (total[j] > 0) | ((total[j] == 0) & (majority > 0))
+        sign[j] = one if positive else -one
     for t in range(tasks):
         row, threshold = rows[t, start : start + width], thresholds[t]
         for j in range(width):
             value = row[j]
-            positive = (total[j] > 0) | ((total[j] == 0) & (majority > 0))
-            signed = (value > 0) if positive else (value < 0)
             is_kept = np.float32(abs(value)) >= threshold
-            merged[j] += value if is_kept & signed else zero
+            merged[j] += value if is_kept & (value * sign[j] > 0) else zero
             nonzero[j] |= is_kept & (value != 0)
         if disjoint_mean:
             for j in range(width):
                 value = row[j]
-                positive = (total[j] > 0) | ((total[j] == 0) & (majority > 0))
-                signed = (value > 0) if positive else (value < 0)
-                agreeing[j] += (np.float32(abs(value)) >= threshold) & signed
-
+                agreeing[j] += (np.float32(abs(value)) >= threshold) & (value * sign[j] > 0)
+    if disjoint_mean:
+        for j in range(width):
+            # float64 quotient, rounded once to τ's dtype: the correctly rounded division
+            if agreeing[j] > 1:
+                merged[j] = merged[j] / agreeing[j]
+    pending = majority == PENDING
     votes = 0
     ties = 0
     for j in range(width):
         tie = (total[j] == 0) & nonzero[j]
-        if undecided[j] or (tie and majority == PENDING):
-            out[j] = np.nan
-        else:
-            # float64 quotient, rounded once to τ's dtype: the correctly rounded division
-            mean = disjoint_mean and agreeing[j] > 1
-            out[j] = merged[j] / agreeing[j] if mean else merged[j]
-            votes += (total[j] > 0) - (total[j] < 0)
-            ties += tie
+        held = undecided[j] | (tie & pending)
+        out[j] = np.nan if held else merged[j]
+        votes += 0 if held else (total[j] > 0) - (total[j] < 0)
+        ties += tie & ~held
     return votes, ties
 
 
@@ -128,6 +149,7 @@ def _scratch(width, dtype):
         np.empty(width, np.int64),
         np.empty(width, np.bool_),
         np.empty(width, np.bool_),
+        np.empty(width, dtype),
     )
 
 
@@ -195,7 +217,8 @@ def ties_merge(task_vectors, thresholds, undecided_from, majority, disjoint_mean
 
 @numba.njit(
     [
-        f"UniTuple(int64, 5)({dtype}[:, ::1], float32[::1], float32[::1], int64, boolean, "
+        f"Tuple((int64, int64, int64, int64, int64, boolean))({dtype}[:, ::1], float32[::1], "
+        f"float32[::1], int64, boolean, "
         f"{dtype}[::1], int64[::1], int64[::1], int32[::1], int16[::1], {dtype}[::1], "
         "int16[::1], float32[::1])"
         for dtype in ("float32", "float64")
@@ -224,7 +247,7 @@ def ties_merge_models(
     threshold to ``kept``. Each column left undecided (NaN) is held while its τ is in the
     cache: its position in ``held_columns``, its entries as :func:`held_entries` gives
     them (capacity: n columns, n·T + 1 entries). Returns (votes, sign_ties, columns held,
-    entries held, band entries held)."""
+    entries held, band entries held, whether every τ is finite: the rows are then too)."""
     sources, size = models.shape
     taus = np.empty((sources - 1, _BLOCK), models.dtype)
     scratch = _scratch(_BLOCK, models.dtype)
@@ -234,13 +257,16 @@ def ties_merge_models(
     columns = 0
     votes = 0
     ties = 0
+    finite = True
     for start in range(0, size, _BLOCK):
         width = min(size, start + _BLOCK) - start
         base = models[0, start : start + width]
         for t in range(sources - 1):
             row, tau = models[t + 1, start : start + width], taus[t]
             for j in range(width):
-                tau[j] = row[j] - base[j]
+                value = row[j] - base[j]
+                tau[j] = value
+                finite &= value - value == 0  # False for NaN and ±Inf
         merged = out[start : start + width]
         block = _merge_columns(
             taus, 0, width, limits, majority, disjoint_mean, merged, kept, scratch
@@ -251,7 +277,7 @@ def ties_merge_models(
                 held_columns[columns] = start + j
                 held_counts[columns] = _hold_column(taus, j, undecided_from, thresholds, held, ends)
                 columns += 1
-    return votes, ties, columns, ends[0], ends[1]
+    return votes, ties, columns, ends[0], ends[1], finite
 
 
 @numba.njit(
