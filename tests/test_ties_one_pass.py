@@ -32,12 +32,17 @@ def _one_pass(pretrained, finetuned, share, mean=False):
     share=st.sampled_from([1.0, 0.5, 0.2, 0.05]),
     mean=st.booleans(),
     errors=st.sampled_from([0.0, 8.0]),
+    run_entries=st.sampled_from([1, 7, 1 << 22]),
 )
 @settings(max_examples=60)
-def test_one_pass_matches_naive_when_its_sample_is_everything(family, share, mean, errors):
+def test_one_pass_matches_naive_when_its_sample_is_everything(
+    family, share, mean, errors, run_entries
+):
     """A sample of every coordinate: each band holds its threshold (at 0 standard errors
-    too), and with room for the held entries the one pass settles every coordinate."""
+    too), and with room for the held entries the one pass settles every coordinate, the
+    held parts in runs of any length."""
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ties_undecided, "RUN_ENTRIES", run_entries)
         patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
         patch.setattr(ties_blocks, "BAND_ERRORS", errors)
         patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)

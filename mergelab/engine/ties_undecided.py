@@ -16,12 +16,13 @@ passes (:mod:`mergelab.engine.ties`) and the block passes
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from mergelab.engine.workspace import Workspace
 from mergelab.merging.compiled import kernels
 from mergelab.merging.ties import PENDING, TiesPart, ties_vector
 
@@ -29,6 +30,8 @@ from mergelab.merging.ties import PENDING, TiesPart, ties_vector
 # bytes each, with their task; beyond it, the thresholds are pinned by another counting
 # pass). ViT-B/32, 20 tasks, a keep share of 0.2: 0.24 (4 % of the coordinates held)
 UNDECIDED_BUDGET = 0.5
+# held entries settled in one kernel call, at most about this many (a 16 MB copy of float32)
+RUN_ENTRIES = 1 << 22
 
 
 class Held(NamedTuple):
@@ -104,24 +107,42 @@ def _merged_held(
     disjoint_mean: bool,
 ) -> tuple[list[torch.Tensor], int]:
     """The rule at the exact thresholds over the held coordinates: each part's merged
-    values, and their votes. One kernel call for all the parts of a dtype, their arrays
-    side by side."""
+    values, and their votes. One kernel call for each run of parts of a dtype, their
+    arrays side by side (:func:`_runs`)."""
     kernel = kernels("ties_kernels").ties_merge_held
     limits = np.asarray(thresholds, dtype=np.float32)
     merged: list[torch.Tensor] = [torch.empty(0)] * len(held)
     votes = 0
-    for dtype in {part.values.dtype for part in held}:
-        numbers = [number for number, part in enumerate(held) if part.values.dtype == dtype]
-        arrays = [
-            torch.cat([getattr(held[number], name) for number in numbers]).numpy()
-            for name in ("counts", "tasks", "values")
-        ]
-        out = torch.empty(len(arrays[0]), dtype=dtype)
+    workspace = Workspace()  # the runs' arrays side by side, reused run after run
+    for numbers in _runs(held):
+        arrays = []
+        for name in ("counts", "tasks", "values"):
+            parts = [getattr(held[number], name) for number in numbers]
+            size = sum(part.numel() for part in parts)
+            side_by_side = workspace.get(name, (size,), parts[0].dtype).numpy()
+            arrays.append(np.concatenate([part.numpy() for part in parts], out=side_by_side))
+        out = torch.empty(len(arrays[0]), dtype=held[numbers[0]].values.dtype)
         votes += kernel(*arrays, tasks, limits, majority, disjoint_mean, out.numpy())[0]
         pieces = out.split([held[number].index.numel() for number in numbers])
         for number, piece in zip(numbers, pieces, strict=True):
             merged[number] = piece
     return merged, votes
+
+
+def _runs(held: Sequence[Held]) -> Iterator[list[int]]:
+    """The numbers of the parts, in runs of one dtype of about RUN_ENTRIES entries: their
+    copies side by side stay small beside the held entries themselves."""
+    for dtype in {part.values.dtype for part in held}:
+        run, entries = [], 0
+        for number, part in enumerate(held):
+            if part.values.dtype == dtype:
+                run.append(number)
+                entries += part.values.numel()
+            if entries >= RUN_ENTRIES:
+                yield run
+                run, entries = [], 0
+        if run:
+            yield run
 
 
 def held_votes(held: Sequence[Held], tasks: int, thresholds: Sequence[float]) -> int:
@@ -142,17 +163,40 @@ def settle(
     every decided coordinate), and the held coordinates merged into ``delta`` under the
     majority sign so elected, which is returned."""
     # the votes do not depend on the majority: one call gives them and every value but
-    # those of the coordinates waiting for it (NaN), whose parts are merged again
+    # those of the coordinates waiting for it (NaN), which are merged again
     merged, their_votes = _merged_held(held, tasks, thresholds, PENDING, disjoint_mean)
     votes += their_votes
     majority = (votes > 0) - (votes < 0)
-    waiting = [number for number, values in enumerate(merged) if values.isnan().any()]
-    again, _ = _merged_held(
-        [held[number] for number in waiting], tasks, thresholds, majority, disjoint_mean
-    )
-    for number, values in zip(waiting, again, strict=True):
-        merged[number] = values
+    waiting = [
+        (number, values.isnan().nonzero().reshape(-1)) for number, values in enumerate(merged)
+    ]
+    waiting = [(number, columns) for number, columns in waiting if columns.numel()]
+    subsets = [_columns(held[number], columns) for number, columns in waiting]
+    again, _ = _merged_held(subsets, tasks, thresholds, majority, disjoint_mean)
+    for (number, columns), values in zip(waiting, again, strict=True):
+        merged[number][columns] = values
     for part, values in zip(held, merged, strict=True):
         # numpy's scatter: torch's index_put costs 0.1 ms a call whatever its size
         delta[part.key].view(-1).numpy()[part.index.numpy()] = values.numpy()
     return majority
+
+
+def _columns(part: Held, columns: torch.Tensor) -> Held:
+    """The part's held coordinates at positions ``columns`` (ascending) alone, with their
+    entries (not their band's)."""
+    counts = part.counts.numpy().astype(np.int64)
+    lengths = counts[columns.numpy()]
+    # each chosen coordinate's entries: its first entry's position, then the next ones
+    firsts = np.repeat(np.cumsum(counts)[columns.numpy()] - lengths, lengths)
+    steps = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    entries = torch.from_numpy(firsts + steps)
+    nothing = torch.empty(0)
+    return Held(
+        part.key,
+        part.index[columns],
+        part.counts[columns],
+        part.tasks[entries],
+        part.values[entries],
+        nothing,
+        nothing,
+    )

@@ -76,7 +76,7 @@ class Workspace:
         numel = math.prod(shape)
         buffer = self._buffers.get((name, dtype))
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype)
+            buffer = empty((numel,), dtype)  # huge pages: a block's buffer faults in at once
             self._buffers[name, dtype] = buffer
         return buffer[:numel].view(shape)
 
