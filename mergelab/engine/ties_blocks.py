@@ -252,7 +252,7 @@ def banded_ties_vector(
             below = total - merged.kept[task] - inside.numel()
             if not below <= rank < below + inside.numel():
                 return None  # the threshold lies outside the band
-            thresholds.append(torch.kthvalue(inside, rank - below + 1).values.item())
+            thresholds.append(float(np.partition(inside.numpy(), rank - below)[rank - below]))
     settle(merged.delta, merged.held, tasks, thresholds, merged.votes, disjoint_mean)
     for key, delta in merged.delta.items():
         check_merged_finite(key, delta)

@@ -93,10 +93,8 @@ def in_ranges(held: Sequence[Held], tasks: int) -> list[torch.Tensor]:
         return [torch.empty(0) for _ in range(tasks)]
     owners = torch.cat([part.band_tasks for part in held]).numpy()
     magnitudes = torch.cat([part.band_magnitudes for part in held]).numpy()
-    # grouped by task: a stable sort of int16 keys is numpy's radix sort, one linear pass
-    grouped = magnitudes[np.argsort(owners, kind="stable")]
-    sizes = np.bincount(owners, minlength=tasks).tolist()
-    return list(torch.from_numpy(grouped).split(sizes))
+    offsets, grouped = kernels("ties_kernels").group_by_task(owners, magnitudes, tasks)
+    return list(torch.from_numpy(grouped).split(np.diff(offsets).tolist()))
 
 
 def _merged_held(

@@ -358,3 +358,24 @@ def held_entries(task_vectors, columns, lows, highs):
         band_owners[:in_band].copy(),
         band_magnitudes[:in_band].copy(),
     )
+
+
+@numba.njit(
+    ["Tuple((int64[::1], float32[::1]))(int16[::1], float32[::1], int64)"],
+    cache=True,
+    nogil=True,
+)
+def group_by_task(owners, magnitudes, tasks):
+    """The magnitudes grouped by their task, each group in its given order (a counting
+    sort: two linear passes): (offsets [tasks + 1], grouped)."""
+    offsets = np.zeros(tasks + 1, np.int64)
+    for i in range(owners.shape[0]):
+        offsets[owners[i] + 1] += 1
+    for t in range(tasks):
+        offsets[t + 1] += offsets[t]
+    ends = offsets[:-1].copy()
+    grouped = np.empty_like(magnitudes)
+    for i in range(owners.shape[0]):
+        grouped[ends[owners[i]]] = magnitudes[i]
+        ends[owners[i]] += 1
+    return offsets, grouped
