@@ -3,7 +3,9 @@ blocks of a parameter on BlockWorkers threads, δ of the whole model in memory.
 
 One pass: a sample, 1/16 of every parameter in pieces spread over it, places each
 task's threshold in a narrow band [low, high) of magnitudes (:func:`sampled_bands`: its
-sample rank, :data:`BAND_ERRORS` standard errors either side). One pass then forms τ
+sample rank, :data:`BAND_ERRORS` standard errors either side; the sample is counted
+per bucket straight from the models' rows, and per piece in coarse buckets for its
+standard error, so no copy of it is kept). One pass then forms τ
 from the models' rows and merges every coordinate whose entries all lie outside their
 task's band (:func:`~mergelab.merging.ties_kernels.ties_merge_models`), counts exactly
 each task's entries at or above its band, and holds the other coordinates' entries
@@ -13,9 +15,9 @@ coordinates are settled; should a threshold lie outside its band (the sample mis
 or the held entries exceed their budget, None: the caller takes the counting passes
 over whole parameters, having lost one pass.
 
-ViT-B/32 (scripts/bench_merge.py, 2026-12-06): 8 tasks, 1.41 s against 2.64 s for the
-counting passes (2 % of the coordinates held); 20 tasks, 3.07 s against 5.55 s (4 %
-held, 0.24 of a model's elements in entries). The miniature benchmark's task vectors,
+ViT-B/32 (scripts/bench_merge.py, 2026-12-06, evening): 8 tasks, 0.98 s against 2.64 s
+for the counting passes (2 % of the coordinates held); 20 tasks, 2.04 s against 5.55 s
+(4 % held, 0.24 of a model's elements in entries). The miniature benchmark's task vectors,
 alike within each piece, give bands too wide to try: the counting passes run at once.
 """
 
