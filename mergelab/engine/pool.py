@@ -158,7 +158,8 @@ def subtract_pretrained(models: torch.Tensor) -> torch.Tensor:
     that :class:`~mergelab.engine.workspace.BlockWorkers` threads can call it side by side.
     """
     rows = models.numpy()
-    np.subtract(rows[1:], rows[0], out=rows[1:])
+    with np.errstate(over="ignore", invalid="ignore"):  # the callers refuse what is not finite
+        np.subtract(rows[1:], rows[0], out=rows[1:])
     return models[1:]
 
 
