@@ -16,6 +16,7 @@ from mergelab.merging.quantile import (
     MAGNITUDE_BUCKETS,
     RadixSelect,
     bucket_floor,
+    count_below,
     quantile_rank,
     rank_bucket,
 )
@@ -122,7 +123,7 @@ def test_quantile_rank_reads_the_decimal(q, n, rank):
     magnitudes=st.lists(st.floats(0, width=32, allow_infinity=False), min_size=1, max_size=400),
     data=st.data(),
 )
-def test_rank_bucket_and_the_sample_kernel_match_a_sort(magnitudes, data):
+def test_rank_bucket_count_below_and_the_sample_kernel_match_a_sort(magnitudes, data):
     """The sample's counts (per bucket and per coarse bucket, from the models' rows, in
     per-thread arrays) and the two-level bucket search give the bucket of the rank-th
     smallest magnitude of a sort."""
@@ -142,5 +143,9 @@ def test_rank_bucket_and_the_sample_kernel_match_a_sort(magnitudes, data):
     value = sorted(magnitudes)[rank]
     bucket = rank_bucket(coarse[0], [part[0] for part in counts], rank)
     assert bucket_floor(bucket) <= value < bucket_floor(bucket + 1)
+    fine = np.array(magnitudes, np.float32).view(np.int32) >> 11
+    for edge in (bucket, bucket + 1, int(fine.min()), int(fine.max()) + 1):
+        below = count_below(coarse[0], [part[0] for part in counts], edge)
+        assert below == int((fine < edge).sum())
     bits = np.array(magnitudes, np.float32).view(np.int32)
     assert coarse[0].tolist() == np.bincount(bits >> 21, minlength=COARSE_BUCKETS).tolist()

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from strategies import FACTORS, assert_states_equal, families
 
 import mergelab
+import mergelab.engine.ties_blocks as ties_blocks
 import mergelab.engine.ties_streamed as ties_streamed
 import mergelab.engine.ties_undecided as ties_undecided
 from mergelab.merging.quantile import MagnitudeSelect
@@ -204,18 +205,30 @@ def test_undecided_votes_decide_the_majority(budget):
     assert_states_equal(delta, expected)
 
 
+def _sample_everything(patch: pytest.MonkeyPatch) -> None:
+    """The one pass's sample made the whole model, its bands at 0 standard errors (they
+    hold: the sample is everything) and never refused as too wide."""
+    patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
+    patch.setattr(ties_blocks, "BAND_ERRORS", 0.0)
+    patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)
+
+
 @given(
     family=families(),
     share=st.sampled_from([1.0, 0.5, 0.2, 0.05]),
     budget=st.sampled_from([0, 10]),
     mean=st.booleans(),
+    sampled=st.booleans(),
 )
 @settings(max_examples=60)
-def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean):
+def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean, sampled):
     """The path that writes models to files (StreamedTies): thresholds and majority from
-    passes over blocks, then each parameter's δ; with and without room for the undecided
-    values."""
+    one pass placed by a sample (``sampled``, with room for the undecided values), or
+    from passes over blocks, then each parameter's δ; with and without room for the
+    undecided values."""
     with pytest.MonkeyPatch.context() as patch:
+        if sampled:
+            _sample_everything(patch)
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
         pool = mergelab.ModelPool(family.pretrained, family.finetuned)
         streamed = ties_streamed.StreamedTies(pool, share, mean)
@@ -224,17 +237,31 @@ def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean):
 
 
 @pytest.mark.parametrize("budget", [0, 10])
-def test_streamed_ties_votes_decide_the_majority(budget):
-    """The hand-worked case above, parameter by parameter: δ = [5, 5, 2, 0]."""
+@pytest.mark.parametrize("sampled", [False, True])
+def test_streamed_ties_votes_decide_the_majority(budget, sampled):
+    """The hand-worked case above, parameter by parameter: δ = [5, 5, 2, 0] (sampled:
+    coordinate 2 held in the one pass, 0 and 1 decided under any majority there)."""
     pretrained = {"w": torch.zeros(4)}
     finetuned = {
         "a": {"w": torch.tensor([5.0, 5.0, 1.0, 0.0])},
         "b": {"w": torch.tensor([-5.0, -5.0, 1.0, 0.0])},
     }
+    found = []
     with pytest.MonkeyPatch.context() as patch:
+        if sampled:
+            _sample_everything(patch)
+            statistics = ties_blocks.banded_statistics
+            patch.setattr(
+                ties_streamed,
+                "banded_statistics",
+                lambda *args: found.append(statistics(*args)) or found[-1],
+            )
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
         streamed = ties_streamed.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
     assert streamed("w").tolist() == [5.0, 5.0, 2.0, 0.0]
+    if sampled:  # the one pass settles it where the held entries have room
+        assert (found[0] is not None) == (budget > 0)
+        assert found[0] is None or found[0] == ([1.0, 1.0], 1)
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])  # everything kept, or a threshold to find

@@ -37,7 +37,7 @@ from mergelab.engine import ties_undecided
 from mergelab.engine.parameterwise import check_merged_finite
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
-from mergelab.engine.ties_undecided import Held, in_ranges, settle
+from mergelab.engine.ties_undecided import Held, held_votes, in_ranges, settle
 from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.quantile import (
@@ -45,6 +45,7 @@ from mergelab.merging.quantile import (
     COARSE_SHIFT,
     MAGNITUDE_BUCKETS,
     bucket_floor,
+    count_below,
     rank_bucket,
 )
 from mergelab.merging.ties import PENDING, check_keep_fraction, ties_rank
@@ -114,7 +115,7 @@ def _stratified_error(below: np.ndarray, lengths: np.ndarray, strata: list[str])
 
 
 def sampled_bands(
-    pool: ModelPool, rank: int, workers: BlockWorkers
+    pool: ModelPool, rank: int, workers: BlockWorkers, budget: float
 ) -> tuple[list[float], list[float]] | None:
     """Each task's band [low, high) that its threshold, the magnitude of 0-based ``rank``,
     all but certainly lies in, from the sample; None where the sample cannot narrow it.
@@ -124,7 +125,9 @@ def sampled_bands(
     give (pieces, not values, are the sample's units where values within a piece are
     alike; in the miniature benchmark's task vectors they are: its binomial bands
     missed 4 of 8 thresholds). The pieces' shares are taken below the edges of the
-    coarse bucket (a quarter octave) holding the quantile, the larger error of the two."""
+    coarse bucket (a quarter octave) holding the quantile, the larger error of the two.
+    None too where the entries the pass would hold, predicted from the sample, exceed
+    ``budget`` (a share of one model's elements)."""
     pieces = [(key, part) for key in pool.merged_keys for part in _sample(pool, key)]
     lengths = np.array([part.stop - part.start for _, part in pieces], dtype=np.int64)
     size = int(lengths.sum())
@@ -141,6 +144,9 @@ def sampled_bands(
         rank = min(size - 1, max(0, rank))
         return rank_bucket(coarse_counts[task], [part[task] for part in counts], rank)
 
+    def counted_below(task: int, bucket: int) -> int:
+        return count_below(coarse_counts[task], [part[task] for part in counts], bucket)
+
     strata = [key for key, _ in pieces]
     margins = []
     for task in range(len(pool.tasks)):
@@ -149,27 +155,37 @@ def sampled_bands(
         below = below if coarse else np.hstack([np.zeros_like(below), below])
         error = _stratified_error(below, lengths, strata).max() / size
         margins.append(BAND_ERRORS * max(error, binomial) + 1 / size)
-    # the entries the pass would hold: a coordinate is undecided where any of its T
-    # entries lies in its band, and keeps about the kept share of the others
-    held = 2 * sum(margins) * (1 + (1 - share) * (len(margins) - 1))
-    if max(margins) > WIDEST_BAND or held > ties_undecided.UNDECIDED_BUDGET:
+    if max(margins) > WIDEST_BAND:
         return None
     lows = [bucket(task, math.floor((share - m) * size)) for task, m in enumerate(margins)]
     highs = [bucket(task, math.ceil((share + m) * size)) for task, m in enumerate(margins)]
+    # the entries the pass would hold: a coordinate is undecided where any of its T
+    # entries lies in its band (the sample's own share there where it is the larger:
+    # many equal magnitudes, as in quantised models), and keeps about the kept share
+    # of the others
+    inside = [
+        max(2 * margin, (counted_below(task, high + 1) - counted_below(task, low)) / size)
+        for task, (margin, low, high) in enumerate(zip(margins, lows, highs, strict=True))
+    ]
+    if sum(inside) * (1 + (1 - share) * (len(margins) - 1)) > budget:
+        return None
     return [bucket_floor(low) for low in lows], [bucket_floor(high + 1) for high in highs]
 
 
 class _BandedPass:
     """The one pass: δ (NaN where a coordinate is undecided), the decided coordinates'
     votes, each task's count of entries at or above its band, and the undecided
-    coordinates' values (:attr:`held`: None once they exceed the budget, when the pass
-    stops)."""
+    coordinates' values (:attr:`held`: None once they exceed ``budget`` entries, when the
+    pass stops). Without ``keep_delta``, δ is left in a scratch block and the coordinates
+    waiting for the majority sign are not held: they vote 0 whatever it is, and a pass
+    that merges with the majority comes later (:class:`StreamedTies`)."""
 
-    def __init__(self, pool, lows, highs, disjoint_mean, workers):
+    def __init__(self, pool, lows, highs, disjoint_mean, workers, budget, keep_delta=True):
         tasks = len(pool.tasks)
         limits = [np.asarray(values, dtype=np.float32) for values in (highs, lows)]
         kernel = kernels("ties_kernels").ties_merge_models
-        budget = ties_undecided.UNDECIDED_BUDGET * pool.num_merged_params
+        # any majority decides them, and their δ is not kept
+        majority = PENDING if keep_delta else 1
         kept = ThreadTotals(np.zeros(tasks, np.int64))
         self.delta: StateDict = {}
         self.votes = 0
@@ -185,9 +201,12 @@ class _BandedPass:
             if thread not in held_buffers:
                 held_buffers[thread] = _held_buffers(pool.chunk, tasks, rows.dtype)
             buffers = held_buffers[thread]
-            out = self.delta[key].view(-1)[part].numpy()
+            if keep_delta:
+                out = self.delta[key].view(-1)[part].numpy()
+            else:
+                out = workers.workspace().get("merged", (rows.shape[1],), models.dtype).numpy()
             votes, _, columns, entries, in_band, finite = kernel(
-                rows, *limits, PENDING, disjoint_mean, out, kept.mine(), *buffers
+                rows, *limits, majority, disjoint_mean, out, kept.mine(), *buffers
             )
             pool.check_finite_from_models(key, models, None, finite)
             if not columns:
@@ -199,9 +218,9 @@ class _BandedPass:
             ]
             return votes, Held(key, held[0] + part.start, *held[1:])
 
-        for key in progress(pool.merged_keys, "TIES: merge"):
-            spec = pool.specs[key]
-            self.delta[key] = empty(spec.shape, pool.compute_dtype(key))
+        for key in progress(pool.merged_keys, "TIES: merge" if keep_delta else "TIES: votes"):
+            if keep_delta:
+                self.delta[key] = empty(pool.specs[key].shape, pool.compute_dtype(key))
             for votes, held in workers.run(functools.partial(merge_block, key), pool.blocks(key)):
                 self.votes += votes
                 if held is not None:
@@ -231,6 +250,18 @@ def _held_buffers(columns: int, tasks: int, dtype: np.dtype) -> list[np.ndarray]
     ]
 
 
+def _exact_thresholds(merged: _BandedPass, rank: int, total: int, tasks: int) -> list[float] | None:
+    """Each task's threshold, the magnitude of 0-based ``rank``, from the pass's counts at
+    or above its band and the held magnitudes inside it; None where one lies outside."""
+    thresholds = []
+    for task, inside in enumerate(in_ranges(merged.held, tasks)):
+        below = total - merged.kept[task] - inside.numel()
+        if not below <= rank < below + inside.numel():
+            return None  # the threshold lies outside the band
+        thresholds.append(float(np.partition(inside.numpy(), rank - below)[rank - below]))
+    return thresholds
+
+
 def banded_ties_vector(
     pool: ModelPool, keep_fraction: float, disjoint_mean: bool, workers: BlockWorkers
 ) -> StateDict | None:
@@ -242,22 +273,39 @@ def banded_ties_vector(
     if rank < 0:  # everything kept
         lows = highs = [-math.inf] * tasks
     else:
-        bands = sampled_bands(pool, rank, workers)
+        bands = sampled_bands(pool, rank, workers, ties_undecided.UNDECIDED_BUDGET)
         if bands is None:
             return None
         lows, highs = bands
-    merged = _BandedPass(pool, lows, highs, disjoint_mean, workers)
+    budget = ties_undecided.UNDECIDED_BUDGET * total
+    merged = _BandedPass(pool, lows, highs, disjoint_mean, workers, budget)
     if merged.held is None:
         return None
-    thresholds = highs
-    if rank >= 0:
-        thresholds = []
-        for task, inside in enumerate(in_ranges(merged.held, tasks)):
-            below = total - merged.kept[task] - inside.numel()
-            if not below <= rank < below + inside.numel():
-                return None  # the threshold lies outside the band
-            thresholds.append(float(np.partition(inside.numpy(), rank - below)[rank - below]))
+    thresholds = highs if rank < 0 else _exact_thresholds(merged, rank, total, tasks)
+    if thresholds is None:
+        return None
     settle(merged.delta, merged.held, tasks, thresholds, merged.votes, disjoint_mean)
     for key, delta in merged.delta.items():
         check_merged_finite(key, delta)
     return merged.delta
+
+
+def banded_statistics(
+    pool: ModelPool, rank: int, workers: BlockWorkers, budget: int
+) -> tuple[list[float], int] | None:
+    """What a merge pass of TIES needs, found in one pass (the sample's bands, then
+    :class:`_BandedPass` keeping no δ, with at most ``budget`` held entries): each task's
+    exact threshold, the magnitude of 0-based ``rank`` (≥ 0), and the majority sign;
+    None where the bands do not settle them."""
+    tasks, total = len(pool.tasks), pool.num_merged_params
+    bands = sampled_bands(pool, rank, workers, budget / total)
+    if bands is None:
+        return None
+    merged = _BandedPass(pool, *bands, False, workers, budget, keep_delta=False)
+    if merged.held is None:
+        return None
+    thresholds = _exact_thresholds(merged, rank, total, tasks)
+    if thresholds is None:
+        return None
+    votes = merged.votes + held_votes(merged.held, tasks, thresholds)
+    return thresholds, (votes > 0) - (votes < 0)

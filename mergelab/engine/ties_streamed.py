@@ -17,6 +17,7 @@ from mergelab.engine import ties_undecided
 from mergelab.engine.parameterwise import check_merged_finite
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import progress
+from mergelab.engine.ties_blocks import banded_statistics
 from mergelab.engine.ties_undecided import Held, held_votes, hold, merge_part
 from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
 from mergelab.merging.compiled import kernels
@@ -51,15 +52,19 @@ class StreamedTies:
     """TIES for a model written parameter by parameter: ``self(key)`` is one parameter's δ,
     as :func:`ties_merged_vector` computes it, without δ of the whole model in memory.
 
-    On construction, passes over the task vectors block by block (the blocks of a
-    parameter shared out among BlockWorkers threads) find what every coordinate's merge
+    On construction, the thresholds and the majority sign are found in one pass where a
+    sample places them (:func:`~mergelab.engine.ties_blocks.banded_statistics`: the
+    in-memory one pass keeping no δ); otherwise, or where its bands miss, passes over
+    the task vectors block by block (the blocks of a parameter shared out among
+    BlockWorkers threads) find what every coordinate's merge
     depends on: each task's bucket (counting), then, in one more pass, the votes of the
     decided coordinates, the undecided coordinates' values (up to a budget) and the low
     bits of each task's magnitudes inside its bucket, which pin the exact thresholds
     whatever the budget; beyond it, a third pass counts the votes at the exact
     thresholds. The majority sign follows from the votes; δ of a parameter is then
     computed block by block when asked for. Memory: a block of every model per thread
-    and the values set aside, whatever the model's size; reads: three or four passes.
+    and the values set aside, whatever the model's size; reads: a sample (1/16) and two
+    passes, or three or four.
     """
 
     def __init__(self, pool: ModelPool, keep_fraction: float = 0.2, disjoint_mean: bool = False):
@@ -73,10 +78,14 @@ class StreamedTies:
                 self.thresholds = [-math.inf] * tasks
                 votes, _ = self._votes(self.thresholds, self.thresholds, 0, check=True)
             else:
+                budget = min(ties_undecided.UNDECIDED_BUDGET * total, STREAMED_UNDECIDED_LIMIT)
+                found = banded_statistics(pool, rank, self._workers, int(budget))
+                if found is not None:
+                    self.thresholds, self.majority = found
+                    return
                 select = MagnitudeSelect(rank, total, tasks)
                 self._count(select)
                 lows, highs = select.bounds()
-                budget = min(ties_undecided.UNDECIDED_BUDGET * total, STREAMED_UNDECIDED_LIMIT)
                 votes, held = self._votes(highs, lows, budget, select)
                 self.thresholds = exact = select.values()
                 if held is None:
@@ -97,7 +106,7 @@ class StreamedTies:
         each block checked finite first, naming the task (the first pass: a NaN would
         otherwise be trimmed away without a word)."""
         pool, workers, results = self.pool, self._workers, []
-        for key in progress(pool.merged_keys, "TIES: magnitudes"):
+        for key in progress(pool.merged_keys, desc):
 
             def one(part: slice, key: str = key):
                 taus = pool.read_task_vectors(key, part, workers.workspace())

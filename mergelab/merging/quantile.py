@@ -133,6 +133,14 @@ def rank_bucket(coarse_counts: np.ndarray, counts: Sequence[np.ndarray], rank: i
     return coarse * width + int(np.searchsorted(np.cumsum(inside), rank - below, side="right"))
 
 
+def count_below(coarse_counts: np.ndarray, counts: Sequence[np.ndarray], bucket: int) -> int:
+    """How many magnitudes lie in the buckets (of 2^20) below ``bucket``, from the counts
+    of :func:`rank_bucket`, reading only the buckets of ``bucket``'s coarse bucket."""
+    coarse, width = bucket >> COARSE_SHIFT, 1 << COARSE_SHIFT
+    inside = sum(int(part[coarse * width : bucket].sum(dtype=np.int64)) for part in counts)
+    return int(coarse_counts[:coarse].sum(dtype=np.int64)) + inside
+
+
 def bucket_floor(bucket: int) -> float:
     """The smallest magnitude in a bucket (of 2^20)."""
     return _bits_to_float(bucket << MAGNITUDE_LOW_BITS)
