@@ -93,6 +93,16 @@ class ModelPool:
             read_into(checkpoint, key, row, part.start, part.stop)
         return block
 
+    def read_stored_models(self, key: str, part: slice, workspace: Workspace) -> torch.Tensor:
+        """:meth:`read_models` in the dtype the models store ``key`` in (every model's is
+        θ0's), not converted: for kernels that widen each entry as they read it."""
+        sources = [self.pretrained, *self.finetuned.values()]
+        size = part.stop - part.start
+        block = workspace.get("stored models", (len(sources), size), self.specs[key].dtype)
+        for row, checkpoint in zip(block, sources, strict=True):
+            read_into(checkpoint, key, row, part.start, part.stop)
+        return block
+
     def read_task_vectors(self, key: str, part: slice, workspace: Workspace) -> torch.Tensor:
         """τ[:, part], τ = θt − θ0 stacked as [T, part size], in a view of ``workspace``
         (overwritten by its next use). Callers check what they reduce it to with
@@ -124,6 +134,16 @@ class ModelPool:
         summary, ``finite`` alone decides)."""
         if not (finite and (summary is None or _sums_to_finite(summary))):
             self._refuse(key, subtract_pretrained(models), models.dtype)
+
+    def check_finite_summary(
+        self, key: str, part: slice, summary: torch.Tensor, workspace: Workspace
+    ) -> None:
+        """:meth:`check_finite` for a ``summary`` of block ``part`` computed without τ at
+        hand (from :meth:`read_stored_models`): τ is read again, only to name the task,
+        where the summary is not finite."""
+        if not _sums_to_finite(summary):
+            taus = self.read_task_vectors(key, part, workspace)
+            self._refuse(key, taus, taus.dtype)
 
     def _refuse(self, key: str, taus: torch.Tensor, dtype: torch.dtype) -> NoReturn:
         for task, row in zip(self.tasks, taus, strict=True):

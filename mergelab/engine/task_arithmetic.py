@@ -5,23 +5,35 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from mergelab.engine.pool import CheckpointSource, ModelPool
 from mergelab.engine.streaming import StateDict, streamed_models
 from mergelab.engine.workspace import BlockWorkers, empty
+from mergelab.merging.compiled import kernels
 from mergelab.merging.task_arithmetic import task_vector_sum
 
 
 def task_arithmetic_delta(pool: ModelPool, key: str, workers: BlockWorkers) -> torch.Tensor:
-    """δ = Σt τt of one merged parameter (a new tensor), its blocks spread over ``workers``."""
+    """δ = Σt τt of one merged parameter (a new tensor), its blocks spread over ``workers``;
+    bfloat16 models summed by a kernel that widens each entry as it reads it (the same
+    float32 arithmetic, in the same order)."""
     delta = empty((pool.specs[key].numel,), pool.compute_dtype(key))
 
     def sum_block(part: slice) -> None:
         taus = pool.read_task_vectors(key, part, workers.workspace())
         pool.check_finite(key, taus, task_vector_sum(taus, out=delta[part]))
 
-    workers.run(sum_block, pool.blocks(key))
+    def sum_bfloat16_block(part: slice) -> None:
+        workspace = workers.workspace()
+        models = pool.read_stored_models(key, part, workspace)
+        bits = models.view(torch.int16).numpy().view(np.uint16)
+        kernels("task_arithmetic_kernels").sum_bfloat16_task_vectors(bits, delta[part].numpy())
+        pool.check_finite_summary(key, part, delta[part], workspace)
+
+    bfloat16 = pool.specs[key].dtype == torch.bfloat16
+    workers.run(sum_bfloat16_block if bfloat16 else sum_block, pool.blocks(key))
     return delta.view(pool.specs[key].shape)
 
 
