@@ -85,20 +85,20 @@ class ModelPool:
         """θ0, θ1, …, θT [:, part] stacked as [T + 1, part size] in the compute dtype, in a
         view of ``workspace`` (overwritten by its next use): for kernels that form τ as they
         go (:meth:`read_task_vectors` forms it first)."""
-        sources = [self.pretrained, *self.finetuned.values()]
-        size = part.stop - part.start
         # contiguous, so that the rows of τ are too (compiled kernels vectorise over them)
-        block = workspace.get("models", (len(sources), size), self.compute_dtype(key))
-        for row, checkpoint in zip(block, sources, strict=True):
-            read_into(checkpoint, key, row, part.start, part.stop)
-        return block
+        return self._read_rows(key, part, workspace, "models", self.compute_dtype(key))
 
     def read_stored_models(self, key: str, part: slice, workspace: Workspace) -> torch.Tensor:
         """:meth:`read_models` in the dtype the models store ``key`` in (every model's is
         θ0's), not converted: for kernels that widen each entry as they read it."""
+        return self._read_rows(key, part, workspace, "stored models", self.specs[key].dtype)
+
+    def _read_rows(
+        self, key: str, part: slice, workspace: Workspace, name: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Every model's ``key`` [part] as rows of the ``workspace`` buffer ``name``."""
         sources = [self.pretrained, *self.finetuned.values()]
-        size = part.stop - part.start
-        block = workspace.get("stored models", (len(sources), size), self.specs[key].dtype)
+        block = workspace.get(name, (len(sources), part.stop - part.start), dtype)
         for row, checkpoint in zip(block, sources, strict=True):
             read_into(checkpoint, key, row, part.start, part.stop)
         return block
