@@ -192,7 +192,7 @@ class _BandedPass:
         self.held: list[Held] | None = []
         held_entries = 0
 
-        held_buffers: dict[tuple[int, torch.dtype], list[np.ndarray]] = {}
+        held_buffers: dict[tuple[int, np.dtype], list[np.ndarray]] = {}  # by thread
 
         def merge_block(key: str, part: slice) -> tuple[int, Held | None]:
             models = pool.read_models(key, part, workers.workspace())
