@@ -19,6 +19,7 @@ import mergelab
 import mergelab.engine.ties_blocks as ties_blocks
 import mergelab.engine.ties_undecided as ties_undecided
 from mergelab.engine.workspace import BlockWorkers
+from mergelab.merging.ties import ties_rank
 
 
 def _one_pass(pretrained, finetuned, share, mean=False):
@@ -131,3 +132,72 @@ def test_one_pass_names_a_task_vector_with_nan(share, bad):
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", math.inf)
         with pytest.raises(ValueError, match="task vector of 'b' has NaN or Inf values at 'w'"):
             _one_pass(pretrained, finetuned, share)
+
+
+def _lattice_models(shapes: dict, tasks: int, seed: int) -> tuple[dict, dict]:
+    """bf16 models whose base entries all lie in [1, 2), so that every τ is a multiple of
+    2⁻⁷ (bf16's spacing there) of a few such steps: each magnitude is shared by a large
+    share of the entries, as in bf16 language models' task vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    pretrained = {
+        key: (1 + torch.rand(shape, generator=gen)).bfloat16() for key, shape in shapes.items()
+    }
+    finetuned = {
+        f"task{task}": {
+            key: (value.float() + 0.02 * torch.randn(value.shape, generator=gen)).bfloat16()
+            for key, value in pretrained.items()
+        }
+        for task in range(tasks)
+    }
+    return pretrained, finetuned
+
+
+def _float32(state: dict) -> dict:
+    return {key: value.float() for key, value in state.items()}
+
+
+def test_one_pass_places_thresholds_on_magnitudes_many_entries_share():
+    """Unpatched, on bf16 models whose τ sit on a few values, each threshold one of them
+    (about a sixth of the entries): the sample's band stops below it and the pass counts
+    the entries at and above it, so each threshold is found without holding them; the
+    one pass and its statistics give the naive transcription's bits (τ and their sums
+    are exact in float32, as in the naive float64)."""
+    shapes = {"layers.0.weight": (256, 1024), "layers.0.bias": (1024,), "head": (300, 200)}
+    pretrained, finetuned = _lattice_models(shapes, 3, seed=11)
+    wide = _float32(pretrained), {task: _float32(model) for task, model in finetuned.items()}
+    share = 0.2
+    taus = naive.task_vectors(*wide)
+    expected_thresholds = [naive.ties_threshold(tau, share) for tau in taus.values()]
+    with BlockWorkers() as workers:
+        pool = mergelab.ModelPool(pretrained, finetuned)
+        rank = ties_rank(share, pool.num_merged_params)
+        lows, highs = ties_blocks.sampled_bands(pool, rank, workers, budget=0.25)
+        assert lows == highs == expected_thresholds  # empty bands: nothing to hold
+        statistics = ties_blocks.banded_statistics(pool, rank, workers, budget=0)
+        delta = ties_blocks.banded_ties_vector(pool, share, False, workers)
+    assert statistics is not None and statistics[0] == expected_thresholds
+    assert delta is not None
+    assert_states_equal(delta, naive.ties_multitask_vector(*wide, share))
+
+
+@pytest.mark.parametrize(("keep", "thresholds"), [(24 / 32, [0.5, 0.5]), (23 / 32, None)])
+def test_a_threshold_just_above_a_band_top_many_entries_share_is_not_taken_for_it(keep, thresholds):
+    """Hand-worked: each τ has 8 entries of 0.5, 16 of 1 and 8 of 2 (b's negated), and
+    the band stops at 0.5 (the pass counts 32 entries at or above it, 24 above). Keeping
+    the top 24 of 32, the threshold is the 8th smallest magnitude (the TIES code's
+    kthvalue), the last 0.5, and the counts place it there; keeping 23, it is the 9th,
+    the first 1, above the band: the one pass hands over, and the counting passes
+    merge."""
+    values = torch.cat([torch.full((8,), 0.5), torch.ones(16), torch.full((8,), 2.0)])
+    pretrained = {"w": torch.zeros(32)}
+    finetuned = {"a": {"w": values}, "b": {"w": -values.roll(5)}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ties_blocks, "sampled_bands", lambda *args: ([0.5, 0.5], [0.5, 0.5]))
+        with BlockWorkers() as workers:
+            pool = mergelab.ModelPool(pretrained, finetuned)
+            rank = ties_rank(keep, 32)
+            found = ties_blocks.banded_statistics(pool, rank, workers, budget=0)
+        assert (found and found[0]) == thresholds
+        merged = mergelab.ties(pretrained, finetuned, 1.0, keep=keep)
+    expected = naive.ties_multitask_vector(pretrained, finetuned, keep)
+    assert_states_equal(merged, naive.assemble(pretrained, expected, 1.0))

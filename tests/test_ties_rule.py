@@ -133,7 +133,7 @@ def test_rule_and_kernel_match_the_transcription(taus, data, majority, mean, flo
     base = base.to(taus.dtype)
     base = torch.where(((base + taus) - base == taus).all(0), base, 0)
     models = torch.cat([base[None], base + taus])
-    from_models, kept = torch.empty_like(out), np.zeros(tasks, np.int64)
+    from_models, kept = torch.empty_like(out), np.zeros((2, tasks), np.int64)
     size, capacity = len(out), len(out) * tasks + 1
     columns, held_counts = np.empty(size, np.int64), np.empty(size, np.int32)
     owners, band_owners = np.empty(capacity, np.int16), np.empty(capacity, np.int16)
@@ -155,8 +155,10 @@ def test_rule_and_kernel_match_the_transcription(taus, data, majority, mean, flo
     assert finite  # the entries are finite, their differences too
     assert columns[:held].tolist() == torch.isnan(from_models).nonzero().reshape(-1).tolist()
     magnitudes = taus.abs().float()
+    pairs = list(zip(magnitudes, thresholds, strict=True))
     assert kept.tolist() == [
-        int((m >= t).sum()) for m, t in zip(magnitudes, thresholds, strict=True)
+        [int((m >= t).sum()) for m, t in pairs],
+        [int((m > t).sum()) for m, t in pairs],
     ]
     outputs = (part.merged, (part.votes, part.sign_ties)), (out, kernel)
     for merged, counts in (*outputs, (from_models, tuple(kernel_models))):

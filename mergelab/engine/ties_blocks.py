@@ -8,10 +8,13 @@ per bucket straight from the models' rows, and per piece in coarse buckets for i
 standard error, so no copy of it is kept). One pass then forms τ
 from the models' rows and merges every coordinate whose entries all lie outside their
 task's band (:func:`~mergelab.merging.ties_kernels.ties_merge_models`), counts exactly
-each task's entries at or above its band, and holds the other coordinates' entries
-while they are in the cache (:mod:`mergelab.engine.ties_undecided`). When the counts
-place a task's threshold inside its band, the held entries pin it, and the held
-coordinates are settled; should a threshold lie outside its band (the sample misled)
+each task's entries at or above its band's top and strictly above it, and holds the
+other coordinates' entries while they are in the cache
+(:mod:`mergelab.engine.ties_undecided`). When the counts place a task's threshold
+inside its band, the held entries pin it, and the held coordinates are settled; where
+they place it among the entries equal to the band's top, it is that top (a band that
+stops below a magnitude many entries share: bf16 task vectors); should a threshold lie
+elsewhere (the sample misled)
 or the held entries exceed their budget, None: the caller takes the counting passes
 over whole parameters, having lost one pass.
 
@@ -126,6 +129,8 @@ def sampled_bands(
     alike; in the miniature benchmark's task vectors they are: its binomial bands
     missed 4 of 8 thresholds). The pieces' shares are taken below the edges of the
     coarse bucket (a quarter octave) holding the quantile, the larger error of the two.
+    Where the band's top bucket holds more of the sample than the band is wide, the band
+    stops at that bucket's floor, which may be the threshold itself (the pass checks).
     None too where the entries the pass would hold, predicted from the sample, exceed
     ``budget`` (a share of one model's elements)."""
     pieces = [(key, part) for key in pool.merged_keys for part in _sample(pool, key)]
@@ -159,17 +164,24 @@ def sampled_bands(
         return None
     lows = [bucket(task, math.floor((share - m) * size)) for task, m in enumerate(margins)]
     highs = [bucket(task, math.ceil((share + m) * size)) for task, m in enumerate(margins)]
-    # the entries the pass would hold: a coordinate is undecided where any of its T
-    # entries lies in its band (the sample's own share there where it is the larger:
-    # many equal magnitudes, as in quantised models), and keeps about the kept share
-    # of the others
-    inside = [
-        max(2 * margin, (counted_below(task, high + 1) - counted_below(task, low)) / size)
-        for task, (margin, low, high) in enumerate(zip(margins, lows, highs, strict=True))
-    ]
+    bands, inside = ([], []), []
+    for task, (margin, low, high) in enumerate(zip(margins, lows, highs, strict=True)):
+        # a top bucket holding more of the sample than the band is wide is a magnitude
+        # many entries share (bf16 task vectors sit on a few values): the band stops
+        # below it, and the pass counts the entries at and above it, which place a
+        # threshold equal to it without holding them
+        shared = counted_below(task, high + 1) - counted_below(task, high)
+        top = high if shared > 2 * margin * size else high + 1
+        in_band = (counted_below(task, top) - counted_below(task, low)) / size
+        # the entries the pass would hold: a coordinate is undecided where any of its T
+        # entries lies in its band (the sample's own share there where it is the
+        # larger: many equal magnitudes), and keeps about the kept share of the others
+        inside.append(in_band if top == high else max(2 * margin, in_band))
+        bands[0].append(bucket_floor(low))
+        bands[1].append(bucket_floor(top))
     if sum(inside) * (1 + (1 - share) * (len(margins) - 1)) > budget:
         return None
-    return [bucket_floor(low) for low in lows], [bucket_floor(high + 1) for high in highs]
+    return bands
 
 
 class _BandedPass:
@@ -186,7 +198,7 @@ class _BandedPass:
         kernel = kernels("ties_kernels").ties_merge_models
         # any majority decides them, and their δ is not kept
         majority = PENDING if keep_delta else 1
-        kept = ThreadTotals(np.zeros(tasks, np.int64))
+        kept = ThreadTotals(np.zeros((2, tasks), np.int64))  # at or above the band, above
         self.delta: StateDict = {}
         self.votes = 0
         self.held: list[Held] | None = []
@@ -229,7 +241,7 @@ class _BandedPass:
             if held_entries > budget:
                 self.held = None
                 return
-        self.kept = kept.total().tolist()
+        self.kept = kept.total()
 
 
 def _held_buffers(columns: int, tasks: int, dtype: np.dtype) -> list[np.ndarray]:
@@ -250,15 +262,23 @@ def _held_buffers(columns: int, tasks: int, dtype: np.dtype) -> list[np.ndarray]
     ]
 
 
-def _exact_thresholds(merged: _BandedPass, rank: int, total: int, tasks: int) -> list[float] | None:
+def _exact_thresholds(
+    merged: _BandedPass, highs: list[float], rank: int, total: int
+) -> list[float] | None:
     """Each task's threshold, the magnitude of 0-based ``rank``, from the pass's counts at
-    or above its band and the held magnitudes inside it; None where one lies outside."""
+    and above the top of its band and the held magnitudes inside it: a held one, or the
+    band's top where the rank falls among the entries equal to it; None where it lies
+    elsewhere."""
     thresholds = []
-    for task, inside in enumerate(in_ranges(merged.held, tasks)):
-        below = total - merged.kept[task] - inside.numel()
-        if not below <= rank < below + inside.numel():
+    for task, inside in enumerate(in_ranges(merged.held, len(highs))):
+        at_or_above, above = merged.kept[:, task].tolist()
+        below = total - at_or_above - inside.numel()
+        if below <= rank < below + inside.numel():
+            thresholds.append(float(np.partition(inside.numpy(), rank - below)[rank - below]))
+        elif total - at_or_above <= rank < total - above:
+            thresholds.append(highs[task])
+        else:
             return None  # the threshold lies outside the band
-        thresholds.append(float(np.partition(inside.numpy(), rank - below)[rank - below]))
     return thresholds
 
 
@@ -281,7 +301,7 @@ def banded_ties_vector(
     merged = _BandedPass(pool, lows, highs, disjoint_mean, workers, budget)
     if merged.held is None:
         return None
-    thresholds = highs if rank < 0 else _exact_thresholds(merged, rank, total, tasks)
+    thresholds = highs if rank < 0 else _exact_thresholds(merged, highs, rank, total)
     if thresholds is None:
         return None
     settle(merged.delta, merged.held, tasks, thresholds, merged.votes, disjoint_mean)
@@ -301,10 +321,11 @@ def banded_statistics(
     bands = sampled_bands(pool, rank, workers, budget / total)
     if bands is None:
         return None
-    merged = _BandedPass(pool, *bands, False, workers, budget, keep_delta=False)
+    lows, highs = bands
+    merged = _BandedPass(pool, lows, highs, False, workers, budget, keep_delta=False)
     if merged.held is None:
         return None
-    thresholds = _exact_thresholds(merged, rank, total, tasks)
+    thresholds = _exact_thresholds(merged, highs, rank, total)
     if thresholds is None:
         return None
     votes = merged.votes + held_votes(merged.held, tasks, thresholds)

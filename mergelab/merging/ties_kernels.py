@@ -82,7 +82,8 @@ def add_piece_magnitude_counts(models, counts, piece_counts):
 @numba.njit(inline="always")
 def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kept, scratch):
     """The TIES rule on the columns start .. start + width of τ rows [T, n], into ``out``
-    (width values); adds each task's count of kept entries to ``kept``; returns (votes,
+    (width values); adds each task's count of kept entries (at or above its threshold) to
+    ``kept[0]`` and of those strictly above it to ``kept[1]``; returns (votes,
     sign_ties). ``limits``: (thresholds, undecided_from); ``scratch``: (total, merged,
     agreeing, undecided, nonzero, sign), each at least ``width`` long.
 
@@ -100,13 +101,16 @@ def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kep
     for t in range(tasks):
         row, threshold, low = rows[t, start : start + width], thresholds[t], undecided_from[t]
         count = 0
+        above = 0
         for j in range(width):
             magnitude = np.float32(abs(row[j]))
             is_kept = magnitude >= threshold
             total[j] += row[j] if is_kept else zero
             undecided[j] |= (magnitude >= low) & ~is_kept
             count += is_kept
-        kept[t] += count
+            above += magnitude > threshold
+        kept[0, t] += count
+        kept[1, t] += above
     # the elected sign, ±1: total's, the majority's where total is 0 (value · sign > 0
     # is then exactly "value has the elected sign")
     for j in range(width):
@@ -198,7 +202,7 @@ def ties_merge(task_vectors, thresholds, undecided_from, majority, disjoint_mean
     for block in numba.prange((size + _BLOCK - 1) // _BLOCK):
         start = block * _BLOCK
         width = min(size, start + _BLOCK) - start
-        kept = np.zeros(tasks, np.int64)
+        kept = np.zeros((2, tasks), np.int64)
         block_votes, block_ties = _merge_columns(
             task_vectors,
             start,
@@ -219,7 +223,7 @@ def ties_merge(task_vectors, thresholds, undecided_from, majority, disjoint_mean
     [
         f"Tuple((int64, int64, int64, int64, int64, boolean))({dtype}[:, ::1], float32[::1], "
         f"float32[::1], int64, boolean, "
-        f"{dtype}[::1], int64[::1], int64[::1], int32[::1], int16[::1], {dtype}[::1], "
+        f"{dtype}[::1], int64[:, ::1], int64[::1], int32[::1], int16[::1], {dtype}[::1], "
         "int16[::1], float32[::1])"
         for dtype in ("float32", "float64")
     ],
@@ -244,9 +248,10 @@ def ties_merge_models(
     """:func:`ties_merge` of τt = models[t] − models[0] for the models' rows [T + 1, n]
     (θ0 first), formed a few columns at a time beside the rule rather than as a [T, n]
     temporary, on the calling thread; adds each task's count of entries at or above its
-    threshold to ``kept``. Each column left undecided (NaN) is held while its τ is in the
-    cache: its position in ``held_columns``, its entries as :func:`held_entries` gives
-    them (capacity: n columns, n·T + 1 entries). Returns (votes, sign_ties, columns held,
+    threshold to ``kept[0]``, and strictly above it to ``kept[1]``. Each column left
+    undecided (NaN) is held while its τ is in the cache: its position in
+    ``held_columns``, its entries as :func:`held_entries` gives them (capacity: n
+    columns, n·T + 1 entries). Returns (votes, sign_ties, columns held,
     entries held, band entries held, whether every τ is finite: the rows are then too)."""
     sources, size = models.shape
     taus = np.empty((sources - 1, _BLOCK), models.dtype)
@@ -297,7 +302,7 @@ def ties_merge_held(counts, tasks, values, num_tasks, thresholds, majority, disj
     size = counts.shape[0]
     taus = np.zeros((num_tasks, _BLOCK), values.dtype)
     scratch = _scratch(_BLOCK, values.dtype)
-    kept = np.zeros(num_tasks, np.int64)
+    kept = np.zeros((2, num_tasks), np.int64)
     limits = (thresholds, thresholds)
     votes = 0
     ties = 0
