@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -35,6 +36,7 @@ from mergelab.engine.pool import ModelPool, flat_blocks
 from mergelab.engine.tensor_selection import check_same_layout
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.errors import BadValue
+from mergelab.merging.compiled import kernels
 from mergelab.merging.finite import all_finite
 from mergelab.merging.task_arithmetic import apply_task_vector
 
@@ -116,11 +118,32 @@ def merged_parameter(
     key and λ where it is not finite in its dtype."""
     model = apply_task_vector(theta0, delta, factor, out=out, dtype=dtype)
     if not all_finite(model):
-        raise BadValue(
-            f"scaling factor {factor}: θ0 + λ·δ of {key!r} has NaN or Inf "
-            f"values (too large for {model.dtype})"
-        )
+        raise _not_finite(key, factor, model.dtype)
     return model
+
+
+def _not_finite(key: str, factor: float, dtype: torch.dtype) -> BadValue:
+    return BadValue(
+        f"scaling factor {factor}: θ0 + λ·δ of {key!r} has NaN or Inf "
+        f"values (too large for {dtype})"
+    )
+
+
+def _merged_bfloat16(
+    key: str, theta0: torch.Tensor, delta: torch.Tensor, factor: float, workspace: Workspace
+) -> torch.Tensor:
+    """:func:`merged_parameter` of a bfloat16 θ0 piece and a float32 δ piece, in bfloat16,
+    in one compiled pass into a ``workspace`` buffer (overwritten by its next use)."""
+    out = workspace.get("merged", theta0.shape, torch.bfloat16)
+    kernel = kernels("task_arithmetic_kernels").add_scaled_to_bfloat16
+    if not kernel(bfloat16_bits(theta0), delta.numpy(), factor, bfloat16_bits(out)):
+        raise _not_finite(key, factor, out.dtype)
+    return out
+
+
+def bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's bits, as numpy's uint16 (numpy has no bfloat16)."""
+    return tensor.view(torch.int16).numpy().view(np.uint16)
 
 
 def build_models(
@@ -199,6 +222,12 @@ def write_model(
 
     def write(key: str, delta: torch.Tensor | None) -> None:
         spec, out_dtype = tensor_spec(pretrained, key), written[key].dtype
+        bfloat16 = (
+            spec.dtype == out_dtype == torch.bfloat16
+            and delta is not None
+            and delta.dtype == torch.float32
+            and delta.device.type == "cpu"
+        )
 
         def pieces() -> Iterator[torch.Tensor]:
             for part in flat_blocks(spec.numel, WRITE_PIECE):
@@ -206,6 +235,8 @@ def write_model(
                 read_into(pretrained, key, theta0, part.start, part.stop)
                 if delta is None:
                     yield theta0.to(out_dtype)
+                elif bfloat16:
+                    yield _merged_bfloat16(key, theta0, delta[part], scaling_factor, workspace)
                 else:
                     yield merged_parameter(
                         key, theta0, delta[part], scaling_factor, dtype=out_dtype

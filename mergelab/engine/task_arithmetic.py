@@ -5,11 +5,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from mergelab.engine.pool import CheckpointSource, ModelPool
-from mergelab.engine.streaming import StateDict, streamed_models
+from mergelab.engine.streaming import StateDict, bfloat16_bits, streamed_models
 from mergelab.engine.workspace import BlockWorkers, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.task_arithmetic import task_vector_sum
@@ -28,7 +27,7 @@ def task_arithmetic_delta(pool: ModelPool, key: str, workers: BlockWorkers) -> t
     def sum_bfloat16_block(part: slice) -> None:
         workspace = workers.workspace()
         models = pool.read_stored_models(key, part, workspace)
-        bits = models.view(torch.int16).numpy().view(np.uint16)
+        bits = bfloat16_bits(models)
         kernels("task_arithmetic_kernels").sum_bfloat16_task_vectors(bits, delta[part].numpy())
         pool.check_finite_summary(key, part, delta[part], workspace)
 

@@ -1,7 +1,7 @@
-"""numba kernel for Task Arithmetic's sum from bfloat16 models' rows, on the calling thread
-(the engine's block threads): each entry widened to float32 as it is read, rather than
-the rows converted to float32 first, then τ formed, then summed (three passes over a
-[T + 1, n] block, two of them float32 temporaries)."""
+"""numba kernels for bfloat16 models, on the calling thread (the engine's block threads, or
+the thread writing a model): Task Arithmetic's sum from the models' rows, and θ0 + λ·δ
+rounded to bfloat16. Each entry is widened to float32 as it is read, rather than the
+rows converted to float32 first (passes over float32 temporaries)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def sum_bfloat16_task_vectors(models, out):
         row = models[t]
         for j in range(size):
             out[j] += _widened(row[j]) - _widened(base[j])
+
+
+@numba.njit(["boolean(uint16[::1], float32[::1], float32, uint16[::1])"], cache=True, nogil=True)
+def add_scaled_to_bfloat16(base, delta, factor, out):
+    """out = bfloat16(float32(θ0) + λ·δ) for bfloat16 θ0 and float32 δ given as bits: λ·δ
+    and the sum each rounded once in float32, then rounded to nearest bfloat16 (ties to
+    even), as :func:`~mergelab.merging.task_arithmetic.apply_task_vector` computes it
+    with torch's temporaries (three of them, a piece's size each). Returns whether
+    every result is finite."""
+    finite = True
+    for j in range(base.shape[0]):
+        scaled = delta[j] * factor
+        bits = np.float32(scaled + _widened(base[j])).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> 16
+        out[j] = np.uint16(rounded)
+        finite &= (rounded & np.uint32(0x7F80)) != np.uint32(0x7F80)
+    return finite
