@@ -23,7 +23,10 @@ for the counting passes (2 % of the coordinates held); 20 tasks, 2.04 s against 
 (4 % held, 0.24 of a model's elements in entries). The miniature benchmark's task vectors,
 alike within each piece, give bands too wide to try at keep shares 0.2 and 0.1 (the
 counting passes run at once); at 0.05 its bands hold, and the one pass gives the
-counting passes' bits.
+counting passes' bits. A bf16 Llama-shaped model of 1.5 G parameters and 8 fine-tunes
+(scripts/bench_model_merge.py): each threshold lies on a magnitude, 2⁻¹¹, that 8 % of
+the entries share; the band stops below it, and ``mergelab merge``'s TIES took 62.8 s
+against 94 s when the counting passes ran.
 """
 
 from __future__ import annotations
