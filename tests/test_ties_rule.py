@@ -273,3 +273,33 @@ def test_streamed_ties_names_a_task_vector_with_nan(share):
     finetuned["b"]["w"][2] = float("nan")
     with pytest.raises(ValueError, match="task vector of 'b' has NaN or Inf values at 'w'"):
         ties_streamed.StreamedTies(mergelab.ModelPool(pretrained, finetuned), share)
+
+
+@pytest.mark.parametrize(("middle", "votes_passes"), [("shared", 1), ("spread", 2)])
+def test_counting_passes_take_a_full_bucket_for_one_shared_magnitude(middle, votes_passes):
+    """The counting passes (the sample's bands refused) with room for no held entry: each
+    task's threshold bucket is taken for one magnitude its entries share, and decided at
+    its floor. τ of 16 entries 0.5, 32 in the middle and 16 of 2 (b's rolled), keeping
+    the top 32: the threshold is the 16th of the middle. Shared (all 1), the votes pass's
+    low counts confirm it is the bucket's floor; spread (1 + k·2⁻²³, one bucket), they
+    refute it, and a third pass votes at the exact thresholds. Both give naive's δ."""
+    ulps = torch.arange(32.0) * 2**-23 if middle == "spread" else torch.zeros(32)
+    values = torch.cat([torch.full((16,), 0.5), 1 + ulps, torch.full((16,), 2.0)])
+    pretrained = {"w": torch.zeros(64)}
+    # no sum of exactly 0: no coordinate waits for the majority sign
+    finetuned = {"a": {"w": values}, "b": {"w": values.roll(7)}}
+    calls = []
+    votes = ties_streamed.StreamedTies._votes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ties_streamed, "banded_statistics", lambda *args: None)
+        patch.setattr(ties_undecided, "UNDECIDED_BUDGET", 0)
+        patch.setattr(
+            ties_streamed.StreamedTies,
+            "_votes",
+            lambda self, *args, **kwargs: calls.append(args) or votes(self, *args, **kwargs),
+        )
+        streamed = ties_streamed.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
+    assert len(calls) == votes_passes
+    assert calls[0][0] == calls[0][1] == [1.0, 1.0]  # thresholds and undecided_from: floors
+    expected = naive.ties_multitask_vector(pretrained, finetuned, 0.5)
+    assert_states_equal({"w": streamed("w")}, expected)

@@ -48,6 +48,24 @@ def _add_magnitude_counts(pool: ModelPool, workers: BlockWorkers, out: np.ndarra
     totals.total()
 
 
+def _shared_floors(select: MagnitudeSelect, budget: float) -> tuple[list[float], list[float]]:
+    """Each task's bucket [low, high) holding its threshold, whose entries the votes pass
+    holds; where they would exceed ``budget`` (T entries a coordinate, at most), the
+    fullest buckets are taken for one magnitude their entries share (bf16 task vectors
+    sit on a few values): [low, low), an entry at or above the floor kept, none held.
+    The pass's low counts then confirm the threshold is that floor, or a third pass
+    votes at the exact thresholds."""
+    lows, highs = select.bounds()
+    counts = select.in_bucket()
+    tasks, held = len(counts), sum(counts)
+    for task in sorted(range(tasks), key=counts.__getitem__, reverse=True):
+        if held * tasks <= budget:
+            break
+        highs[task] = lows[task]
+        held -= counts[task]
+    return lows, highs
+
+
 class StreamedTies:
     """TIES for a model written parameter by parameter: ``self(key)`` is one parameter's δ,
     as :func:`ties_merged_vector` computes it, without δ of the whole model in memory.
@@ -60,9 +78,12 @@ class StreamedTies:
     depends on: each task's bucket (counting), then, in one more pass, the votes of the
     decided coordinates, the undecided coordinates' values (up to a budget) and the low
     bits of each task's magnitudes inside its bucket, which pin the exact thresholds
-    whatever the budget; beyond it, a third pass counts the votes at the exact
-    thresholds. The majority sign follows from the votes; δ of a parameter is then
-    computed block by block when asked for. Memory: a block of every model per thread
+    whatever the budget (where a task's bucket alone would exceed it, its entries are
+    taken for one shared magnitude and decided at the bucket's floor, as
+    :func:`_shared_floors` says); beyond it, or where the low bits put a threshold
+    above such a floor, a third pass counts the votes at the exact thresholds. The
+    majority sign follows from the votes; δ of a parameter is then computed block by
+    block when asked for. Memory: a block of every model per thread
     and the values set aside, whatever the model's size; reads: a sample (1/16) and two
     passes, or three or four.
     """
@@ -85,10 +106,12 @@ class StreamedTies:
                     return
                 select = MagnitudeSelect(rank, total, tasks)
                 self._count(select)
-                lows, highs = select.bounds()
+                lows, highs = _shared_floors(select, budget)
                 votes, held = self._votes(highs, lows, budget, select)
                 self.thresholds = exact = select.values()
-                if held is None:
+                shared = zip(lows, highs, exact, strict=True)
+                missed = any(low == high != value for low, high, value in shared)
+                if held is None or missed:  # the votes at the exact thresholds: a third pass
                     votes, _ = self._votes(exact, exact, 0)
                 else:
                     votes += held_votes(held, tasks, exact)

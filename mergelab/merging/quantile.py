@@ -196,6 +196,11 @@ class MagnitudeSelect:
             self._rank_in_bucket.append(self.rank - below)
             self._in_bucket.append(int(self.counts[row, bucket]))
 
+    def in_bucket(self) -> list[int]:
+        """Each row's count of magnitudes inside its bucket."""
+        self._located()
+        return list(self._in_bucket)
+
     def bounds(self) -> tuple[list[float], list[float]]:
         """Each row's bucket as [low, high): the smallest magnitude in it, the smallest above."""
         lows = [_bits_to_float(bucket << MAGNITUDE_LOW_BITS) for bucket in self._located()]
