@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
+
+from mergelab.engine.model_files import ShardedWriter
+from mergelab.engine.model_writing import output_specs, write_model
+from mergelab.engine.pool import ModelPool
 
 BUFFER = "embeddings.position_ids"
 LAMBDA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -154,3 +160,16 @@ def load_file(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file as _load
 
     return _load(str(path))
+
+
+def written_model(
+    pool: ModelPool, delta_of: Callable[[str], torch.Tensor], scaling: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """The model ``mergelab merge`` writes from ``delta_of`` (θ0 + scaling·δ in θ0's
+    dtypes, one file), read back."""
+    specs = output_specs(pool.pretrained, None)
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "merged"
+        with ShardedWriter(target, specs, [list(specs)]) as writer:
+            write_model(pool.pretrained, pool.merged_keys, delta_of, scaling, writer)
+        return load_file(target / "model.safetensors")

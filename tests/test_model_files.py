@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -207,3 +208,36 @@ def test_nothing_half_written_and_no_folder_replaced(tmp_path):
     out.mkdir()
     with pytest.raises(BadInput, match=f"{out} exists"):
         ShardedWriter(out, specs, 300)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_written_tensors_are_patched_in_place_and_a_restart_drops_them(tmp_path, dtype):
+    """Elements of tensors already written overwritten in place (a closed shard and the
+    open one); a patch of a tensor not yet written, or in another dtype, refused; a
+    restart drops what was written, and what is written again is what the folder holds."""
+    tensors = {f"t{n}": torch.arange(10.0 * n, 10.0 * n + 10).to(dtype) for n in range(3)}
+    specs = {key: tensor_spec(tensors, key) for key in tensors}
+    writer = ShardedWriter(tmp_path / "out", specs, [["t0", "t1"], ["t2"]])
+    writer["t0"] = tensors["t0"]
+    with pytest.raises(BadInput, match="'t1' patched before it was written"):
+        writer.patch("t1", np.array([0]), torch.zeros(1, dtype=dtype))
+    writer["t1"] = tensors["t1"]
+    writer["t2"] = tensors["t2"]
+    with pytest.raises(BadInput, match=r"'t2' patched with 1 torch\.float64 values"):
+        writer.patch("t2", np.array([0]), torch.zeros(1, dtype=torch.float64))
+    writer.patch("t0", np.array([1, 9]), torch.tensor([-1.0, -9.0], dtype=dtype))
+    writer.patch("t2", np.array([0]), torch.tensor([-20.0], dtype=dtype))
+    writer.restart()
+    assert not list(writer.staging.iterdir())
+    for key, tensor in tensors.items():
+        writer[key] = tensor
+    writer.patch("t1", np.array([4]), torch.tensor([-14.0], dtype=dtype))
+    folder = writer.close()
+    written = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        written |= load_file(shard)
+    expected = {key: tensor.clone() for key, tensor in tensors.items()}
+    expected["t1"][4] = -14
+    assert {key: value.tolist() for key, value in written.items()} == {
+        key: value.tolist() for key, value in expected.items()
+    }

@@ -13,10 +13,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import assert_states_equal, families
+from strategies import assert_states_equal, families, written_model
 
 import mergelab
 import mergelab.engine.ties_blocks as ties_blocks
+import mergelab.engine.ties_streamed as ties_streamed
 import mergelab.engine.ties_undecided as ties_undecided
 from mergelab.engine.workspace import BlockWorkers
 from mergelab.merging.ties import ties_rank
@@ -156,48 +157,64 @@ def _float32(state: dict) -> dict:
     return {key: value.float() for key, value in state.items()}
 
 
+def _settled_by(patch: pytest.MonkeyPatch) -> list:
+    """What each StreamedTies.settle returns, from now on."""
+    settled = []
+    settle = ties_streamed.StreamedTies.settle
+    spy = lambda self: settled.append(settle(self)) or settled[-1]  # noqa: E731
+    patch.setattr(ties_streamed.StreamedTies, "settle", spy)
+    return settled
+
+
 def test_one_pass_places_thresholds_on_magnitudes_many_entries_share():
     """Unpatched, on bf16 models whose τ sit on a few values, each threshold one of them
     (about a sixth of the entries): the sample's band stops below it and the pass counts
-    the entries at and above it, so each threshold is found without holding them; the
-    one pass and its statistics give the naive transcription's bits (τ and their sums
-    are exact in float32, as in the naive float64)."""
+    the entries at and above it, so each threshold is found without holding them. The
+    one pass in memory, and the one pass that writes a model (corrected in place), give
+    the naive transcription's bits (τ and their sums are exact in float32, as in the
+    naive float64; the written model rounds θ0 + δ once to bf16)."""
     shapes = {"layers.0.weight": (256, 1024), "layers.0.bias": (1024,), "head": (300, 200)}
     pretrained, finetuned = _lattice_models(shapes, 3, seed=11)
     wide = _float32(pretrained), {task: _float32(model) for task, model in finetuned.items()}
     share = 0.2
     taus = naive.task_vectors(*wide)
     expected_thresholds = [naive.ties_threshold(tau, share) for tau in taus.values()]
+    expected = naive.ties_multitask_vector(*wide, share)
     with BlockWorkers() as workers:
         pool = mergelab.ModelPool(pretrained, finetuned)
         rank = ties_rank(share, pool.num_merged_params)
         lows, highs = ties_blocks.sampled_bands(pool, rank, workers, budget=0.25)
         assert lows == highs == expected_thresholds  # empty bands: nothing to hold
-        statistics = ties_blocks.banded_statistics(pool, rank, workers, budget=0)
         delta = ties_blocks.banded_ties_vector(pool, share, False, workers)
-    assert statistics is not None and statistics[0] == expected_thresholds
     assert delta is not None
-    assert_states_equal(delta, naive.ties_multitask_vector(*wide, share))
+    assert_states_equal(delta, expected)
+    with pytest.MonkeyPatch.context() as patch:
+        settled = _settled_by(patch)
+        streamed = ties_streamed.StreamedTies(pool, share)
+        model = written_model(pool, streamed)
+    assert isinstance(settled[0], dict) and streamed.thresholds == expected_thresholds
+    rounded = {key: (pretrained[key].float() + expected[key]).bfloat16() for key in expected}
+    assert_states_equal(model, rounded)
 
 
-@pytest.mark.parametrize(("keep", "thresholds"), [(24 / 32, [0.5, 0.5]), (23 / 32, None)])
-def test_a_threshold_just_above_a_band_top_many_entries_share_is_not_taken_for_it(keep, thresholds):
-    """Hand-worked: each τ has 8 entries of 0.5, 16 of 1 and 8 of 2 (b's negated), and
-    the band stops at 0.5 (the pass counts 32 entries at or above it, 24 above). Keeping
-    the top 24 of 32, the threshold is the 8th smallest magnitude (the TIES code's
-    kthvalue), the last 0.5, and the counts place it there; keeping 23, it is the 9th,
-    the first 1, above the band: the one pass hands over, and the counting passes
-    merge."""
+@pytest.mark.parametrize(("keep", "settled"), [(24 / 32, "in place"), (23 / 32, "again")])
+def test_a_threshold_just_above_a_band_top_many_entries_share_is_not_taken_for_it(keep, settled):
+    """Hand-worked: each τ has 8 entries of 0.5, 16 of 1 and 8 of 2 (b's rolled), and the
+    band stops at 0.5 (the pass counts 32 entries at or above it, 24 above). Keeping the
+    top 24 of 32, the threshold is the 8th smallest magnitude (the TIES code's
+    kthvalue), the last 0.5, and the counts place it there: the written model stands
+    (nothing held, nothing to correct); keeping 23, it is the 9th, the first 1, above
+    the band: the counting passes find it, and the model is written again."""
     values = torch.cat([torch.full((8,), 0.5), torch.ones(16), torch.full((8,), 2.0)])
     pretrained = {"w": torch.zeros(32)}
-    finetuned = {"a": {"w": values}, "b": {"w": -values.roll(5)}}
+    finetuned = {"a": {"w": values}, "b": {"w": values.roll(5)}}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ties_blocks, "sampled_bands", lambda *args: ([0.5, 0.5], [0.5, 0.5]))
-        with BlockWorkers() as workers:
-            pool = mergelab.ModelPool(pretrained, finetuned)
-            rank = ties_rank(keep, 32)
-            found = ties_blocks.banded_statistics(pool, rank, workers, budget=0)
-        assert (found and found[0]) == thresholds
-        merged = mergelab.ties(pretrained, finetuned, 1.0, keep=keep)
+        patch.setattr(ties_streamed, "sampled_bands", lambda *args: ([0.5, 0.5], [0.5, 0.5]))
+        found = _settled_by(patch)
+        pool = mergelab.ModelPool(pretrained, finetuned)
+        streamed = ties_streamed.StreamedTies(pool, keep)
+        model = written_model(pool, streamed)
+    assert found == ([{}] if settled == "in place" else [None])
+    assert streamed.thresholds == ([0.5, 0.5] if settled == "in place" else [1.0, 1.0])
     expected = naive.ties_multitask_vector(pretrained, finetuned, keep)
-    assert_states_equal(merged, naive.assemble(pretrained, expected, 1.0))
+    assert_states_equal(model, naive.assemble(pretrained, expected, 1.0))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import FACTORS, assert_states_equal, families
+from strategies import FACTORS, assert_states_equal, families, written_model
 
 import mergelab
 import mergelab.engine.ties_blocks as ties_blocks
@@ -224,8 +224,9 @@ def _sample_everything(patch: pytest.MonkeyPatch) -> None:
 )
 @settings(max_examples=60)
 def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean, sampled):
-    """The path that writes models to files (StreamedTies): thresholds and majority from
-    one pass placed by a sample (``sampled``, with room for the undecided values), or
+    """The path that writes models to files (StreamedTies), as ``mergelab merge`` writes:
+    one pass placed by a sample writing a provisional δ, settled in place or written
+    again (``sampled``, with room for the undecided values), or thresholds and majority
     from passes over blocks, then each parameter's δ; with and without room for the
     undecided values."""
     with pytest.MonkeyPatch.context() as patch:
@@ -234,36 +235,51 @@ def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean, 
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
         pool = mergelab.ModelPool(family.pretrained, family.finetuned)
         streamed = ties_streamed.StreamedTies(pool, share, mean)
+        model = written_model(pool, streamed)
     delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
-    assert_states_equal({key: streamed(key) for key in family.merged_keys}, delta)
+    assert_states_equal(model, naive.assemble(family.pretrained, delta, 1.0))
 
 
 @pytest.mark.parametrize("budget", [0, 10])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_streamed_ties_votes_decide_the_majority(budget, sampled):
-    """The hand-worked case above, parameter by parameter: δ = [5, 5, 2, 0] (sampled:
-    coordinate 2 held in the one pass, 0 and 1 decided under any majority there)."""
-    pretrained = {"w": torch.zeros(4)}
+@pytest.mark.parametrize(
+    ("third", "expected"),
+    [(1.0, [5, 5, 2, 0.5, 0.5, 0]), (-1.0, [-5, -5, -2, -0.5, -0.5, 0])],
+)
+def test_streamed_ties_votes_decide_the_majority(budget, sampled, third, expected):
+    """Hand-worked, written as ``mergelab merge`` writes it: a = [5, 5, third, 0.5, 0.5,
+    0.25], b = [−5, −5, third, −0.5, −0.5, 0.25], keeping the top half (threshold 0.5).
+    Coordinates 0, 1, 3 and 4 sum to exactly 0 and take the majority sign, which
+    coordinate 2 alone elects (3 and 4 vote 0, 5 is trimmed). Sampled, with room: the
+    one pass holds 2, 3 and 4 (an entry inside the band) and decides 0 and 1 under +1;
+    the model is corrected in place where the sign is +1, written again where it is −1.
+    Without room (budget 0), or unsampled, passes find the thresholds and the sign
+    first."""
+    pretrained = {"w": torch.zeros(6)}
     finetuned = {
-        "a": {"w": torch.tensor([5.0, 5.0, 1.0, 0.0])},
-        "b": {"w": torch.tensor([-5.0, -5.0, 1.0, 0.0])},
+        "a": {"w": torch.tensor([5.0, 5.0, third, 0.5, 0.5, 0.25])},
+        "b": {"w": torch.tensor([-5.0, -5.0, third, -0.5, -0.5, 0.25])},
     }
-    found = []
+    settled = []
+    settle = ties_streamed.StreamedTies.settle
     with pytest.MonkeyPatch.context() as patch:
         if sampled:
             _sample_everything(patch)
-            statistics = ties_blocks.banded_statistics
-            patch.setattr(
-                ties_streamed,
-                "banded_statistics",
-                lambda *args: found.append(statistics(*args)) or found[-1],
-            )
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
-        streamed = ties_streamed.StreamedTies(mergelab.ModelPool(pretrained, finetuned), 0.5)
-    assert streamed("w").tolist() == [5.0, 5.0, 2.0, 0.0]
-    if sampled:  # the one pass settles it where the held entries have room
-        assert (found[0] is not None) == (budget > 0)
-        assert found[0] is None or found[0] == ([1.0, 1.0], 1)
+        spy = lambda self: settled.append(settle(self)) or settled[-1]  # noqa: E731
+        patch.setattr(ties_streamed.StreamedTies, "settle", spy)
+        pool = mergelab.ModelPool(pretrained, finetuned)
+        model = written_model(pool, ties_streamed.StreamedTies(pool, 0.5))
+    assert model["w"].tolist() == expected
+    naive_delta = naive.ties_multitask_vector(pretrained, finetuned, 0.5)
+    assert_states_equal(model, naive.assemble(pretrained, naive_delta, 1.0))
+    if not sampled or budget == 0:  # the passes first: nothing provisional
+        assert settled == [{}]
+    elif third > 0:  # corrected in place
+        assert settled[0]["w"].positions.tolist() == [2, 3, 4]
+        assert settled[0]["w"].delta.tolist() == [2.0, 0.5, 0.5]
+    else:
+        assert settled == [None]
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])  # everything kept, or a threshold to find
@@ -291,7 +307,7 @@ def test_counting_passes_take_a_full_bucket_for_one_shared_magnitude(middle, vot
     calls = []
     votes = ties_streamed.StreamedTies._votes
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ties_streamed, "banded_statistics", lambda *args: None)
+        patch.setattr(ties_streamed, "sampled_bands", lambda *args: None)
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", 0)
         patch.setattr(
             ties_streamed.StreamedTies,

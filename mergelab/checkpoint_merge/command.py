@@ -33,8 +33,8 @@ from mergelab.checkpoint_merge.sources import (
     selection_of,
 )
 from mergelab.engine.model_files import ShardedWriter
+from mergelab.engine.model_writing import output_specs, write_model
 from mergelab.engine.parameterwise import resolve_device
-from mergelab.engine.streaming import output_specs, write_model
 from mergelab.errors import BadValue
 from mergelab.io.model_folders import parse_size
 from mergelab.methods import MergeContext, MergeMethod, TaskArithmetic

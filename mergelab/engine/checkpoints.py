@@ -188,6 +188,9 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+# a dtype of each width that numpy has, to move any tensor's bits
+_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 # numpy's types of the dtypes it converts between
 _NUMPY_TYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
@@ -301,6 +304,8 @@ class SafetensorsWriter(AtomicWriter):
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as upstream writes it
+        start = 8 + len(encoded)  # the header's length, then the header
+        self._data_offsets = {key: start + header[key]["data_offsets"][0] for key in specs}
         self._tmp = temporary_path(self.path)
         # unbuffered: each tensor goes to the file in one call, without a copy in between
         self._file = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 -- closed in close()/abort()
@@ -336,6 +341,24 @@ class SafetensorsWriter(AtomicWriter):
         if written != spec.numel:
             raise BadValue(f"{self.path}: {key!r} got {written} values, declared {spec.shape}")
         self._next += 1
+
+    def patch(self, key: str, positions: np.ndarray, values: torch.Tensor) -> None:
+        """Overwrite the flat elements ``positions`` of a tensor already written with
+        ``values`` (in its declared dtype), before or after :meth:`close` (a file in a
+        folder still being written)."""
+        spec = self._specs[key]
+        if self._order.index(key) >= self._next:
+            raise MissingKey(f"{self.path}: {key!r} patched before it was written")
+        if values.dtype != spec.dtype or values.shape != positions.shape:
+            raise BadValue(
+                f"{self.path}: {key!r} patched with {values.numel()} {values.dtype} values "
+                f"at {positions.size} positions, declared {spec.dtype}"
+            )
+        bits = values.detach().cpu().contiguous().view(_SAME_WIDTH[spec.dtype.itemsize])
+        path = self.path if self._file.closed else self._tmp
+        data = np.memmap(path, bits.numpy().dtype, "r+", self._data_offsets[key], (spec.numel,))
+        data[positions] = bits.numpy()
+        data.flush()
 
     def close(self) -> Path:
         if self._next != len(self._order):

@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mergelab.engine.atomic import temporary_path
@@ -233,11 +234,22 @@ class ShardedWriter(AtomicWriter):
             self._plan = [list(keys) for keys in shards if keys]
             if [key for keys in self._plan for key in keys] != list(self._specs):
                 raise BadValue(f"{self.folder}: the shards must hold the tensors once, in order")
+        self._shard_of = {key: number for number, keys in enumerate(self._plan) for key in keys}
+        self._begin()
+
+    def _begin(self) -> None:
         self.staging = temporary_path(self.folder)
         self.staging.mkdir()
         self._shard = -1
         self._writer: SafetensorsWriter | None = None
+        self._shards: list[SafetensorsWriter] = []
         self._written = 0
+
+    def restart(self) -> None:
+        """Drop everything written so far, to write every tensor again (other files in
+        :attr:`staging` too: a new staging folder)."""
+        self.abort()
+        self._begin()
 
     def _open_next_shard(self) -> None:
         self._shard += 1
@@ -245,6 +257,7 @@ class ShardedWriter(AtomicWriter):
         keys = self._plan[self._shard]
         specs = {key: self._specs[key] for key in keys}
         self._writer = SafetensorsWriter(self.staging / name, specs, self._metadata)
+        self._shards.append(self._writer)
 
     def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
         self._shard_for(key)[key] = tensor
@@ -255,6 +268,14 @@ class ShardedWriter(AtomicWriter):
         :meth:`SafetensorsWriter.write_parts`)."""
         self._shard_for(key).write_parts(key, parts)
         self._written += 1
+
+    def patch(self, key: str, positions: np.ndarray, values: torch.Tensor) -> None:
+        """Overwrite elements of a tensor already written (see
+        :meth:`SafetensorsWriter.patch`)."""
+        number = self._shard_of.get(key)
+        if number is None or number >= len(self._shards):
+            raise MissingKey(f"{self.folder}: {key!r} patched before it was written")
+        self._shards[number].patch(key, positions, values)
 
     def _shard_for(self, key: str) -> SafetensorsWriter:
         """The writer of the shard the next tensor goes to (the next shard when full)."""

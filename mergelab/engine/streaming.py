@@ -15,10 +15,8 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -31,12 +29,10 @@ from mergelab.engine.checkpoints import (
     read_into,
     tensor_spec,
 )
-from mergelab.engine.model_files import ShardedWriter
 from mergelab.engine.pool import ModelPool, flat_blocks
 from mergelab.engine.tensor_selection import check_same_layout
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.errors import BadValue
-from mergelab.merging.compiled import kernels
 from mergelab.merging.finite import all_finite
 from mergelab.merging.task_arithmetic import apply_task_vector
 
@@ -118,32 +114,16 @@ def merged_parameter(
     key and λ where it is not finite in its dtype."""
     model = apply_task_vector(theta0, delta, factor, out=out, dtype=dtype)
     if not all_finite(model):
-        raise _not_finite(key, factor, model.dtype)
+        raise not_finite_model(key, factor, model.dtype)
     return model
 
 
-def _not_finite(key: str, factor: float, dtype: torch.dtype) -> BadValue:
+def not_finite_model(key: str, factor: float, dtype: torch.dtype) -> BadValue:
+    """The error for a merged parameter not finite in its dtype."""
     return BadValue(
         f"scaling factor {factor}: θ0 + λ·δ of {key!r} has NaN or Inf "
         f"values (too large for {dtype})"
     )
-
-
-def _merged_bfloat16(
-    key: str, theta0: torch.Tensor, delta: torch.Tensor, factor: float, workspace: Workspace
-) -> torch.Tensor:
-    """:func:`merged_parameter` of a bfloat16 θ0 piece and a float32 δ piece, in bfloat16,
-    in one compiled pass into a ``workspace`` buffer (overwritten by its next use)."""
-    out = workspace.get("merged", theta0.shape, torch.bfloat16)
-    kernel = kernels("task_arithmetic_kernels").add_scaled_to_bfloat16
-    if not kernel(bfloat16_bits(theta0), delta.numpy(), factor, bfloat16_bits(out)):
-        raise _not_finite(key, factor, out.dtype)
-    return out
-
-
-def bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
-    """A bfloat16 tensor's bits, as numpy's uint16 (numpy has no bfloat16)."""
-    return tensor.view(torch.int16).numpy().view(np.uint16)
 
 
 def build_models(
@@ -182,78 +162,6 @@ def build_models(
                 for sink in sinks:
                     sink[key] = theta0.clone()
         return _closed(sinks)
-
-
-# elements per piece when a model is written to a file: θ0's piece, the result and its
-# cast stay a few MB whatever the parameter's size
-WRITE_PIECE = 1 << 22
-
-
-def output_specs(
-    pretrained: Mapping[str, torch.Tensor], dtype: torch.dtype | None
-) -> dict[str, TensorSpec]:
-    """θ0's layout, its floating-point tensors in ``dtype`` (their own when None)."""
-    specs = {key: tensor_spec(pretrained, key) for key in pretrained}
-    if dtype is None:
-        return specs
-    return {
-        key: TensorSpec(spec.shape, dtype) if spec.dtype.is_floating_point else spec
-        for key, spec in specs.items()
-    }
-
-
-def write_model(
-    pretrained: Mapping[str, torch.Tensor],
-    merged_keys: Iterable[str],
-    delta_of: Callable[[str], torch.Tensor],
-    scaling_factor: float,
-    writer: SafetensorsWriter | ShardedWriter,
-    dtype: torch.dtype | None = None,
-    desc: str = "merge",
-) -> None:
-    """θ0 + λ·δ written parameter by parameter into ``writer`` (declared with
-    :func:`output_specs`), floating-point tensors in ``dtype``; the other keys of θ0
-    copied. θ0 is read and the result cast in pieces of :data:`WRITE_PIECE` elements, so
-    memory holds two parameters' δ (one written by a thread of its own while the next is
-    computed) and a few pieces, whatever the model's size."""
-    merged = frozenset(merged_keys)
-    written = output_specs(pretrained, dtype)
-    workspace = Workspace()  # the writing thread's
-
-    def write(key: str, delta: torch.Tensor | None) -> None:
-        spec, out_dtype = tensor_spec(pretrained, key), written[key].dtype
-        bfloat16 = (
-            spec.dtype == out_dtype == torch.bfloat16
-            and delta is not None
-            and delta.dtype == torch.float32
-            and delta.device.type == "cpu"
-        )
-
-        def pieces() -> Iterator[torch.Tensor]:
-            for part in flat_blocks(spec.numel, WRITE_PIECE):
-                theta0 = workspace.get("theta0", (part.stop - part.start,), spec.dtype)
-                read_into(pretrained, key, theta0, part.start, part.stop)
-                if delta is None:
-                    yield theta0.to(out_dtype)
-                elif bfloat16:
-                    yield _merged_bfloat16(key, theta0, delta[part], scaling_factor, workspace)
-                else:
-                    yield merged_parameter(
-                        key, theta0, delta[part], scaling_factor, dtype=out_dtype
-                    )
-
-        writer.write_parts(key, pieces())
-
-    # one thread writes each parameter while the next one's δ is computed
-    with ThreadPoolExecutor(1) as writing:
-        pending: Future | None = None
-        for key in progress(list(written), desc):
-            delta = delta_of(key).reshape(-1) if key in merged else None
-            if pending is not None:
-                pending.result()
-            pending = writing.submit(write, key, delta)
-        if pending is not None:
-            pending.result()
 
 
 def fill_model(

@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from mergelab.engine.model_writing import bfloat16_bits
 from mergelab.engine.pool import CheckpointSource, ModelPool
-from mergelab.engine.streaming import StateDict, bfloat16_bits, streamed_models
+from mergelab.engine.streaming import StateDict, streamed_models
 from mergelab.engine.workspace import BlockWorkers, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.task_arithmetic import task_vector_sum

@@ -43,7 +43,7 @@ from mergelab.engine import ties_undecided
 from mergelab.engine.parameterwise import check_merged_finite
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
-from mergelab.engine.ties_undecided import Held, held_votes, in_ranges, settle
+from mergelab.engine.ties_undecided import Held, in_ranges, settle
 from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.quantile import (
@@ -187,64 +187,71 @@ def sampled_bands(
     return bands
 
 
-class _BandedPass:
-    """The one pass: δ (NaN where a coordinate is undecided), the decided coordinates'
-    votes, each task's count of entries at or above its band, and the undecided
-    coordinates' values (:attr:`held`: None once they exceed ``budget`` entries, when the
-    pass stops). Without ``keep_delta``, δ is left in a scratch block and the coordinates
-    waiting for the majority sign are not held: they vote 0 whatever it is, and a pass
-    that merges with the majority comes later (:class:`StreamedTies`)."""
+class BandedPass:
+    """The one pass, parameter by parameter (:meth:`merge`): each coordinate with no entry
+    inside its task's band merged, the others set aside (:attr:`held`, the entries at or
+    above their band's low, with θ0 there in :attr:`theta0`; None once they exceed
+    ``budget`` entries, when no more are kept), their δ 0 until settled; the decided
+    coordinates' votes and sign ties (a sum of exactly 0, decided by ``majority``:
+    PENDING sets them aside too), and each task's count of entries at and strictly above
+    its band's top (:attr:`kept`)."""
 
-    def __init__(self, pool, lows, highs, disjoint_mean, workers, budget, keep_delta=True):
-        tasks = len(pool.tasks)
-        limits = [np.asarray(values, dtype=np.float32) for values in (highs, lows)]
-        kernel = kernels("ties_kernels").ties_merge_models
-        # any majority decides them, and their δ is not kept
-        majority = PENDING if keep_delta else 1
-        kept = ThreadTotals(np.zeros((2, tasks), np.int64))  # at or above the band, above
-        self.delta: StateDict = {}
-        self.votes = 0
+    def __init__(self, pool, lows, highs, disjoint_mean, workers, budget, majority):
+        self.pool, self._workers, self._budget = pool, workers, budget
+        self._limits = [np.asarray(values, dtype=np.float32) for values in (highs, lows)]
+        self._rule = majority, disjoint_mean
+        self._kept = ThreadTotals(np.zeros((2, len(pool.tasks)), np.int64))
+        self.votes = self.ties = self._entries = 0
         self.held: list[Held] | None = []
-        held_entries = 0
+        self.theta0: list[torch.Tensor] = []
+        self._buffers: dict[tuple[int, np.dtype], list[np.ndarray]] = {}  # by thread
 
-        held_buffers: dict[tuple[int, np.dtype], list[np.ndarray]] = {}  # by thread
+    def merge(self, key: str, out: torch.Tensor | None = None) -> None:
+        """One parameter's blocks on the workers' threads, δ into ``out`` (flat, in the
+        compute dtype) or a scratch block."""
+        merge_block = functools.partial(self._merge_block, key, out)
+        for votes, ties, held, theta0 in self._workers.run(merge_block, self.pool.blocks(key)):
+            self.votes, self.ties = self.votes + votes, self.ties + ties
+            if held is not None and self.held is not None:
+                self.held.append(held)
+                self.theta0.append(theta0)
+                self._entries += held.values.numel()
+        if self._entries > self._budget:
+            self.held, self.theta0 = None, []
 
-        def merge_block(key: str, part: slice) -> tuple[int, Held | None]:
-            models = pool.read_models(key, part, workers.workspace())
-            rows = models.numpy()
-            thread = threading.get_ident(), rows.dtype
-            if thread not in held_buffers:
-                held_buffers[thread] = _held_buffers(pool.chunk, tasks, rows.dtype)
-            buffers = held_buffers[thread]
-            if keep_delta:
-                out = self.delta[key].view(-1)[part].numpy()
-            else:
-                out = workers.workspace().get("merged", (rows.shape[1],), models.dtype).numpy()
-            votes, _, columns, entries, in_band, finite = kernel(
-                rows, *limits, majority, disjoint_mean, out, kept.mine(), *buffers
-            )
-            pool.check_finite_from_models(key, models, None, finite)
-            if not columns:
-                return votes, None
-            lengths = (columns, columns, entries, entries, in_band, in_band)
-            held = [
-                torch.from_numpy(array[:n].copy())
-                for array, n in zip(buffers, lengths, strict=True)
-            ]
-            return votes, Held(key, held[0] + part.start, *held[1:])
+    @property
+    def kept(self) -> np.ndarray:
+        """[2, T]: each task's entries at and strictly above its band's top, so far."""
+        return self._kept.total()
 
-        for key in progress(pool.merged_keys, "TIES: merge" if keep_delta else "TIES: votes"):
-            if keep_delta:
-                self.delta[key] = empty(pool.specs[key].shape, pool.compute_dtype(key))
-            for votes, held in workers.run(functools.partial(merge_block, key), pool.blocks(key)):
-                self.votes += votes
-                if held is not None:
-                    self.held.append(held)
-                    held_entries += held.values.numel()
-            if held_entries > budget:
-                self.held = None
-                return
-        self.kept = kept.total()
+    def _merge_block(self, key: str, out: torch.Tensor | None, part: slice):
+        pool, tasks = self.pool, len(self.pool.tasks)
+        models = pool.read_models(key, part, self._workers.workspace())
+        rows = models.numpy()
+        thread = threading.get_ident(), rows.dtype
+        if thread not in self._buffers:
+            self._buffers[thread] = _held_buffers(pool.chunk, tasks, rows.dtype)
+        buffers = self._buffers[thread]
+        if out is None:
+            block = self._workers.workspace().get("merged", (rows.shape[1],), models.dtype)
+        else:
+            block = out[part]
+        merged = block.numpy()
+        votes, ties, columns, entries, in_band, finite = kernels("ties_kernels").ties_merge_models(
+            rows, *self._limits, *self._rule, merged, self._kept.mine(), *buffers
+        )
+        pool.check_finite_from_models(key, models, None, finite)
+        if not columns:
+            return votes, ties, None, None
+        merged[buffers[0][:columns]] = 0  # NaN where undecided: finite until settled
+        if self.held is None:
+            return votes, ties, None, None
+        lengths = (columns, columns, entries, entries, in_band, in_band)
+        held = [
+            torch.from_numpy(array[:n].copy()) for array, n in zip(buffers, lengths, strict=True)
+        ]
+        theta0 = torch.from_numpy(rows[0, buffers[0][:columns]])
+        return votes, ties, Held(key, held[0] + part.start, *held[1:]), theta0
 
 
 def _held_buffers(columns: int, tasks: int, dtype: np.dtype) -> list[np.ndarray]:
@@ -265,8 +272,8 @@ def _held_buffers(columns: int, tasks: int, dtype: np.dtype) -> list[np.ndarray]
     ]
 
 
-def _exact_thresholds(
-    merged: _BandedPass, highs: list[float], rank: int, total: int
+def exact_thresholds(
+    merged: BandedPass, highs: list[float], rank: int, total: int
 ) -> list[float] | None:
     """Each task's threshold, the magnitude of 0-based ``rank``, from the pass's counts at
     and above the top of its band and the held magnitudes inside it: a held one, or the
@@ -301,35 +308,17 @@ def banded_ties_vector(
             return None
         lows, highs = bands
     budget = ties_undecided.UNDECIDED_BUDGET * total
-    merged = _BandedPass(pool, lows, highs, disjoint_mean, workers, budget)
-    if merged.held is None:
-        return None
-    thresholds = highs if rank < 0 else _exact_thresholds(merged, highs, rank, total)
+    merged = BandedPass(pool, lows, highs, disjoint_mean, workers, budget, PENDING)
+    delta: StateDict = {}
+    for key in progress(pool.merged_keys, "TIES: merge"):
+        delta[key] = empty(pool.specs[key].shape, pool.compute_dtype(key))
+        merged.merge(key, delta[key].view(-1))
+        if merged.held is None:
+            return None
+    thresholds = highs if rank < 0 else exact_thresholds(merged, highs, rank, total)
     if thresholds is None:
         return None
-    settle(merged.delta, merged.held, tasks, thresholds, merged.votes, disjoint_mean)
-    for key, delta in merged.delta.items():
-        check_merged_finite(key, delta)
-    return merged.delta
-
-
-def banded_statistics(
-    pool: ModelPool, rank: int, workers: BlockWorkers, budget: int
-) -> tuple[list[float], int] | None:
-    """What a merge pass of TIES needs, found in one pass (the sample's bands, then
-    :class:`_BandedPass` keeping no δ, with at most ``budget`` held entries): each task's
-    exact threshold, the magnitude of 0-based ``rank`` (≥ 0), and the majority sign;
-    None where the bands do not settle them."""
-    tasks, total = len(pool.tasks), pool.num_merged_params
-    bands = sampled_bands(pool, rank, workers, budget / total)
-    if bands is None:
-        return None
-    lows, highs = bands
-    merged = _BandedPass(pool, lows, highs, False, workers, budget, keep_delta=False)
-    if merged.held is None:
-        return None
-    thresholds = _exact_thresholds(merged, highs, rank, total)
-    if thresholds is None:
-        return None
-    votes = merged.votes + held_votes(merged.held, tasks, thresholds)
-    return thresholds, (votes > 0) - (votes < 0)
+    settle(delta, merged.held, tasks, thresholds, merged.votes, disjoint_mean)
+    for key, values in delta.items():
+        check_merged_finite(key, values)
+    return delta

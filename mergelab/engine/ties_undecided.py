@@ -149,17 +149,16 @@ def held_votes(held: Sequence[Held], tasks: int, thresholds: Sequence[float]) ->
     return _merged_held(held, tasks, thresholds, PENDING, False)[1]
 
 
-def settle(
-    delta: Mapping[str, torch.Tensor],
+def settled(
     held: Sequence[Held],
     tasks: int,
     thresholds: Sequence[float],
     votes: int,
     disjoint_mean: bool,
-) -> int:
-    """With the exact thresholds: the held coordinates' votes added to ``votes`` (those of
-    every decided coordinate), and the held coordinates merged into ``delta`` under the
-    majority sign so elected, which is returned."""
+) -> tuple[int, list[torch.Tensor]]:
+    """With the exact thresholds: the majority sign, elected by ``votes`` (those of every
+    decided coordinate) and the held coordinates' votes, and each held part's merged
+    values under it."""
     # the votes do not depend on the majority: one call gives them and every value but
     # those of the coordinates waiting for it (NaN), which are merged again
     merged, their_votes = _merged_held(held, tasks, thresholds, PENDING, disjoint_mean)
@@ -173,6 +172,20 @@ def settle(
     again, _ = _merged_held(subsets, tasks, thresholds, majority, disjoint_mean)
     for (number, columns), values in zip(waiting, again, strict=True):
         merged[number][columns] = values
+    return majority, merged
+
+
+def settle(
+    delta: Mapping[str, torch.Tensor],
+    held: Sequence[Held],
+    tasks: int,
+    thresholds: Sequence[float],
+    votes: int,
+    disjoint_mean: bool,
+) -> int:
+    """:func:`settled`, the held coordinates' values put into ``delta``; returns the
+    majority sign."""
+    majority, merged = settled(held, tasks, thresholds, votes, disjoint_mean)
     for part, values in zip(held, merged, strict=True):
         # numpy's scatter: torch's index_put costs 0.1 ms a call whatever its size
         delta[part.key].view(-1).numpy()[part.index.numpy()] = values.numpy()

@@ -200,7 +200,8 @@ class ScaledMethod(MergeMethod):
         written on another thread meanwhile). By default δ is computed
         whole by :meth:`merged_task_vector` (memory: one model in float32); a method whose
         δ of a parameter depends on that parameter alone computes each as it is asked
-        for (memory: one parameter)."""
+        for (memory: one parameter); one that finds a model-wide statistic as it goes
+        yields :class:`~mergelab.engine.model_writing.ProvisionalDeltas` (TIES)."""
         yield self.merged_task_vector(pool, context, None, **setting).__getitem__
 
     def save_task_vectors(self, pool: ModelPool, context: MergeContext) -> None:
