@@ -23,6 +23,7 @@ from strategies import (
     assert_states_equal,
     families,
     make_family,
+    written_model,
 )
 
 from mergelab import (
@@ -34,13 +35,8 @@ from mergelab import (
     trust_region,
     trust_region_vector,
 )
-from mergelab.engine import trust_region as engine_trust_region
-from mergelab.engine.trust_region import (
-    gradient_checkpoints,
-    trust_region_parameter,
-    trust_region_threshold,
-)
-from mergelab.engine.workspace import BlockWorkers
+from mergelab.engine import trust_region_streamed
+from mergelab.engine.trust_region import gradient_checkpoints
 
 TIES_SHARES = st.one_of(st.none(), st.sampled_from([0.2, 0.5, 1.0, 0.01, 0.37]))
 LAMBDA_LISTS = st.one_of(
@@ -125,24 +121,24 @@ def test_trust_region_vector_matches_naive(family, q, with_gradients):
         assert kept <= rank
 
 
-@given(family=families(), q=QUANTILES, with_gradients=st.booleans(), two_pass=st.booleans())
-def test_trust_region_parameter_by_parameter_matches_naive(family, q, with_gradients, two_pass):
-    """The path that writes models to files: the threshold alone, then each parameter's δ;
-    the floor's one pass, or (patched to miss) the two-pass radix select."""
+@given(family=families(), q=QUANTILES, with_gradients=st.booleans(), missed=st.booleans())
+def test_trust_region_parameter_by_parameter_matches_naive(family, q, with_gradients, missed):
+    """The path that writes models to files (StreamedTrustRegion), as ``mergelab merge``
+    writes: the floor's one pass writing Σ τ, the coordinates the threshold drops set
+    back to θ0 in place; or, the floor patched above every Ω (the threshold then lies
+    below it), the two-pass radix select and the model written again."""
     gradients = family.gradients if with_gradients else None
     pool = ModelPool(family.pretrained, family.finetuned)
     opened = gradient_checkpoints(pool, gradients)
-    missed = mock.patch.object(engine_trust_region, "one_pass_trust_region", return_value=None)
-    with missed if two_pass else contextlib.nullcontext():
-        threshold = trust_region_threshold(pool, q, opened)
+    high = mock.patch.object(trust_region_streamed, "conflict_floor", return_value=math.inf)
+    with high if missed else contextlib.nullcontext():
+        streamed = trust_region_streamed.StreamedTrustRegion(pool, q, opened)
+        model = written_model(pool, streamed)
     delta, _, expected_threshold, _ = naive.trust_region_parts(
         family.pretrained, family.finetuned, q, gradients
     )
-    assert threshold == expected_threshold
-    with BlockWorkers() as workers:
-        for key in family.merged_keys:
-            merged = trust_region_parameter(pool, key, opened, threshold, workers)
-            assert torch.equal(merged, delta[key]), key
+    assert streamed.threshold == expected_threshold
+    assert_states_equal(model, naive.assemble(family.pretrained, delta, 1.0))
 
 
 @given(

@@ -5,7 +5,8 @@ threshold is the ⌊q·n⌋-th smallest Ω (0-based) over all n merged coordinat
 float32, found exactly without a sort: a sample of 1/16 of the blocks places a floor well
 below it (:func:`conflict_floor`); one pass then builds δ = Σ τ and stores only the
 coordinates with Ω above the floor, among which the threshold is selected and the dropped
-coordinates zeroed (:func:`one_pass_trust_region`). Should the floor turn out too high, or
+coordinates zeroed (:func:`one_pass_trust_region`; :class:`AboveFloor`, which
+:mod:`mergelab.engine.trust_region_streamed` shares). Should the floor turn out too high, or
 too many coordinates lie above it, a two-pass radix select over the models takes over
 (:func:`two_pass_trust_region`).
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from mergelab.engine.checkpoints import read_into
-from mergelab.engine.pool import ModelPool
+from mergelab.engine.pool import ModelPool, subtract_pretrained
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.workspace import BlockWorkers, Workspace
 from mergelab.errors import BadValue
@@ -35,11 +36,16 @@ def conflict_block(
     part: slice,
     workspace: Workspace,
     checked: bool = False,
+    theta0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(τ block, Ω in float32) of the flat slice ``part`` of one parameter; τ is a view of
     ``workspace``. In numpy, so that BlockWorkers threads can run blocks side by side.
-    ``checked``: an earlier pass found this block finite (its checks are skipped)."""
-    taus = pool.read_task_vectors(key, part, workspace)
+    ``checked``: an earlier pass found this block finite (its checks are skipped);
+    ``theta0``: filled with θ0's block, when given."""
+    models = pool.read_models(key, part, workspace)
+    if theta0 is not None:
+        np.copyto(theta0.numpy(), models[0].numpy())
+    taus = subtract_pretrained(models)
     scratch = workspace.get("scratch", taus.shape, taus.dtype)
     if gradients is None:
         omega = zero_shot_conflict(taus, scratch)
@@ -103,56 +109,92 @@ def conflict_floor(pool: ModelPool, gradients, q: float, workers: BlockWorkers) 
     return _select(values, min(quantile_rank(low, size), size - 1))
 
 
+# the coordinates stored above the floor, at most this share of a model's (about 3(1 − q)
+# lie there: :func:`conflict_floor`), or 2^20
+STORED_SHARE = 16
+
+
+class AboveFloor:
+    """The coordinates whose Ω is at or above a floor, parameter by parameter (their flat
+    positions and Ω, and θ0 there when given), up to 1/:data:`STORED_SHARE` of the
+    ``total`` (:attr:`full` beyond: none kept from then on); the threshold of a rank
+    among them."""
+
+    def __init__(self, floor: float, total: int):
+        self.floor, self.budget = floor, max(total // STORED_SHARE, 1 << 20)
+        self.count = 0
+        self.full = False
+        self._parts: dict[str, list[tuple[np.ndarray, ...]]] = {}
+
+    def find(self, omega: torch.Tensor, start: int, theta0: torch.Tensor | None = None):
+        """Of a block at flat offset ``start``: (positions, Ω, θ0 there or None)."""
+        above = np.flatnonzero(omega.numpy() >= self.floor)
+        there = None if theta0 is None else theta0.numpy()[above]
+        return above + start, omega.numpy()[above], there
+
+    def add(self, key: str, found: list[tuple]) -> None:
+        """A parameter's blocks' :meth:`find`, in order."""
+        self.count += sum(positions.size for positions, _, _ in found)
+        self.full = self.full or self.count > self.budget
+        if self.full:
+            self._parts = {}
+        else:
+            self._parts[key] = found
+
+    def threshold(self, rank: int, total: int) -> float | None:
+        """The ``rank``-th smallest Ω of ``total``, or None where it lies below the floor
+        (or too many lay above it)."""
+        below = total - self.count
+        if self.full or rank < below:
+            return None
+        omegas = [omega for parts in self._parts.values() for _, omega, _ in parts]
+        return _select(torch.from_numpy(np.concatenate(omegas)), rank - below)
+
+    def dropped(self, threshold: float) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Each parameter's coordinates that ``threshold`` drops: positions, θ0 there."""
+        out = {}
+        for key, parts in self._parts.items():
+            positions, omegas, theta0 = ([part[field] for part in parts] for field in range(3))
+            omega = torch.from_numpy(np.concatenate(omegas))
+            drop = ~trust_region_mask(omega, threshold).numpy()
+            there = None if theta0[0] is None else np.concatenate(theta0)[drop]
+            out[key] = np.concatenate(positions)[drop], there
+        return out
+
+
 def one_pass_trust_region(
     pool: ModelPool,
     gradients,
     rank: int,
     floor: float,
-    delta: StateDict | None,
+    delta: StateDict,
     workers: BlockWorkers,
 ) -> tuple[float, dict[str, int]] | None:
-    """δ (unless ``delta`` is None: the threshold alone) and the exact threshold from one
-    pass, or None if that needs a second one.
+    """δ and the exact threshold from one pass, or None if that needs a second one.
 
     Every coordinate with Ω ≥ ``floor`` is stored (index and Ω); all others are kept.
     When the wanted rank falls among the stored ones, they alone decide the threshold.
     """
     total = pool.num_merged_params
-    budget = max(total // 16, 1 << 20)
-    # preallocated (pages are touched only as filled): many small kept tensors between the
-    # per-block temporaries would fragment the heap
-    positions = torch.empty(budget, dtype=torch.int64)
-    omegas = torch.empty(budget, dtype=torch.float32)
-    ranges: dict[str, tuple[int, int]] = {}
-    count = 0
+    stored = AboveFloor(floor, total)
 
-    def merge_block(key: str, part: slice) -> tuple[np.ndarray, np.ndarray]:
+    def merge_block(key: str, part: slice) -> tuple:
         """δ of the block, and the positions and Ω of its coordinates at or above the floor."""
         taus, omega = conflict_block(pool, key, gradients, part, workers.workspace())
-        if delta is not None:
-            task_vector_sum(taus, out=delta[key].view(-1)[part])
-        above = np.flatnonzero(omega.numpy() >= floor)
-        return above + part.start, omega.numpy()[above]
+        task_vector_sum(taus, out=delta[key].view(-1)[part])
+        return stored.find(omega, part.start)
 
     for key in progress(pool.merged_keys, "trust region: merge"):
-        first = count
-        for index, values in workers.run(functools.partial(merge_block, key), pool.blocks(key)):
-            if count + index.size > budget:
-                return None
-            positions[count : count + index.size] = torch.from_numpy(index)
-            omegas[count : count + index.size] = torch.from_numpy(values)
-            count += index.size
-        ranges[key] = (first, count)
-    below = total - count
-    if rank < below:
+        stored.add(key, workers.run(functools.partial(merge_block, key), pool.blocks(key)))
+        if stored.full:
+            return None
+    threshold = stored.threshold(rank, total)
+    if threshold is None:
         return None
-    threshold = _select(omegas[:count], rank - below)
-    kept = {}
-    for key, (first, last) in ranges.items():
-        drop = positions[first:last][~trust_region_mask(omegas[first:last], threshold)]
-        if delta is not None:
-            delta[key].view(-1)[drop] = 0
-        kept[key] = pool.specs[key].numel - drop.numel()
+    kept = {key: pool.specs[key].numel for key in pool.merged_keys}
+    for key, (drop, _) in stored.dropped(threshold).items():
+        delta[key].view(-1)[torch.from_numpy(drop)] = 0
+        kept[key] -= drop.size
     return threshold, kept
 
 

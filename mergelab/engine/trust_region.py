@@ -108,28 +108,6 @@ def trust_region_vector(
     return result
 
 
-def trust_region_threshold(
-    pool: ModelPool, threshold_quantile: float, gradients: Mapping | None
-) -> float:
-    """The threshold of :func:`trust_region_vector` alone, without δ (which
-    :func:`trust_region_parameter` then builds one parameter at a time): a sample places
-    the floor, and one pass over the models stores only the coordinates above it; a
-    two-pass radix select should that miss. ``gradients``: as
-    :func:`gradient_checkpoints` opens them (None: zero-shot)."""
-    check_threshold_quantile(threshold_quantile)
-    pool.require_tasks(2, "trust-region merging")
-    total = pool.num_merged_params
-    rank = quantile_rank(threshold_quantile, total)
-    if rank >= total:
-        return math.inf
-    with BlockWorkers() as workers:
-        floor = conflict_floor(pool, gradients, threshold_quantile, workers)
-        found = one_pass_trust_region(pool, gradients, rank, floor, None, workers)
-    if found is None:
-        found = two_pass_trust_region(pool, gradients, rank, None, Workspace())
-    return found[0]
-
-
 def trust_region_parameter(
     pool: ModelPool, key: str, gradients: Mapping | None, threshold: float, workers: BlockWorkers
 ) -> torch.Tensor:

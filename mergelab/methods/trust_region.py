@@ -5,7 +5,6 @@ masked task vectors TIES-merged (TATR + TIES)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,11 +19,9 @@ from mergelab.engine.trust_region import (
     TrustRegionMask,
     check_threshold_quantile,
     gradient_checkpoints,
-    trust_region_parameter,
-    trust_region_threshold,
     trust_region_vector,
 )
-from mergelab.engine.workspace import BlockWorkers
+from mergelab.engine.trust_region_streamed import StreamedTrustRegion
 from mergelab.errors import MissingFile
 from mergelab.io.gradient_statistics import load_task_statistics
 from mergelab.merging.ties import check_keep_fraction
@@ -114,8 +111,8 @@ class TrustRegion(ScaledMethod):
     def parameter_deltas(
         self, pool: ModelPool, context: MergeContext, threshold_quantile: float | None = None
     ) -> Iterator[Callable[[str], torch.Tensor]]:
-        """Without TIES, the threshold first (one pass over the models, without δ), then
-        each parameter's δ as it is asked for: memory flat in the model's size."""
+        """Without TIES, each parameter's δ as it is asked for, the threshold found as the
+        model is written (:class:`StreamedTrustRegion`): memory flat in the model's size."""
         if self.ties is not None:
             with super().parameter_deltas(pool, context) as delta_of:
                 yield delta_of
@@ -125,13 +122,9 @@ class TrustRegion(ScaledMethod):
         if self.gradient_stats is not None:
             stats = load_task_statistics(self.gradient_stats, pool.tasks, pool.fingerprint())
             gradients = gradient_checkpoints(pool, stats)
-        threshold = trust_region_threshold(pool, quantile, gradients)
-        log.info("TATR at q=%g: threshold %.6g", quantile, threshold)
-        with BlockWorkers() as workers:
-            yield functools.partial(
-                trust_region_parameter,
-                pool,
-                gradients=gradients,
-                threshold=threshold,
-                workers=workers,
-            )
+        streamed = StreamedTrustRegion(pool, quantile, gradients)
+        try:
+            yield streamed
+        finally:
+            streamed.close()
+        log.info("TATR at q=%g: threshold %.6g", quantile, streamed.threshold)
