@@ -5,6 +5,7 @@ library and ``transformers`` themselves read and write."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from mergelab.engine.checkpoints import TensorSpec, tensor_spec
+from mergelab.engine.checkpoints import SafetensorsCheckpoint, TensorSpec, tensor_spec
 from mergelab.engine.model_files import (
     INDEX,
     ShardedCheckpoint,
@@ -241,3 +242,20 @@ def test_written_tensors_are_patched_in_place_and_a_restart_drops_them(tmp_path,
     assert {key: value.tolist() for key, value in written.items()} == {
         key: value.tolist() for key, value in expected.items()
     }
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_read_ahead_asks_for_the_bytes_of_the_elements_given(tmp_path, monkeypatch):
+    """The range asked of the operating system: elements [2, 5) of the second tensor, its
+    offset from the file's own header (8 bytes of length, the JSON, then the data)."""
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(3, dtype=torch.bfloat16), "b": torch.zeros(7)}, str(path))
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    start = json.loads(raw[8 : 8 + length])["b"]["data_offsets"][0]
+    asked = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: asked.append(args[1:]))
+    checkpoint = SafetensorsCheckpoint(path)
+    checkpoint.read_ahead("b", 2, 5)
+    assert asked[-1] == (8 + length + start + 2 * 4, 3 * 4, os.POSIX_FADV_WILLNEED)
+    checkpoint.close()

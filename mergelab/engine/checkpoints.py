@@ -81,6 +81,12 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
         """Read the flat elements [start, stop) of ``key`` into ``out`` (converted if the
         dtypes differ); all of it by default."""
 
+    def read_ahead(self, key: str, start: int, stop: int) -> None:
+        """Ask the operating system to start reading the flat elements [start, stop) of
+        ``key``, so that a later :meth:`read_into` finds them in memory: for reads
+        scattered over a file, which its sequential read-ahead does not foresee (nothing
+        where the storage takes no such request)."""
+
     def __getitem__(self, key: str) -> torch.Tensor:
         spec = self.spec(key)
         return self.read_into(key, empty(spec.shape, spec.dtype))
@@ -135,6 +141,12 @@ class SafetensorsCheckpoint(LazyCheckpoint):
             if hasattr(os, "posix_fadvise"):  # a merge reads each file front to back
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return self._fd
+
+    def read_ahead(self, key: str, start: int, stop: int) -> None:
+        if hasattr(os, "posix_fadvise"):
+            size = self.spec(key).dtype.itemsize
+            offset, length = self._offsets[key] + start * size, (stop - start) * size
+            os.posix_fadvise(self._descriptor(), offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self, _close=os.close) -> None:
         # os.close bound at definition: __del__ may run at interpreter exit, after the

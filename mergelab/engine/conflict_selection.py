@@ -104,7 +104,8 @@ def conflict_floor(pool: ModelPool, gradients, q: float, workers: BlockWorkers) 
         omega = conflict_block(pool, key, gradients, part, workers.workspace())[1]
         values.numpy()[where] = omega.numpy()  # numpy: torch's copy would start threads
 
-    workers.run(observe, sample)
+    with pool.reading_ahead([(key, part) for key, part, _ in sample]):
+        workers.run(observe, sample)
     low = max(0.0, 1 - 3 * (1 - q))
     return _select(values, min(quantile_rank(low, size), size - 1))
 

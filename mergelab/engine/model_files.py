@@ -92,6 +92,10 @@ class ShardedCheckpoint(LazyCheckpoint):
         self.spec(key)  # an unknown key: named with the folder
         return self._shard_of[key].read_into(key, out, start, stop)
 
+    def read_ahead(self, key: str, start: int, stop: int) -> None:
+        self.spec(key)
+        self._shard_of[key].read_ahead(key, start, stop)
+
     def close(self) -> None:
         for shard in self.shards:
             shard.close()

@@ -100,7 +100,8 @@ def _sample_counts(
         models = pool.read_models(key, part, workers.workspace())
         kernel(models.numpy(), totals.mine(), piece_counts[number])
 
-    workers.run(count, list(enumerate(pieces)))
+    with pool.reading_ahead(pieces):
+        workers.run(count, list(enumerate(pieces)))
     return totals.parts(), piece_counts
 
 
