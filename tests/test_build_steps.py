@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -99,6 +100,22 @@ def test_a_failing_step_ends_the_build_and_names_the_failure(tmp_path):
     assert "tuned" not in {name for _, name in _events(log)}
     with pytest.raises(ValueError, match="the data step failed"):  # one process: as raised
         run_steps(steps, tmp_path, 1)
+
+
+def test_a_failing_step_stops_the_others_when_the_shell_ignores_sigint(tmp_path):
+    """As in a build started in the background (a shell ignores SIGINT in such jobs, and
+    its children inherit that): the waiting worker is still stopped."""
+    log = tmp_path / "log"
+    steps = [Step("data", _failing), Step("model", _recording("model", log))]
+    steps += [Step("tuned", _recording("tuned", log), ("data", "model"))]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"a worker .* failed \(exit status 1\)"):
+            run_steps(steps, tmp_path, 2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 30
 
 
 def test_workers_are_one_per_core_at_most_one_per_step_side_by_side(tmp_path, monkeypatch):

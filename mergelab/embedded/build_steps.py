@@ -114,6 +114,10 @@ def _first_failure(processes) -> int:
 
 
 def _worker(steps: Sequence[Step], markers: Path, staging: Path) -> None:
+    # the build process stops a waiting worker with SIGINT, which a shell ignores in the
+    # jobs it starts in the background (``nohup mergelab embedded &``): the worker would
+    # wait for a failed step forever
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _take_steps(steps, markers, staging)
     except KeyboardInterrupt:
