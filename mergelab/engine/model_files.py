@@ -277,7 +277,9 @@ class ShardedWriter(AtomicWriter):
         """Overwrite elements of a tensor already written (see
         :meth:`SafetensorsWriter.patch`)."""
         number = self._shard_of.get(key)
-        if number is None or number >= len(self._shards):
+        if number is None:
+            raise MissingKey(f"{self.folder}: {key!r} patched, but it was never declared")
+        if number >= len(self._shards):
             raise MissingKey(f"{self.folder}: {key!r} patched before it was written")
         self._shards[number].patch(key, positions, values)
 

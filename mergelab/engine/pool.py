@@ -111,7 +111,7 @@ class ModelPool:
         operating system ahead of use, on a thread of its own while the block inside
         reads them: a sample scattered over the files, which their sequential read-ahead
         does not foresee (1.5 G parameters, 8 tasks, from storage: TIES's sample 7.3 s →
-        4.3 s; scripts/bench_model_merge.py)."""
+        4.7 s; scripts/bench_model_merge.py)."""
         sources = [self.pretrained, *self.finetuned.values()]
         lazy = [source for source in sources if isinstance(source, LazyCheckpoint)]
 
