@@ -192,14 +192,18 @@ def sampled_bands(
 class BandedPass:
     """The one pass, parameter by parameter (:meth:`merge`): each coordinate with no entry
     inside its task's band merged, the others set aside (:attr:`held`, the entries at or
-    above their band's low, with θ0 there in :attr:`theta0`; None once they exceed
+    above their band's low, and with ``keep_theta0`` θ0 there in :attr:`theta0`, for a
+    model written before they are settled; None once they exceed
     ``budget`` entries, when no more are kept), their δ 0 until settled; the decided
     coordinates' votes and sign ties (a sum of exactly 0, decided by ``majority``:
     PENDING sets them aside too), and each task's count of entries at and strictly above
     its band's top (:attr:`kept`)."""
 
-    def __init__(self, pool, lows, highs, disjoint_mean, workers, budget, majority):
+    def __init__(
+        self, pool, lows, highs, disjoint_mean, workers, budget, majority, keep_theta0=False
+    ):
         self.pool, self._workers, self._budget = pool, workers, budget
+        self._keep_theta0 = keep_theta0
         self._limits = [np.asarray(values, dtype=np.float32) for values in (highs, lows)]
         self._rule = majority, disjoint_mean
         self._kept = ThreadTotals(np.zeros((2, len(pool.tasks)), np.int64))
@@ -216,7 +220,8 @@ class BandedPass:
             self.votes, self.ties = self.votes + votes, self.ties + ties
             if held is not None and self.held is not None:
                 self.held.append(held)
-                self.theta0.append(theta0)
+                if theta0 is not None:
+                    self.theta0.append(theta0)
                 self._entries += held.values.numel()
         if self._entries > self._budget:
             self.held, self.theta0 = None, []
@@ -252,7 +257,7 @@ class BandedPass:
         held = [
             torch.from_numpy(array[:n].copy()) for array, n in zip(buffers, lengths, strict=True)
         ]
-        theta0 = torch.from_numpy(rows[0, buffers[0][:columns]])
+        theta0 = torch.from_numpy(rows[0, buffers[0][:columns]]) if self._keep_theta0 else None
         return votes, ties, Held(key, held[0] + part.start, *held[1:]), theta0
 
 

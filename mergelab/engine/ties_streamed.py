@@ -116,7 +116,13 @@ class StreamedTies(ProvisionalDeltas):
             else:
                 self._highs = bands[1]
                 self._pass = BandedPass(
-                    pool, *bands, disjoint_mean, self._workers, self._budget, majority=1
+                    pool,
+                    *bands,
+                    disjoint_mean,
+                    self._workers,
+                    self._budget,
+                    majority=1,
+                    keep_theta0=True,
                 )
         except BaseException:
             self.close()
