@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mergelab.engine.workspace import sparse_zeros
 from mergelab.merging.quantile import (
     COARSE_BUCKETS,
     MAGNITUDE_BUCKETS,
@@ -133,12 +134,14 @@ def test_rank_bucket_count_below_and_the_sample_kernel_match_a_sort(magnitudes, 
     )
     models = np.stack([base, np.array(magnitudes, np.float32) * np.array(signs, np.float32)])
     threads = data.draw(st.integers(1, 3), label="threads")
-    counts = [np.zeros((1, MAGNITUDE_BUCKETS), np.int32) for _ in range(threads)]
-    coarse = np.zeros((1, COARSE_BUCKETS), np.int32)
+    counts = [sparse_zeros((1, MAGNITUDE_BUCKETS), np.int32) for _ in range(threads)]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(magnitudes)), max_size=3), label="cuts"))
-    for number, (start, stop) in enumerate(itertools.pairwise([0, *cuts, len(magnitudes)])):
+    edges = list(itertools.pairwise([0, *cuts, len(magnitudes)]))
+    piece_counts = sparse_zeros((1, COARSE_BUCKETS, len(edges)), np.int32)
+    for number, (start, stop) in enumerate(edges):
         piece = np.ascontiguousarray(models[:, start:stop])
-        add_piece_magnitude_counts(piece, counts[number % threads], coarse)
+        add_piece_magnitude_counts(piece, counts[number % threads], piece_counts, number)
+    coarse = piece_counts.sum(2)
     rank = data.draw(st.integers(0, len(magnitudes) - 1), label="rank")
     value = sorted(magnitudes)[rank]
     bucket = rank_bucket(coarse[0], [part[0] for part in counts], rank)
@@ -148,4 +151,6 @@ def test_rank_bucket_count_below_and_the_sample_kernel_match_a_sort(magnitudes, 
         below = count_below(coarse[0], [part[0] for part in counts], edge)
         assert below == int((fine < edge).sum())
     bits = np.array(magnitudes, np.float32).view(np.int32)
-    assert coarse[0].tolist() == np.bincount(bits >> 21, minlength=COARSE_BUCKETS).tolist()
+    for number, (start, stop) in enumerate(edges):
+        expected = np.bincount(bits[start:stop] >> 21, minlength=COARSE_BUCKETS)
+        assert piece_counts[0, :, number].tolist() == expected.tolist()

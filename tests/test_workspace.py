@@ -1,6 +1,8 @@
 """mergelab.engine.workspace: empty keeps torch.empty's contract; BlockWorkers keep the caller's
 autograd mode."""
 
+import resource
+
 import naive
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from safetensors.torch import load, save
 from strategies import assert_states_equal, make_family
 
 from mergelab import ModelPool, TallMasks
-from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
+from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty, sparse_zeros
 
 DTYPES = [
     torch.float32,
@@ -39,6 +41,32 @@ def test_empty_is_an_own_writable_tensor_of_the_shape_and_dtype(dtype, shape):
     if dtype != torch.complex128:  # (safetensors has no complex128)
         # safetensors refuses to save tensors that share memory
         assert torch.equal(load(save({"a": first, "b": second}))["a"], values)
+
+
+@given(
+    shape=st.lists(st.integers(0, 5), max_size=3).map(tuple),
+    dtype=st.sampled_from([np.int32, np.int64, np.float32, np.uint8]),
+)
+def test_sparse_zeros_are_own_writable_zeros_of_the_shape_and_dtype(shape, dtype):
+    first, second = sparse_zeros(shape, dtype), sparse_zeros(shape, dtype)
+    for array in (first, second):
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
+        assert not array.any()
+    first[...] = 7
+    assert not second.any()  # no memory shared
+    assert (first == 7).all()
+
+
+def test_sparse_zeros_map_only_the_pages_written():
+    """Scattered writes into a large count array fault in only their own 4 KiB pages (the
+    point of sparse_zeros: np.zeros asks for huge pages, each first write then maps 2 MiB)."""
+    pages = 1 << 12  # 16 MiB of int32
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    counts = sparse_zeros((pages, 1024), np.int32)
+    counts[::64, 3] += 1  # 64 pages written
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert int(counts.sum()) == 64
+    assert 64 <= faults < 1000  # huge pages: a fault per 2 MiB, but 8 MiB more RSS
 
 
 @given(items=st.lists(st.integers(0, 4), max_size=40), threads=st.integers(1, 3))

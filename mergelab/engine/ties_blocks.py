@@ -45,7 +45,7 @@ from mergelab.engine.parameterwise import check_merged_finite
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.ties_undecided import Held, in_ranges, settle
-from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
+from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty, sparse_zeros
 from mergelab.merging.compiled import kernels
 from mergelab.merging.quantile import (
     COARSE_BUCKETS,
@@ -88,18 +88,18 @@ def _sample_counts(
     pool: ModelPool, pieces: list[tuple[str, slice]], workers: BlockWorkers
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """The sample's float32 |τ| counted from the models' rows on the block threads: per
-    task and bucket [T, 2^20], one array per thread (zeroed lazily: only the pages the
-    magnitudes fall in are mapped), and per piece, task and coarse bucket [pieces, T,
-    2^10]."""
+    task and bucket [T, 2^20], one array per thread, and per task, coarse bucket and
+    piece [T, 2^10, pieces]; both :func:`sparse_zeros`: only the pages the magnitudes
+    fall in are mapped."""
     tasks = len(pool.tasks)
-    totals = ThreadTotals(np.zeros((tasks, MAGNITUDE_BUCKETS), np.int32))  # a sample < 2^31
-    piece_counts = np.zeros((len(pieces), tasks, COARSE_BUCKETS), dtype=np.int32)
+    totals = ThreadTotals(sparse_zeros((tasks, MAGNITUDE_BUCKETS), np.int32))  # a sample < 2^31
+    piece_counts = sparse_zeros((tasks, COARSE_BUCKETS, len(pieces)), np.int32)
     kernel = kernels("ties_kernels").add_piece_magnitude_counts
 
     def count(item: tuple[int, tuple[str, slice]]) -> None:
         number, (key, part) = item
         models = pool.read_models(key, part, workers.workspace())
-        kernel(models.numpy(), totals.mine(), piece_counts[number])
+        kernel(models.numpy(), totals.mine(), piece_counts, number)
 
     with pool.reading_ahead(pieces):
         workers.run(count, list(enumerate(pieces)))
@@ -148,7 +148,7 @@ def sampled_bands(
     if BAND_ERRORS * binomial > WIDEST_BAND:
         return None
     counts, piece_counts = _sample_counts(pool, pieces, workers)
-    coarse_counts = piece_counts.sum(0, dtype=np.int64)
+    coarse_counts = piece_counts.sum(2, dtype=np.int64)
 
     def bucket(task: int, rank: int) -> int:
         rank = min(size - 1, max(0, rank))
@@ -161,8 +161,9 @@ def sampled_bands(
     margins = []
     for task in range(len(pool.tasks)):
         coarse = bucket(task, math.floor(share * size)) >> COARSE_SHIFT
-        below = piece_counts[:, task, : coarse + 1].cumsum(1)[:, -2:]
-        below = below if coarse else np.hstack([np.zeros_like(below), below])
+        # each piece's count below the coarse bucket's edges
+        under = piece_counts[task, :coarse].sum(0, dtype=np.int64)
+        below = np.stack([under, under + piece_counts[task, coarse]], axis=1)
         error = _stratified_error(below, lengths, strata).max() / size
         margins.append(BAND_ERRORS * max(error, binomial) + 1 / size)
     if max(margins) > WIDEST_BAND:

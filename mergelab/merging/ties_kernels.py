@@ -61,18 +61,22 @@ def add_model_magnitude_counts(models, counts):
 
 
 @numba.njit(
-    [f"void({dtype}[:, ::1], int32[:, ::1], int32[:, ::1])" for dtype in ("float32", "float64")],
+    [
+        f"void({dtype}[:, ::1], int32[:, ::1], int32[:, :, ::1], int64)"
+        for dtype in ("float32", "float64")
+    ],
     cache=True,
     nogil=True,
 )
-def add_piece_magnitude_counts(models, counts, piece_counts):
+def add_piece_magnitude_counts(models, counts, piece_counts, piece):
     """:func:`add_model_magnitude_counts` into ``counts`` [T, 2^20], and into
-    ``piece_counts`` [T, 2^10] the piece's own counts per coarse bucket (4 an octave:
-    :data:`~mergelab.merging.quantile.COARSE_LOW_BITS`)."""
+    ``piece_counts[:, :, piece]`` ([T, 2^10, pieces]) the piece's own counts per coarse
+    bucket (4 an octave: :data:`~mergelab.merging.quantile.COARSE_LOW_BITS`). Pieces side
+    by side: the few coarse buckets a task's magnitudes fall in share their pages."""
     sources, size = models.shape
     base = models[0]
     for t in range(1, sources):
-        row, histogram, coarse = models[t], counts[t - 1], piece_counts[t - 1]
+        row, histogram, coarse = models[t], counts[t - 1], piece_counts[t - 1, :, piece]
         for i in range(size):
             magnitude = np.float32(abs(row[i] - base[i])).view(np.uint32)
             histogram[magnitude >> MAGNITUDE_LOW_BITS] += 1
