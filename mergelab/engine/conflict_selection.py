@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from mergelab.engine.checkpoints import read_into
+from mergelab.engine.model_writing import bfloat16_bits
 from mergelab.engine.pool import ModelPool, subtract_pretrained
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.workspace import BlockWorkers, Workspace
 from mergelab.errors import BadValue
+from mergelab.merging.compiled import kernels
 from mergelab.merging.quantile import RadixSelect, quantile_rank
 from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.trust_region import conflict, trust_region_mask, zero_shot_conflict
@@ -35,17 +37,29 @@ def conflict_block(
     gradients,
     part: slice,
     workspace: Workspace,
+    delta: np.ndarray | None = None,
     checked: bool = False,
-    theta0: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(τ block, Ω in float32) of the flat slice ``part`` of one parameter; τ is a view of
-    ``workspace``. In numpy, so that BlockWorkers threads can run blocks side by side.
-    ``checked``: an earlier pass found this block finite (its checks are skipped);
-    ``theta0``: filled with θ0's block, when given."""
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(Ω in float32, θ0's block) of the flat slice ``part`` of one parameter, both views
+    of ``workspace``; δ = Σ τ into ``delta`` when given. θ0 is as the models store it
+    where that is bfloat16 (its bits, uint16: :func:`widened_theta0` widens them), else
+    in the compute dtype. Zero-shot blocks in float32 or bfloat16 take one compiled pass
+    (:mod:`mergelab.merging.trust_region_kernels`), others numpy, so that BlockWorkers
+    threads can run blocks side by side. ``checked``: an earlier pass found this block
+    finite (its checks are skipped)."""
+    if gradients is None and pool.specs[key].dtype == torch.bfloat16:
+        models = bfloat16_bits(pool.read_stored_models(key, part, workspace))
+        omega = _zero_shot_block(models, workspace, delta, "zero_shot_conflict_and_sum_bfloat16")
+        if not checked:
+            pool.check_finite_summary(key, part, omega, workspace)
+        return omega, models[0]
     models = pool.read_models(key, part, workspace)
-    if theta0 is not None:
-        np.copyto(theta0.numpy(), models[0].numpy())
-    taus = subtract_pretrained(models)
+    if gradients is None and models.dtype == torch.float32:
+        omega = _zero_shot_block(models.numpy(), workspace, delta, "zero_shot_conflict_and_sum")
+        if not checked:
+            pool.check_finite_from_models(key, models, omega, True)
+        return omega, models[0].numpy()
+    taus = subtract_pretrained(models)  # θ0's row stays
     scratch = workspace.get("scratch", taus.shape, taus.dtype)
     if gradients is None:
         omega = zero_shot_conflict(taus, scratch)
@@ -62,15 +76,39 @@ def conflict_block(
     omega = torch.from_numpy(omega.numpy().astype(np.float32, copy=False))
     if not checked:
         pool.check_finite(key, taus, omega)
-    return taus, omega
+    if delta is not None:
+        task_vector_sum(taus, out=torch.from_numpy(delta))
+    return omega, models[0].numpy()
+
+
+def _zero_shot_block(
+    models: np.ndarray, workspace: Workspace, delta: np.ndarray | None, kernel: str
+) -> torch.Tensor:
+    """Ω (a view of ``workspace``) and δ (into ``delta``, or scratch) by a compiled kernel."""
+    size = models.shape[1]
+    omega = workspace.get("omega", (size,), torch.float32)
+    if delta is None:
+        delta = workspace.get("delta", (size,), torch.float32).numpy()
+    getattr(kernels("trust_region_kernels"), kernel)(models, omega.numpy(), delta)
+    return omega
+
+
+def widened_theta0(theta0: np.ndarray) -> np.ndarray:
+    """θ0's values from :func:`conflict_block`'s θ0 (or a gather of it) in the compute
+    dtype: bfloat16 bits widened to float32, anything else as it is."""
+    if theta0.dtype != np.uint16:
+        return theta0
+    return (theta0.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def _conflict_chunks(
-    pool: ModelPool, key: str, gradients, workspace: Workspace
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """(flat slice, τ block, Ω in float32) over one parameter, block by block."""
+    pool: ModelPool, key: str, gradients, workspace: Workspace, delta: torch.Tensor | None = None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(flat slice, Ω in float32) over one parameter, block by block; δ = Σ τ into the
+    flat ``delta`` when given."""
     for part in pool.blocks(key):
-        yield part, *conflict_block(pool, key, gradients, part, workspace)
+        block = None if delta is None else delta[part].numpy()
+        yield part, conflict_block(pool, key, gradients, part, workspace, block)[0]
 
 
 def _select(values: torch.Tensor, rank: int) -> float:
@@ -101,7 +139,7 @@ def conflict_floor(pool: ModelPool, gradients, q: float, workers: BlockWorkers) 
 
     def observe(item: tuple[str, slice, slice]) -> None:
         key, part, where = item
-        omega = conflict_block(pool, key, gradients, part, workers.workspace())[1]
+        omega = conflict_block(pool, key, gradients, part, workers.workspace())[0]
         values.numpy()[where] = omega.numpy()  # numpy: torch's copy would start threads
 
     with pool.reading_ahead([(key, part) for key, part, _ in sample]):
@@ -127,10 +165,10 @@ class AboveFloor:
         self.full = False
         self._parts: dict[str, list[tuple[np.ndarray, ...]]] = {}
 
-    def find(self, omega: torch.Tensor, start: int, theta0: torch.Tensor | None = None):
+    def find(self, omega: torch.Tensor, start: int, theta0: np.ndarray | None = None):
         """Of a block at flat offset ``start``: (positions, Ω, θ0 there or None)."""
         above = np.flatnonzero(omega.numpy() >= self.floor)
-        there = None if theta0 is None else theta0.numpy()[above]
+        there = None if theta0 is None else theta0[above]
         return above + start, omega.numpy()[above], there
 
     def add(self, key: str, found: list[tuple]) -> None:
@@ -181,8 +219,8 @@ def one_pass_trust_region(
 
     def merge_block(key: str, part: slice) -> tuple:
         """δ of the block, and the positions and Ω of its coordinates at or above the floor."""
-        taus, omega = conflict_block(pool, key, gradients, part, workers.workspace())
-        task_vector_sum(taus, out=delta[key].view(-1)[part])
+        block = delta[key].view(-1)[part].numpy()
+        omega = conflict_block(pool, key, gradients, part, workers.workspace(), block)[0]
         return stored.find(omega, part.start)
 
     for key in progress(pool.merged_keys, "trust region: merge"):
@@ -210,12 +248,12 @@ def two_pass_trust_region(
     total = pool.num_merged_params
     select = RadixSelect(rank, total)
     for key in progress(pool.merged_keys, "trust region: conflicts"):
-        for _, _, omega in _conflict_chunks(pool, key, gradients, workspace):
+        for _, omega in _conflict_chunks(pool, key, gradients, workspace):
             select.observe(omega)
     select.next_pass()
     if delta is None:
         for key in progress(pool.merged_keys, "trust region: threshold"):
-            for _, _, omega in _conflict_chunks(pool, key, gradients, workspace):
+            for _, omega in _conflict_chunks(pool, key, gradients, workspace):
                 select.observe(omega)
         return select.value, {}
     kept: dict[str, int] = {}
@@ -225,10 +263,9 @@ def two_pass_trust_region(
     for key in progress(pool.merged_keys, "trust region: merge"):
         flat = delta[key].view(-1)
         kept[key] = 0
-        for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
+        for part, omega in _conflict_chunks(pool, key, gradients, workspace, flat):
             buckets = select.observe(omega)
-            block = task_vector_sum(taus, out=flat[part])
-            block.masked_fill_(buckets > select.bucket, 0)
+            flat[part].masked_fill_(buckets > select.bucket, 0)
             kept[key] += int((buckets < select.bucket).sum())
             inside = (buckets == select.bucket).nonzero().squeeze(1)
             if inside.numel() and key not in revisit and budget >= inside.numel():
@@ -240,9 +277,9 @@ def two_pass_trust_region(
     for key in revisit:
         undecided.pop(key, None)
         flat, kept[key] = delta[key].view(-1), 0
-        for part, taus, omega in _conflict_chunks(pool, key, gradients, workspace):
+        for part, omega in _conflict_chunks(pool, key, gradients, workspace, flat):
             keep = trust_region_mask(omega, threshold)
-            task_vector_sum(taus, out=flat[part]).masked_fill_(~keep, 0)
+            flat[part].masked_fill_(~keep, 0)
             kept[key] += int(keep.sum())
     for key, parts in undecided.items():
         for index, omega in parts:

@@ -22,7 +22,6 @@ from mergelab.engine.task_arithmetic import task_arithmetic_vector
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.errors import BadValue
 from mergelab.merging.quantile import quantile_rank
-from mergelab.merging.task_arithmetic import task_vector_sum
 from mergelab.merging.trust_region import trust_region_mask
 
 log = logging.getLogger(__name__)
@@ -117,8 +116,9 @@ def trust_region_parameter(
     checked = math.isfinite(threshold)
 
     def merge_block(part: slice) -> None:
-        taus, omega = conflict_block(pool, key, gradients, part, workers.workspace(), checked)
-        block = task_vector_sum(taus, out=delta[part]).numpy()
+        block = delta[part].numpy()
+        workspace = workers.workspace()
+        omega = conflict_block(pool, key, gradients, part, workspace, block, checked)[0]
         block[~trust_region_mask(omega, threshold).numpy()] = 0  # numpy: no torch threads
 
     workers.run(merge_block, pool.blocks(key))
@@ -140,7 +140,7 @@ class TrustRegionMask:
     def __call__(self, key: str, task_vectors: torch.Tensor) -> torch.Tensor:
         spec = self.pool.specs[key]
         whole = slice(0, spec.numel)
-        omega = conflict_block(self.pool, key, self.gradients, whole, self._workspace)[1]
+        omega = conflict_block(self.pool, key, self.gradients, whole, self._workspace)[0]
         keep = trust_region_mask(omega, self.threshold).view(spec.shape)
         return task_vectors * keep.to(task_vectors.device, task_vectors.dtype)
 

@@ -13,13 +13,13 @@ from mergelab.engine.conflict_selection import (
     conflict_block,
     conflict_floor,
     two_pass_trust_region,
+    widened_theta0,
 )
 from mergelab.engine.model_writing import Patch, ProvisionalDeltas
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.trust_region import check_threshold_quantile, trust_region_parameter
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty
 from mergelab.merging.quantile import quantile_rank
-from mergelab.merging.task_arithmetic import task_vector_sum
 
 
 class StreamedTrustRegion(ProvisionalDeltas):
@@ -65,9 +65,8 @@ class StreamedTrustRegion(ProvisionalDeltas):
 
         def merge_block(part: slice) -> tuple:
             workspace = self._workers.workspace()
-            theta0 = workspace.get("theta0", (part.stop - part.start,), dtype)
-            taus, omega = conflict_block(pool, key, self.gradients, part, workspace, theta0=theta0)
-            task_vector_sum(taus, out=delta[part])
+            block = delta[part].numpy()
+            omega, theta0 = conflict_block(pool, key, self.gradients, part, workspace, block)
             return stored.find(omega, part.start, theta0)
 
         stored.add(key, self._workers.run(merge_block, pool.blocks(key)))
@@ -89,5 +88,5 @@ class StreamedTrustRegion(ProvisionalDeltas):
         for key, (positions, theta0) in stored.dropped(threshold).items():
             if positions.size:
                 zeros = torch.zeros(positions.size, dtype=self.pool.compute_dtype(key))
-                patches[key] = Patch(positions, torch.from_numpy(theta0), zeros)
+                patches[key] = Patch(positions, torch.from_numpy(widened_theta0(theta0)), zeros)
         return patches

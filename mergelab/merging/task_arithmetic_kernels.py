@@ -10,7 +10,7 @@ import numpy as np
 
 
 @numba.njit(inline="always")
-def _widened(bits):
+def widened(bits):
     """A bfloat16's float32 value from its 16 bits: the upper half of a float32."""
     return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
 
@@ -24,11 +24,11 @@ def sum_bfloat16_task_vectors(models, out):
     sources, size = models.shape
     base, first = models[0], models[1]
     for j in range(size):
-        out[j] = _widened(first[j]) - _widened(base[j])
+        out[j] = widened(first[j]) - widened(base[j])
     for t in range(2, sources):
         row = models[t]
         for j in range(size):
-            out[j] += _widened(row[j]) - _widened(base[j])
+            out[j] += widened(row[j]) - widened(base[j])
 
 
 @numba.njit(["boolean(uint16[::1], float32[::1], float32, uint16[::1])"], cache=True, nogil=True)
@@ -41,7 +41,7 @@ def add_scaled_to_bfloat16(base, delta, factor, out):
     finite = True
     for j in range(base.shape[0]):
         scaled = delta[j] * factor
-        bits = np.float32(scaled + _widened(base[j])).view(np.uint32)
+        bits = np.float32(scaled + widened(base[j])).view(np.uint32)
         rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> 16
         out[j] = np.uint16(rounded)
         finite &= (rounded & np.uint32(0x7F80)) != np.uint32(0x7F80)
