@@ -1,8 +1,8 @@
-"""Zero-shot TATR's kernels (merging/trust_region_kernels.py) against a transcription they
-must equal bit for bit: τt = float32(θt) − float32(θ0); Ω = max((Σt |τt|)² − Σt τt², 0)
-and δ = Σt τt, each sum taken task by task from the first task's value, every operation
-rounded in float32; and zero-shot TATR over bfloat16 models, end to end, against the
-naive double loop."""
+"""Zero-shot TATR's bfloat16 kernel (merging/trust_region_kernels.py) against a
+transcription it must equal bit for bit: τt = float32(θt) − float32(θ0); Ω = max((Σt
+|τt|)² − Σt τt², 0) and δ = Σt τt, each sum taken task by task from the first task's
+value, every operation rounded in float32; and zero-shot TATR over bfloat16 and float32
+models, end to end, against the naive double loop."""
 
 from __future__ import annotations
 
@@ -21,10 +21,7 @@ from strategies import assert_states_equal, families, written_model
 from mergelab import ModelPool
 from mergelab.engine import trust_region_streamed
 from mergelab.engine.trust_region import trust_region_vector
-from mergelab.merging.trust_region_kernels import (
-    zero_shot_conflict_and_sum,
-    zero_shot_conflict_and_sum_bfloat16,
-)
+from mergelab.merging.trust_region_kernels import zero_shot_conflict_and_sum_bfloat16
 
 VALUES = st.one_of(
     st.floats(-1e3, 1e3, width=32),
@@ -55,21 +52,18 @@ def _assert_same_bits(got: np.ndarray, expected: torch.Tensor) -> None:
     assert np.array_equal(got[same].view(np.uint32), expected[same].view(np.uint32))
 
 
-@given(data=st.data(), tasks=st.integers(1, 5), size=st.integers(1, 2100))
-def test_zero_shot_kernels_equal_the_float32_transcription(data, tasks, size):
-    """Widths over the kernels' 1024 columns at a time; float32 rows and bfloat16 bits."""
-    values = st.lists(VALUES, min_size=size, max_size=size)
-    models = torch.tensor([data.draw(values) for _ in range(tasks + 1)], dtype=torch.float32)
-    omega, delta = np.empty(size, np.float32), np.empty(size, np.float32)
-    zero_shot_conflict_and_sum(models.numpy(), omega, delta)
-    expected_omega, expected_delta = _transcription(models)
-    _assert_same_bits(omega, expected_omega)
-    _assert_same_bits(delta, expected_delta)
+def _bits(models: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(models.bfloat16().view(torch.int16).numpy().view(np.uint16))
 
-    stored = models.bfloat16()
-    bits = stored.view(torch.int16).numpy().view(np.uint16)
-    zero_shot_conflict_and_sum_bfloat16(np.ascontiguousarray(bits), omega, delta)
-    expected_omega, expected_delta = _transcription(stored.float())
+
+@given(data=st.data(), tasks=st.integers(1, 5), size=st.integers(1, 2100))
+def test_the_bfloat16_kernel_equals_the_float32_transcription(data, tasks, size):
+    """Widths over the kernel's 1024 columns at a time."""
+    values = st.lists(VALUES, min_size=size, max_size=size)
+    models = torch.tensor([data.draw(values) for _ in range(tasks + 1)]).bfloat16()
+    omega, delta = np.empty(size, np.float32), np.empty(size, np.float32)
+    zero_shot_conflict_and_sum_bfloat16(_bits(models), omega, delta)
+    expected_omega, expected_delta = _transcription(models.float())
     _assert_same_bits(omega, expected_omega)
     _assert_same_bits(delta, expected_delta)
 
@@ -77,9 +71,9 @@ def test_zero_shot_kernels_equal_the_float32_transcription(data, tasks, size):
 def test_a_hand_worked_block():
     """θ0 = 0, τ1 = (1, −2, 0), τ2 = (3, 2, −0): Ω = (|1|+|3|)² − (1+9) = 6, (2+2)² − 8 = 8
     and 0; δ = (4, 0, +0)."""
-    models = np.array([[0, 0, 0], [1, -2, 0], [3, 2, -0.0]], np.float32)
+    models = torch.tensor([[0, 0, 0], [1, -2, 0], [3, 2, -0.0]])
     omega, delta = np.empty(3, np.float32), np.empty(3, np.float32)
-    zero_shot_conflict_and_sum(models, omega, delta)
+    zero_shot_conflict_and_sum_bfloat16(_bits(models), omega, delta)
     assert omega.tolist() == [6, 8, 0] and delta.tolist() == [4, 0, 0]
 
 
@@ -93,10 +87,9 @@ def _stored(model: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, tor
 @given(family=families(), q=st.sampled_from([0.99, 0.9, 0.5, 0.1]), missed=st.booleans())
 def test_zero_shot_tatr_over_stored_models_equals_the_naive_double_loop(dtype, family, q, missed):
     """Integer-valued models (exact in bfloat16 and in every sum), stored as ``dtype``, in
-    several of the engine's blocks: bfloat16 takes the bits kernel, float32 the float32
-    one. In memory, and written as ``mergelab merge`` writes (θ0 put back from its stored
-    bits where the threshold drops a coordinate; or, the floor above every Ω, written
-    again)."""
+    several of the engine's blocks: bfloat16 takes the kernel, float32 numpy. In memory,
+    and written as ``mergelab merge`` writes (θ0 put back from its stored bits where the
+    threshold drops a coordinate; or, the floor above every Ω, written again)."""
     pretrained = _stored(family.pretrained, dtype)
     finetuned = {task: _stored(model, dtype) for task, model in family.finetuned.items()}
     delta, _, threshold, _ = naive.trust_region_parts(family.pretrained, family.finetuned, q)

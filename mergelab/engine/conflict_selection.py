@@ -40,25 +40,25 @@ def conflict_block(
     delta: np.ndarray | None = None,
     checked: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """(Ω in float32, θ0's block) of the flat slice ``part`` of one parameter, both views
-    of ``workspace``; δ = Σ τ into ``delta`` when given. θ0 is as the models store it
-    where that is bfloat16 (its bits, uint16: :func:`widened_theta0` widens them), else
-    in the compute dtype. Zero-shot blocks in float32 or bfloat16 take one compiled pass
-    (:mod:`mergelab.merging.trust_region_kernels`), others numpy, so that BlockWorkers
-    threads can run blocks side by side. ``checked``: an earlier pass found this block
-    finite (its checks are skipped)."""
+    """(Ω in float32, θ0's block) of the flat slice ``part`` of one parameter, valid
+    until ``workspace``'s next use; δ = Σ τ into ``delta`` when given. θ0 is as the
+    models store it where that is bfloat16 (its bits, uint16: :func:`widened_theta0`
+    widens them), else in the compute dtype. Zero-shot bfloat16 blocks take one compiled
+    pass (:mod:`mergelab.merging.trust_region_kernels`), others numpy; neither starts
+    threads, so that BlockWorkers threads can run blocks side by side. ``checked``: an
+    earlier pass found this block finite (its checks are skipped)."""
     if gradients is None and pool.specs[key].dtype == torch.bfloat16:
         models = bfloat16_bits(pool.read_stored_models(key, part, workspace))
-        omega = _zero_shot_block(models, workspace, delta, "zero_shot_conflict_and_sum_bfloat16")
+        size = models.shape[1]
+        omega = workspace.get("omega", (size,), torch.float32)
+        if delta is None:
+            delta = workspace.get("delta", (size,), torch.float32).numpy()
+        kernel = kernels("trust_region_kernels").zero_shot_conflict_and_sum_bfloat16
+        kernel(models, omega.numpy(), delta)
         if not checked:
             pool.check_finite_summary(key, part, omega, workspace)
         return omega, models[0]
     models = pool.read_models(key, part, workspace)
-    if gradients is None and models.dtype == torch.float32:
-        omega = _zero_shot_block(models.numpy(), workspace, delta, "zero_shot_conflict_and_sum")
-        if not checked:
-            pool.check_finite_from_models(key, models, omega, True)
-        return omega, models[0].numpy()
     taus = subtract_pretrained(models)  # θ0's row stays
     scratch = workspace.get("scratch", taus.shape, taus.dtype)
     if gradients is None:
@@ -79,18 +79,6 @@ def conflict_block(
     if delta is not None:
         task_vector_sum(taus, out=torch.from_numpy(delta))
     return omega, models[0].numpy()
-
-
-def _zero_shot_block(
-    models: np.ndarray, workspace: Workspace, delta: np.ndarray | None, kernel: str
-) -> torch.Tensor:
-    """Ω (a view of ``workspace``) and δ (into ``delta``, or scratch) by a compiled kernel."""
-    size = models.shape[1]
-    omega = workspace.get("omega", (size,), torch.float32)
-    if delta is None:
-        delta = workspace.get("delta", (size,), torch.float32).numpy()
-    getattr(kernels("trust_region_kernels"), kernel)(models, omega.numpy(), delta)
-    return omega
 
 
 def widened_theta0(theta0: np.ndarray) -> np.ndarray:
