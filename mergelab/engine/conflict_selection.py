@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from mergelab.engine.checkpoints import read_into
+from mergelab.engine.checkpoints import convert_into, read_into
 from mergelab.engine.model_writing import bfloat16_bits
 from mergelab.engine.pool import ModelPool, subtract_pretrained
 from mergelab.engine.streaming import StateDict, progress
@@ -41,12 +41,13 @@ def conflict_block(
     checked: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """(Ω in float32, θ0's block) of the flat slice ``part`` of one parameter, valid
-    until ``workspace``'s next use; δ = Σ τ into ``delta`` when given. θ0 is as the
-    models store it where that is bfloat16 (its bits, uint16: :func:`widened_theta0`
-    widens them), else in the compute dtype. Zero-shot bfloat16 blocks take one compiled
-    pass (:mod:`mergelab.merging.trust_region_kernels`), others numpy; neither starts
-    threads, so that BlockWorkers threads can run blocks side by side. ``checked``: an
-    earlier pass found this block finite (its checks are skipped)."""
+    until ``workspace``'s next use; δ = Σ τ into ``delta`` when given. Zero-shot
+    bfloat16 blocks take one compiled pass from the stored rows
+    (:mod:`mergelab.merging.trust_region_kernels`; θ0 then comes as its bits, uint16),
+    others numpy (θ0 in the compute dtype); :func:`widened_theta0` gives the compute
+    dtype either way. Neither starts threads, so that BlockWorkers threads can run blocks
+    side by side. ``checked``: an earlier pass found this block finite (its checks are
+    skipped)."""
     if gradients is None and pool.specs[key].dtype == torch.bfloat16:
         models = bfloat16_bits(pool.read_stored_models(key, part, workspace))
         size = models.shape[1]
@@ -86,7 +87,11 @@ def widened_theta0(theta0: np.ndarray) -> np.ndarray:
     dtype: bfloat16 bits widened to float32, anything else as it is."""
     if theta0.dtype != np.uint16:
         return theta0
-    return (theta0.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    out = np.empty(theta0.shape, np.float32)
+    convert_into(
+        torch.from_numpy(out), torch.from_numpy(theta0.view(np.int16)).view(torch.bfloat16)
+    )
+    return out
 
 
 def _conflict_chunks(
