@@ -208,7 +208,7 @@ WORK = {
 # the methods whose rules call compiled kernels, and their modules (mergelab.merging.*)
 KERNELS = {
     "tall": ["tall_kernels"],
-    "ties": ["ties_kernels", "finite_kernels"],
+    "ties": ["ties_kernels", "magnitude_kernels", "finite_kernels"],
     "dare": ["dare_kernels", "finite_kernels"],
 }
 

@@ -173,3 +173,11 @@ def written_model(
         with ShardedWriter(target, specs, [list(specs)]) as writer:
             write_model(pool.pretrained, pool.merged_keys, delta_of, scaling, writer)
         return load_file(target / "model.safetensors")
+
+
+def stored_as(model: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A model with its floating-point tensors in ``dtype`` (the integer-valued families
+    are exact in bfloat16: |values| < 256), the others as they are."""
+    return {
+        key: value.to(dtype) if value.is_floating_point() else value for key, value in model.items()
+    }

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mergelab.engine.workspace import sparse_zeros
+from mergelab.merging.magnitude_kernels import add_piece_magnitude_counts
 from mergelab.merging.quantile import (
     COARSE_BUCKETS,
     MAGNITUDE_BUCKETS,
@@ -21,7 +22,6 @@ from mergelab.merging.quantile import (
     quantile_rank,
     rank_bucket,
 )
-from mergelab.merging.ties_kernels import add_piece_magnitude_counts
 
 # a small pool of awkward float32 values, so ties, both zeros and both signs are common
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-38, -1e-38, 1e-45, -1e-45, 3.4e38, -3.4e38]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import assert_states_equal, families, written_model
+from strategies import assert_states_equal, families, stored_as, written_model
 
 import mergelab
 import mergelab.engine.ties_blocks as ties_blocks
@@ -35,21 +35,25 @@ def _one_pass(pretrained, finetuned, share, mean=False):
     mean=st.booleans(),
     errors=st.sampled_from([0.0, 8.0]),
     run_entries=st.sampled_from([1, 7, 1 << 22]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
 @settings(max_examples=60)
 def test_one_pass_matches_naive_when_its_sample_is_everything(
-    family, share, mean, errors, run_entries
+    family, share, mean, errors, run_entries, dtype
 ):
     """A sample of every coordinate: each band holds its threshold (at 0 standard errors
     too), and with room for the held entries the one pass settles every coordinate, the
-    held parts in runs of any length."""
+    held parts in runs of any length; over models stored in ``dtype`` (bfloat16: the
+    kernel widens the stored rows)."""
+    pretrained = stored_as(family.pretrained, dtype)
+    finetuned = {task: stored_as(model, dtype) for task, model in family.finetuned.items()}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ties_undecided, "RUN_ENTRIES", run_entries)
         patch.setattr(ties_blocks, "SAMPLE_EVERY", 1)
         patch.setattr(ties_blocks, "BAND_ERRORS", errors)
         patch.setattr(ties_blocks, "WIDEST_BAND", math.inf)
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", math.inf)
-        delta = _one_pass(family.pretrained, family.finetuned, share, mean)
+        delta = _one_pass(pretrained, finetuned, share, mean)
     assert delta is not None
     expected = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
     assert_states_equal(delta, expected)

@@ -14,15 +14,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import FACTORS, assert_states_equal, families, written_model
+from strategies import FACTORS, assert_states_equal, families, stored_as, written_model
 
 import mergelab
 import mergelab.engine.ties_blocks as ties_blocks
 import mergelab.engine.ties_streamed as ties_streamed
 import mergelab.engine.ties_undecided as ties_undecided
+from mergelab.merging.magnitude_kernels import add_magnitude_counts
 from mergelab.merging.quantile import MagnitudeSelect
 from mergelab.merging.ties import PENDING, ties_vector
-from mergelab.merging.ties_kernels import add_magnitude_counts, ties_merge, ties_merge_models
+from mergelab.merging.ties_kernels import ties_merge, ties_merge_models
 
 # integers and halves: many equal magnitudes, exact sums, both zeros
 ENTRIES = st.one_of(st.integers(-4, 4).map(float), st.integers(-9, 9).map(lambda v: v / 2))
@@ -221,23 +222,28 @@ def _sample_everything(patch: pytest.MonkeyPatch) -> None:
     budget=st.sampled_from([0, 10]),
     mean=st.booleans(),
     sampled=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
 @settings(max_examples=60)
-def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean, sampled):
+def test_ties_parameter_by_parameter_matches_naive(family, share, budget, mean, sampled, dtype):
     """The path that writes models to files (StreamedTies), as ``mergelab merge`` writes:
     one pass placed by a sample writing a provisional δ, settled in place or written
     again (``sampled``, with room for the undecided values), or thresholds and majority
     from passes over blocks, then each parameter's δ; with and without room for the
-    undecided values."""
+    undecided values. The models stored in ``dtype``: bfloat16 rows are widened by the
+    one pass's kernel as it reads them, θ0 at the set-aside coordinates from its bits."""
+    pretrained = stored_as(family.pretrained, dtype)
+    finetuned = {task: stored_as(model, dtype) for task, model in family.finetuned.items()}
     with pytest.MonkeyPatch.context() as patch:
         if sampled:
             _sample_everything(patch)
         patch.setattr(ties_undecided, "UNDECIDED_BUDGET", budget)
-        pool = mergelab.ModelPool(family.pretrained, family.finetuned)
+        pool = mergelab.ModelPool(pretrained, finetuned)
         streamed = ties_streamed.StreamedTies(pool, share, mean)
         model = written_model(pool, streamed)
     delta = naive_baselines.ties_merged(family.pretrained, family.finetuned, share, mean)
-    assert_states_equal(model, naive.assemble(family.pretrained, delta, 1.0))
+    expected = naive.assemble(family.pretrained, delta, 1.0)
+    assert_states_equal(model, stored_as(expected, dtype))
 
 
 @pytest.mark.parametrize("budget", [0, 10])

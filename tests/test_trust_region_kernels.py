@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import assert_states_equal, families, written_model
+from strategies import assert_states_equal, families, stored_as, written_model
 
 from mergelab import ModelPool
 from mergelab.engine import trust_region_streamed
@@ -77,12 +77,6 @@ def test_a_hand_worked_block():
     assert omega.tolist() == [6, 8, 0] and delta.tolist() == [4, 0, 0]
 
 
-def _stored(model: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {
-        key: value.to(dtype) if value.is_floating_point() else value for key, value in model.items()
-    }
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @given(family=families(), q=st.sampled_from([0.99, 0.9, 0.5, 0.1]), missed=st.booleans())
 def test_zero_shot_tatr_over_stored_models_equals_the_naive_double_loop(dtype, family, q, missed):
@@ -90,8 +84,8 @@ def test_zero_shot_tatr_over_stored_models_equals_the_naive_double_loop(dtype, f
     several of the engine's blocks: bfloat16 takes the kernel, float32 numpy. In memory,
     and written as ``mergelab merge`` writes (θ0 put back from its stored bits where the
     threshold drops a coordinate; or, the floor above every Ω, written again)."""
-    pretrained = _stored(family.pretrained, dtype)
-    finetuned = {task: _stored(model, dtype) for task, model in family.finetuned.items()}
+    pretrained = stored_as(family.pretrained, dtype)
+    finetuned = {task: stored_as(model, dtype) for task, model in family.finetuned.items()}
     delta, _, threshold, _ = naive.trust_region_parts(family.pretrained, family.finetuned, q)
 
     pool = ModelPool(pretrained, finetuned)
@@ -105,4 +99,4 @@ def test_zero_shot_tatr_over_stored_models_equals_the_naive_double_loop(dtype, f
         streamed = trust_region_streamed.StreamedTrustRegion(pool, q, None)
         model = written_model(pool, streamed)
     assert streamed.threshold == threshold
-    assert_states_equal(model, _stored(naive.assemble(family.pretrained, delta, 1.0), dtype))
+    assert_states_equal(model, stored_as(naive.assemble(family.pretrained, delta, 1.0), dtype))

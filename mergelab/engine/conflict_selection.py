@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from mergelab.engine.checkpoints import convert_into, read_into
+from mergelab.engine.checkpoints import read_into
 from mergelab.engine.model_writing import bfloat16_bits
 from mergelab.engine.pool import ModelPool, subtract_pretrained
 from mergelab.engine.streaming import StateDict, progress
@@ -80,18 +80,6 @@ def conflict_block(
     if delta is not None:
         task_vector_sum(taus, out=torch.from_numpy(delta))
     return omega, models[0].numpy()
-
-
-def widened_theta0(theta0: np.ndarray) -> np.ndarray:
-    """θ0's values from :func:`conflict_block`'s θ0 (or a gather of it) in the compute
-    dtype: bfloat16 bits widened to float32, anything else as it is."""
-    if theta0.dtype != np.uint16:
-        return theta0
-    out = np.empty(theta0.shape, np.float32)
-    convert_into(
-        torch.from_numpy(out), torch.from_numpy(theta0.view(np.int16)).view(torch.bfloat16)
-    )
-    return out
 
 
 def _conflict_chunks(

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mergelab.engine.checkpoints import TensorSpec, read_into, tensor_spec
+from mergelab.engine.checkpoints import TensorSpec, convert_into, read_into, tensor_spec
 from mergelab.engine.model_files import ShardedWriter
 from mergelab.engine.pool import flat_blocks
 from mergelab.engine.streaming import merged_parameter, not_finite_model, progress
@@ -145,3 +145,16 @@ def _merged_bfloat16(
 def bfloat16_bits(tensor: torch.Tensor) -> np.ndarray:
     """A bfloat16 tensor's bits, as numpy's uint16 (numpy has no bfloat16)."""
     return tensor.view(torch.int16).numpy().view(np.uint16)
+
+
+def widened_theta0(theta0: np.ndarray) -> np.ndarray:
+    """θ0's values (a block or a gather of one) in the compute dtype, as a
+    :class:`Patch` takes them: bfloat16 bits (uint16, as :func:`bfloat16_bits` and the
+    kernels over stored rows give them) widened to float32, anything else as it is."""
+    if theta0.dtype != np.uint16:
+        return theta0
+    out = np.empty(theta0.shape, np.float32)
+    convert_into(
+        torch.from_numpy(out), torch.from_numpy(theta0.view(np.int16)).view(torch.bfloat16)
+    )
+    return out

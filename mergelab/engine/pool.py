@@ -164,8 +164,13 @@ class ModelPool:
         hand (from :meth:`read_stored_models`): τ is read again, only to name the task,
         where the summary is not finite."""
         if not _sums_to_finite(summary):
-            taus = self.read_task_vectors(key, part, workspace)
-            self._refuse(key, taus, taus.dtype)
+            self.refuse_block(key, part, workspace)
+
+    def refuse_block(self, key: str, part: slice, workspace: Workspace) -> NoReturn:
+        """Raise, naming the task, for a block ``part`` that a kernel found not finite
+        from rows that no longer hold τ (or never did: stored rows): τ is read again."""
+        taus = self.read_task_vectors(key, part, workspace)
+        self._refuse(key, taus, taus.dtype)
 
     def _refuse(self, key: str, taus: torch.Tensor, dtype: torch.dtype) -> NoReturn:
         for task, row in zip(self.tasks, taus, strict=True):

@@ -66,7 +66,7 @@ def _count_magnitudes(select: MagnitudeSelect, parts: Iterable[torch.Tensor]) ->
     counts = select.counts.numpy()
     for flat in parts:
         if flat.device.type == "cpu" and flat.dtype == torch.float32:
-            kernels("ties_kernels").add_magnitude_counts(flat.contiguous().numpy(), counts)
+            kernels("magnitude_kernels").add_magnitude_counts(flat.contiguous().numpy(), counts)
         else:
             select.observe(flat)
     select.locate()

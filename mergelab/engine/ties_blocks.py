@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from mergelab.engine import ties_undecided
+from mergelab.engine.model_writing import bfloat16_bits, widened_theta0
 from mergelab.engine.parameterwise import check_merged_finite
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.streaming import StateDict, progress
@@ -94,7 +95,7 @@ def _sample_counts(
     tasks = len(pool.tasks)
     totals = ThreadTotals(sparse_zeros((tasks, MAGNITUDE_BUCKETS), np.int32))  # a sample < 2^31
     piece_counts = sparse_zeros((tasks, COARSE_BUCKETS, len(pieces)), np.int32)
-    kernel = kernels("ties_kernels").add_piece_magnitude_counts
+    kernel = kernels("magnitude_kernels").add_piece_magnitude_counts
 
     def count(item: tuple[int, tuple[str, slice]]) -> None:
         number, (key, part) = item
@@ -233,22 +234,25 @@ class BandedPass:
         return self._kept.total()
 
     def _merge_block(self, key: str, out: torch.Tensor | None, part: slice):
-        pool, tasks = self.pool, len(self.pool.tasks)
-        models = pool.read_models(key, part, self._workers.workspace())
-        rows = models.numpy()
-        thread = threading.get_ident(), rows.dtype
-        if thread not in self._buffers:
-            self._buffers[thread] = _held_buffers(pool.chunk, tasks, rows.dtype)
-        buffers = self._buffers[thread]
-        if out is None:
-            block = self._workers.workspace().get("merged", (rows.shape[1],), models.dtype)
+        pool, tasks, workspace = self.pool, len(self.pool.tasks), self._workers.workspace()
+        dtype = pool.compute_dtype(key)
+        if pool.specs[key].dtype == torch.bfloat16:  # widened by the kernel as it reads
+            rows = bfloat16_bits(pool.read_stored_models(key, part, workspace))
+            kernel = kernels("ties_kernels").ties_merge_bfloat16_models
         else:
-            block = out[part]
+            rows = pool.read_models(key, part, workspace).numpy()
+            kernel = kernels("ties_kernels").ties_merge_models
+        block = workspace.get("merged", (rows.shape[1],), dtype) if out is None else out[part]
         merged = block.numpy()
-        votes, ties, columns, entries, in_band, finite = kernels("ties_kernels").ties_merge_models(
+        thread = threading.get_ident(), merged.dtype
+        if thread not in self._buffers:
+            self._buffers[thread] = _held_buffers(pool.chunk, tasks, merged.dtype)
+        buffers = self._buffers[thread]
+        votes, ties, columns, entries, in_band, finite = kernel(
             rows, *self._limits, *self._rule, merged, self._kept.mine(), *buffers
         )
-        pool.check_finite_from_models(key, models, None, finite)
+        if not finite:
+            pool.refuse_block(key, part, workspace)
         if not columns:
             return votes, ties, None, None
         merged[buffers[0][:columns]] = 0  # NaN where undecided: finite until settled
@@ -258,7 +262,8 @@ class BandedPass:
         held = [
             torch.from_numpy(array[:n].copy()) for array, n in zip(buffers, lengths, strict=True)
         ]
-        theta0 = torch.from_numpy(rows[0, buffers[0][:columns]]) if self._keep_theta0 else None
+        theta0 = rows[0, buffers[0][:columns]] if self._keep_theta0 else None
+        theta0 = None if theta0 is None else torch.from_numpy(widened_theta0(theta0))
         return votes, ties, Held(key, held[0] + part.start, *held[1:]), theta0
 
 

@@ -37,7 +37,7 @@ def _add_magnitude_counts(pool: ModelPool, workers: BlockWorkers, out: np.ndarra
     merged parameter, block by block, a count array per thread; each block checked
     finite, naming the task (the first pass: a NaN would otherwise be trimmed away
     without a word)."""
-    kernel = kernels("ties_kernels").add_model_magnitude_counts
+    kernel = kernels("magnitude_kernels").add_model_magnitude_counts
     totals = ThreadTotals(out)
 
     def count(key: str, part: slice) -> None:

@@ -13,9 +13,8 @@ from mergelab.engine.conflict_selection import (
     conflict_block,
     conflict_floor,
     two_pass_trust_region,
-    widened_theta0,
 )
-from mergelab.engine.model_writing import Patch, ProvisionalDeltas
+from mergelab.engine.model_writing import Patch, ProvisionalDeltas, widened_theta0
 from mergelab.engine.pool import ModelPool
 from mergelab.engine.trust_region import check_threshold_quantile, trust_region_parameter
 from mergelab.engine.workspace import BlockWorkers, Workspace, empty

@@ -3,10 +3,11 @@ where the torch rule (:func:`mergelab.merging.ties.ties_vector`) takes about ten
 allocating a [T, *shape] temporary (ViT-B/32, eight tasks: 9 s for the torch rule's
 passes, 0.75 s for the kernels; see scripts/bench_merge.py).
 
-``add_magnitude_counts`` and ``ties_merge`` run their outer loop over threads
-(``parallel=True``; numba's own thread pool, ``NUMBA_NUM_THREADS``) and take C-contiguous
-[T, n] task vectors; ``ties_merge_models`` runs on its caller's thread (the engine's
-block threads), from the models' rows. All compile once per given signature
+``ties_merge`` runs its outer loop over threads (``parallel=True``; numba's own thread
+pool, ``NUMBA_NUM_THREADS``) and takes C-contiguous [T, n] task vectors;
+``ties_merge_models`` and ``ties_merge_bfloat16_models`` run on their caller's thread
+(the engine's block threads), from the models' rows. The magnitudes are counted by
+:mod:`mergelab.merging.magnitude_kernels`. All compile once per given signature
 (``cache=True``: the machine code is kept on disk). The arithmetic is IEEE in the order
 of the torch rule, in the task vectors' dtype: no fastmath.
 """
@@ -16,71 +17,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mergelab.merging.quantile import COARSE_LOW_BITS, MAGNITUDE_LOW_BITS
+from mergelab.merging.task_arithmetic_kernels import widened
 from mergelab.merging.ties import PENDING
 
-_MAGNITUDE = 0x7FFFFFFF  # a float32's bits without the sign: its magnitude's bits
 _BLOCK = 1024  # coordinates per parallel block: its running sums stay in the L1 cache
-
-
-@numba.njit(
-    [f"void(float32[:, ::1], {count}[:, ::1])" for count in ("int32", "int64")],
-    cache=True,
-    nogil=True,
-    parallel=True,
-)
-def add_magnitude_counts(task_vectors, counts):
-    """counts[t, bucket of |τt[i]|] += 1 for every i: the first pass of
-    :class:`~mergelab.merging.quantile.MagnitudeSelect` (float32 τ; rows run in parallel)."""
-    bits = task_vectors.view(np.uint32)
-    for t in numba.prange(bits.shape[0]):
-        row, histogram = bits[t], counts[t]
-        for i in range(row.shape[0]):
-            histogram[(row[i] & _MAGNITUDE) >> MAGNITUDE_LOW_BITS] += 1
-
-
-@numba.njit(
-    [
-        f"void({dtype}[:, ::1], {count}[:, ::1])"
-        for dtype in ("float32", "float64")
-        for count in ("int32", "int64")
-    ],
-    cache=True,
-    nogil=True,
-)
-def add_model_magnitude_counts(models, counts):
-    """:func:`add_magnitude_counts` of τt = models[t] − models[0] (float32 |τt|) for the
-    models' rows [T + 1, n] (θ0 first), on the calling thread (the engine's block threads)."""
-    sources, size = models.shape
-    base = models[0]
-    for t in range(1, sources):
-        row, histogram = models[t], counts[t - 1]
-        for i in range(size):
-            magnitude = np.float32(abs(row[i] - base[i])).view(np.uint32)
-            histogram[magnitude >> MAGNITUDE_LOW_BITS] += 1
-
-
-@numba.njit(
-    [
-        f"void({dtype}[:, ::1], int32[:, ::1], int32[:, :, ::1], int64)"
-        for dtype in ("float32", "float64")
-    ],
-    cache=True,
-    nogil=True,
-)
-def add_piece_magnitude_counts(models, counts, piece_counts, piece):
-    """:func:`add_model_magnitude_counts` into ``counts`` [T, 2^20], and into
-    ``piece_counts[:, :, piece]`` ([T, 2^10, pieces]) the piece's own counts per coarse
-    bucket (4 an octave: :data:`~mergelab.merging.quantile.COARSE_LOW_BITS`). Pieces side
-    by side: the few coarse buckets a task's magnitudes fall in share their pages."""
-    sources, size = models.shape
-    base = models[0]
-    for t in range(1, sources):
-        row, histogram, coarse = models[t], counts[t - 1], piece_counts[t - 1, :, piece]
-        for i in range(size):
-            magnitude = np.float32(abs(row[i] - base[i])).view(np.uint32)
-            histogram[magnitude >> MAGNITUDE_LOW_BITS] += 1
-            coarse[magnitude >> COARSE_LOW_BITS] += 1
 
 
 @numba.njit(inline="always")
@@ -223,12 +163,55 @@ def ties_merge(task_vectors, thresholds, undecided_from, majority, disjoint_mean
     return votes, ties
 
 
+@numba.njit(inline="always")
+def _as_is(value):
+    return value
+
+
+@numba.njit(inline="always")
+def _merge_models(models, limits, rule, out, kept, held_columns, held_counts, held, value_of):
+    """:func:`ties_merge_models`' loop, ``value_of`` giving a stored entry's value in
+    ``out``'s dtype; ``limits``: (thresholds, undecided_from); ``rule``: (majority,
+    disjoint_mean); ``held``: (owners, values, band owners, band magnitudes)."""
+    thresholds, undecided_from = limits
+    majority, disjoint_mean = rule
+    sources, size = models.shape
+    taus = np.empty((sources - 1, _BLOCK), out.dtype)
+    scratch = _scratch(_BLOCK, out.dtype)
+    ends = np.zeros(2, np.int64)
+    columns = 0
+    votes = 0
+    ties = 0
+    finite = True
+    for start in range(0, size, _BLOCK):
+        width = min(size, start + _BLOCK) - start
+        base = models[0, start : start + width]
+        for t in range(sources - 1):
+            row, tau = models[t + 1, start : start + width], taus[t]
+            for j in range(width):
+                value = value_of(row[j]) - value_of(base[j])
+                tau[j] = value
+                finite &= value - value == 0  # False for NaN and ±Inf
+        merged = out[start : start + width]
+        block = _merge_columns(
+            taus, 0, width, limits, majority, disjoint_mean, merged, kept, scratch
+        )
+        votes, ties = votes + block[0], ties + block[1]
+        for j in range(width):
+            if np.isnan(out[start + j]):
+                held_columns[columns] = start + j
+                held_counts[columns] = _hold_column(taus, j, undecided_from, thresholds, held, ends)
+                columns += 1
+    return votes, ties, columns, ends[0], ends[1], finite
+
+
+_HELD = "int64[:, ::1], int64[::1], int32[::1], int16[::1], {0}[::1], int16[::1], float32[::1]"
+
+
 @numba.njit(
     [
         f"Tuple((int64, int64, int64, int64, int64, boolean))({dtype}[:, ::1], float32[::1], "
-        f"float32[::1], int64, boolean, "
-        f"{dtype}[::1], int64[:, ::1], int64[::1], int32[::1], int16[::1], {dtype}[::1], "
-        "int16[::1], float32[::1])"
+        f"float32[::1], int64, boolean, {dtype}[::1], {_HELD.format(dtype)})"
         for dtype in ("float32", "float64")
     ],
     cache=True,
@@ -257,36 +240,40 @@ def ties_merge_models(
     ``held_columns``, its entries as :func:`held_entries` gives them (capacity: n
     columns, n·T + 1 entries). Returns (votes, sign_ties, columns held,
     entries held, band entries held, whether every τ is finite: the rows are then too)."""
-    sources, size = models.shape
-    taus = np.empty((sources - 1, _BLOCK), models.dtype)
-    scratch = _scratch(_BLOCK, models.dtype)
     held = (owners, values, band_owners, band_magnitudes)
-    limits = (thresholds, undecided_from)
-    ends = np.zeros(2, np.int64)
-    columns = 0
-    votes = 0
-    ties = 0
-    finite = True
-    for start in range(0, size, _BLOCK):
-        width = min(size, start + _BLOCK) - start
-        base = models[0, start : start + width]
-        for t in range(sources - 1):
-            row, tau = models[t + 1, start : start + width], taus[t]
-            for j in range(width):
-                value = row[j] - base[j]
-                tau[j] = value
-                finite &= value - value == 0  # False for NaN and ±Inf
-        merged = out[start : start + width]
-        block = _merge_columns(
-            taus, 0, width, limits, majority, disjoint_mean, merged, kept, scratch
-        )
-        votes, ties = votes + block[0], ties + block[1]
-        for j in range(width):
-            if np.isnan(out[start + j]):
-                held_columns[columns] = start + j
-                held_counts[columns] = _hold_column(taus, j, undecided_from, thresholds, held, ends)
-                columns += 1
-    return votes, ties, columns, ends[0], ends[1], finite
+    limits, rule = (thresholds, undecided_from), (majority, disjoint_mean)
+    return _merge_models(models, limits, rule, out, kept, held_columns, held_counts, held, _as_is)
+
+
+@numba.njit(
+    [
+        "Tuple((int64, int64, int64, int64, int64, boolean))(uint16[:, ::1], float32[::1], "
+        f"float32[::1], int64, boolean, float32[::1], {_HELD.format('float32')})"
+    ],
+    cache=True,
+    nogil=True,
+)
+def ties_merge_bfloat16_models(
+    models,
+    thresholds,
+    undecided_from,
+    majority,
+    disjoint_mean,
+    out,
+    kept,
+    held_columns,
+    held_counts,
+    owners,
+    values,
+    band_owners,
+    band_magnitudes,
+):
+    """:func:`ties_merge_models` for bfloat16 models' rows given as their bits, each entry
+    widened to float32 as it is read (τt = float32(θt) − float32(θ0)), rather than the
+    rows converted to float32 first."""
+    held = (owners, values, band_owners, band_magnitudes)
+    limits, rule = (thresholds, undecided_from), (majority, disjoint_mean)
+    return _merge_models(models, limits, rule, out, kept, held_columns, held_counts, held, widened)
 
 
 @numba.njit(
