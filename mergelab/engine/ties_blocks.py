@@ -238,17 +238,15 @@ class BandedPass:
         dtype = pool.compute_dtype(key)
         if pool.specs[key].dtype == torch.bfloat16:  # widened by the kernel as it reads
             rows = bfloat16_bits(pool.read_stored_models(key, part, workspace))
-            kernel = kernels("ties_kernels").ties_merge_bfloat16_models
         else:
             rows = pool.read_models(key, part, workspace).numpy()
-            kernel = kernels("ties_kernels").ties_merge_models
         block = workspace.get("merged", (rows.shape[1],), dtype) if out is None else out[part]
         merged = block.numpy()
         thread = threading.get_ident(), merged.dtype
         if thread not in self._buffers:
             self._buffers[thread] = _held_buffers(pool.chunk, tasks, merged.dtype)
         buffers = self._buffers[thread]
-        votes, ties, columns, entries, in_band, finite = kernel(
+        votes, ties, columns, entries, in_band, finite = kernels("ties_kernels").ties_merge_models(
             rows, *self._limits, *self._rule, merged, self._kept.mine(), *buffers
         )
         if not finite:

@@ -5,7 +5,7 @@ passes, 0.75 s for the kernels; see scripts/bench_merge.py).
 
 ``ties_merge`` runs its outer loop over threads (``parallel=True``; numba's own thread
 pool, ``NUMBA_NUM_THREADS``) and takes C-contiguous [T, n] task vectors;
-``ties_merge_models`` and ``ties_merge_bfloat16_models`` run on their caller's thread
+``ties_merge_models`` runs on its caller's thread
 (the engine's block threads), from the models' rows. The magnitudes are counted by
 :mod:`mergelab.merging.magnitude_kernels`. All compile once per given signature
 (``cache=True``: the machine code is kept on disk). The arithmetic is IEEE in the order
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from mergelab.merging.task_arithmetic_kernels import widened
 from mergelab.merging.ties import PENDING
@@ -163,56 +165,28 @@ def ties_merge(task_vectors, thresholds, undecided_from, majority, disjoint_mean
     return votes, ties
 
 
-@numba.njit(inline="always")
-def _as_is(value):
-    return value
+def _stored_value(value):
+    """An entry of the models' rows as a float: bfloat16 bits (uint16) widened to
+    float32, a float as it is (chosen when a kernel compiles: :func:`_stored_value_of`)."""
 
 
-@numba.njit(inline="always")
-def _merge_models(models, limits, rule, out, kept, held_columns, held_counts, held, value_of):
-    """:func:`ties_merge_models`' loop, ``value_of`` giving a stored entry's value in
-    ``out``'s dtype; ``limits``: (thresholds, undecided_from); ``rule``: (majority,
-    disjoint_mean); ``held``: (owners, values, band owners, band magnitudes)."""
-    thresholds, undecided_from = limits
-    majority, disjoint_mean = rule
-    sources, size = models.shape
-    taus = np.empty((sources - 1, _BLOCK), out.dtype)
-    scratch = _scratch(_BLOCK, out.dtype)
-    ends = np.zeros(2, np.int64)
-    columns = 0
-    votes = 0
-    ties = 0
-    finite = True
-    for start in range(0, size, _BLOCK):
-        width = min(size, start + _BLOCK) - start
-        base = models[0, start : start + width]
-        for t in range(sources - 1):
-            row, tau = models[t + 1, start : start + width], taus[t]
-            for j in range(width):
-                value = value_of(row[j]) - value_of(base[j])
-                tau[j] = value
-                finite &= value - value == 0  # False for NaN and ±Inf
-        merged = out[start : start + width]
-        block = _merge_columns(
-            taus, 0, width, limits, majority, disjoint_mean, merged, kept, scratch
-        )
-        votes, ties = votes + block[0], ties + block[1]
-        for j in range(width):
-            if np.isnan(out[start + j]):
-                held_columns[columns] = start + j
-                held_counts[columns] = _hold_column(taus, j, undecided_from, thresholds, held, ends)
-                columns += 1
-    return votes, ties, columns, ends[0], ends[1], finite
+@overload(_stored_value, inline="always")
+def _stored_value_of(value):
+    if isinstance(value, types.Integer):
+        return lambda value: widened(value)
+    return lambda value: value
 
 
-_HELD = "int64[:, ::1], int64[::1], int32[::1], int16[::1], {0}[::1], int16[::1], float32[::1]"
+# (rows, δ): the models' stored rows (bfloat16 as its bits) and the compute dtype
+_ROWS_AND_OUT = (("float32", "float32"), ("float64", "float64"), ("uint16", "float32"))
 
 
 @numba.njit(
     [
-        f"Tuple((int64, int64, int64, int64, int64, boolean))({dtype}[:, ::1], float32[::1], "
-        f"float32[::1], int64, boolean, {dtype}[::1], {_HELD.format(dtype)})"
-        for dtype in ("float32", "float64")
+        f"Tuple((int64, int64, int64, int64, int64, boolean))({rows}[:, ::1], float32[::1], "
+        f"float32[::1], int64, boolean, {out}[::1], int64[:, ::1], int64[::1], int32[::1], "
+        f"int16[::1], {out}[::1], int16[::1], float32[::1])"
+        for rows, out in _ROWS_AND_OUT
     ],
     cache=True,
     nogil=True,
@@ -233,47 +207,44 @@ def ties_merge_models(
     band_magnitudes,
 ):
     """:func:`ties_merge` of τt = models[t] − models[0] for the models' rows [T + 1, n]
-    (θ0 first), formed a few columns at a time beside the rule rather than as a [T, n]
-    temporary, on the calling thread; adds each task's count of entries at or above its
-    threshold to ``kept[0]``, and strictly above it to ``kept[1]``. Each column left
-    undecided (NaN) is held while its τ is in the cache: its position in
-    ``held_columns``, its entries as :func:`held_entries` gives them (capacity: n
-    columns, n·T + 1 entries). Returns (votes, sign_ties, columns held,
-    entries held, band entries held, whether every τ is finite: the rows are then too)."""
+    (θ0 first; bfloat16 rows as their bits, each entry widened to float32 as it is read),
+    formed a few columns at a time beside the rule rather than as a [T, n] temporary, on
+    the calling thread; adds each task's count of entries at or above its threshold to
+    ``kept[0]``, and strictly above it to ``kept[1]``. Each column left undecided (NaN)
+    is held while its τ is in the cache: its position in ``held_columns``, its entries
+    as :func:`held_entries` gives them (capacity: n columns, n·T + 1 entries). Returns
+    (votes, sign_ties, columns held, entries held, band entries held, whether every τ is
+    finite: the rows are then too)."""
+    sources, size = models.shape
+    taus = np.empty((sources - 1, _BLOCK), out.dtype)
+    scratch = _scratch(_BLOCK, out.dtype)
     held = (owners, values, band_owners, band_magnitudes)
-    limits, rule = (thresholds, undecided_from), (majority, disjoint_mean)
-    return _merge_models(models, limits, rule, out, kept, held_columns, held_counts, held, _as_is)
-
-
-@numba.njit(
-    [
-        "Tuple((int64, int64, int64, int64, int64, boolean))(uint16[:, ::1], float32[::1], "
-        f"float32[::1], int64, boolean, float32[::1], {_HELD.format('float32')})"
-    ],
-    cache=True,
-    nogil=True,
-)
-def ties_merge_bfloat16_models(
-    models,
-    thresholds,
-    undecided_from,
-    majority,
-    disjoint_mean,
-    out,
-    kept,
-    held_columns,
-    held_counts,
-    owners,
-    values,
-    band_owners,
-    band_magnitudes,
-):
-    """:func:`ties_merge_models` for bfloat16 models' rows given as their bits, each entry
-    widened to float32 as it is read (τt = float32(θt) − float32(θ0)), rather than the
-    rows converted to float32 first."""
-    held = (owners, values, band_owners, band_magnitudes)
-    limits, rule = (thresholds, undecided_from), (majority, disjoint_mean)
-    return _merge_models(models, limits, rule, out, kept, held_columns, held_counts, held, widened)
+    limits = (thresholds, undecided_from)
+    ends = np.zeros(2, np.int64)
+    columns = 0
+    votes = 0
+    ties = 0
+    finite = True
+    for start in range(0, size, _BLOCK):
+        width = min(size, start + _BLOCK) - start
+        base = models[0, start : start + width]
+        for t in range(sources - 1):
+            row, tau = models[t + 1, start : start + width], taus[t]
+            for j in range(width):
+                value = _stored_value(row[j]) - _stored_value(base[j])
+                tau[j] = value
+                finite &= value - value == 0  # False for NaN and ±Inf
+        merged = out[start : start + width]
+        block = _merge_columns(
+            taus, 0, width, limits, majority, disjoint_mean, merged, kept, scratch
+        )
+        votes, ties = votes + block[0], ties + block[1]
+        for j in range(width):
+            if np.isnan(out[start + j]):
+                held_columns[columns] = start + j
+                held_counts[columns] = _hold_column(taus, j, undecided_from, thresholds, held, ends)
+                columns += 1
+    return votes, ties, columns, ends[0], ends[1], finite
 
 
 @numba.njit(
