@@ -260,8 +260,9 @@ class BandedPass:
         held = [
             torch.from_numpy(array[:n].copy()) for array, n in zip(buffers, lengths, strict=True)
         ]
-        theta0 = rows[0, buffers[0][:columns]] if self._keep_theta0 else None
-        theta0 = None if theta0 is None else torch.from_numpy(widened_theta0(theta0))
+        theta0 = None
+        if self._keep_theta0:  # bfloat16 rows are bits: widened for the patch
+            theta0 = torch.from_numpy(widened_theta0(rows[0, buffers[0][:columns]]))
         return votes, ties, Held(key, held[0] + part.start, *held[1:]), theta0
 
 
