@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from strategies import assert_states_equal, families, stored_as, written_model
 
 import mergelab
+import mergelab.engine.pool as pool_module
 import mergelab.engine.ties_blocks as ties_blocks
 import mergelab.engine.ties_streamed as ties_streamed
 import mergelab.engine.ties_undecided as ties_undecided
@@ -104,11 +105,9 @@ def test_a_band_that_misses_its_threshold_hands_over_to_the_counting_passes():
     assert_states_equal(merged, naive.assemble(pretrained, expected, 1.0))
 
 
-def test_one_pass_on_real_floats_over_several_blocks():
-    """Unpatched, on models large enough for its sample (three parameters, one of them
-    2.3 blocks long), in float32 noise: the one pass settles the thresholds and gives the
-    naive transcription's bits (two tasks: every sum is one rounding, as in float64 then
-    cast)."""
+def _noisy_models():
+    """Three parameters (one of them 2.3 blocks long, 331,000 values in all) and two
+    tasks of float32 noise."""
     gen = torch.Generator().manual_seed(7)
     shapes = {"blocks.0.weight": (300, 1000), "blocks.0.bias": (1000,), "proj": (200, 150)}
     pretrained = {key: torch.randn(shape, generator=gen) for key, shape in shapes.items()}
@@ -119,9 +118,58 @@ def test_one_pass_on_real_floats_over_several_blocks():
         }
         for task in ("a", "b")
     }
+    return pretrained, finetuned
+
+
+def test_one_pass_on_real_floats_over_several_blocks():
+    """Unpatched, on models large enough for its sample, in float32 noise: the one pass
+    settles the thresholds and gives the naive transcription's bits (two tasks: every sum
+    is one rounding, as in float64 then cast)."""
+    pretrained, finetuned = _noisy_models()
     delta = _one_pass(pretrained, finetuned, 0.2)
     assert delta is not None
     assert_states_equal(delta, naive.ties_multitask_vector(pretrained, finetuned, 0.2))
+
+
+@given(most=st.integers(1 << 12, 1 << 14))
+@settings(max_examples=5, deadline=None)
+def test_a_large_model_samples_about_sample_most_values(most):
+    """Past SAMPLE_MOST · 16 values the sample thins to about SAMPLE_MOST, in fewer pieces
+    of the same length, spread over every parameter; TIES gives the naive bits (from the
+    one pass, or from the counting passes where so small a sample cannot place a band)."""
+    pretrained, finetuned = _noisy_models()
+    sampled = []
+    count = ties_blocks._sample_counts
+
+    def spy(pool, pieces, workers):
+        sampled.extend(pieces)
+        return count(pool, pieces, workers)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pool_module, "SAMPLE_MOST", most)
+        patch.setattr(ties_blocks, "_sample_counts", spy)
+        merged = mergelab.ties(pretrained, finetuned, 1.0, keep=0.2)
+    values = sum(part.stop - part.start for _, part in sampled)
+    assert most / 2 <= values <= most + len(sampled)  # each piece rounded up
+    assert {key for key, _ in sampled} == set(pretrained)
+    expected = naive.ties_multitask_vector(pretrained, finetuned, 0.2)
+    assert_states_equal(merged, naive.assemble(pretrained, expected, 1.0))
+
+
+@given(
+    total=st.integers(0, 1 << 20),
+    every=st.integers(1, 32),
+    most=st.integers(1, 1 << 12),
+)
+def test_sample_every_takes_one_in_every_unless_that_holds_over_sample_most(total, every, most):
+    """The smallest one-in-k, k ≥ ``every``, whose sample of ``total`` values holds at most
+    SAMPLE_MOST of them (counted up from ``every``)."""
+    k = every
+    while total / k > most:
+        k += 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pool_module, "SAMPLE_MOST", most)
+        assert pool_module.sample_every(total, every) == k
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])

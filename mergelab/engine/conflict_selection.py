@@ -2,7 +2,8 @@
 
 Ω (see :mod:`mergelab.merging.trust_region`) is never held for the whole model. The
 threshold is the ⌊q·n⌋-th smallest Ω (0-based) over all n merged coordinates, compared in
-float32, found exactly without a sort: a sample of 1/16 of the blocks places a floor well
+float32, found exactly without a sort: a sample of the blocks (1/16, at most about 2^23
+values: :func:`~mergelab.engine.pool.sample_every`) places a floor well
 below it (:func:`conflict_floor`); one pass then builds δ = Σ τ and stores only the
 coordinates with Ω above the floor, among which the threshold is selected and the dropped
 coordinates zeroed (:func:`one_pass_trust_region`; :class:`AboveFloor`, which
@@ -21,7 +22,7 @@ import torch
 
 from mergelab.engine.checkpoints import read_into
 from mergelab.engine.model_writing import bfloat16_bits
-from mergelab.engine.pool import ModelPool, subtract_pretrained
+from mergelab.engine.pool import ModelPool, sample_every, subtract_pretrained
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.workspace import BlockWorkers, Workspace
 from mergelab.errors import BadValue
@@ -104,16 +105,18 @@ def _select(values: torch.Tensor, rank: int) -> float:
     return select.value
 
 
-# Share of each parameter's chunks whose Ω estimates where the threshold will fall.
+# Share of each parameter's chunks whose Ω estimates where the threshold will fall (less
+# in a model past 134 M values: :func:`~mergelab.engine.pool.sample_every`).
 SAMPLE_EVERY = 16
 
 
 def conflict_floor(pool: ModelPool, gradients, q: float, workers: BlockWorkers) -> float:
     """A value of Ω that the threshold is all but certain to exceed: the sample quantile
     at 1 − 3(1 − q), so that about 3(1 − q) of all coordinates lie at or above it."""
+    every = sample_every(pool.num_merged_params, SAMPLE_EVERY)
     sample, size = [], 0  # (key, block, where its Ω goes in the sample)
     for key in pool.merged_keys:
-        for part in pool.blocks(key, SAMPLE_EVERY):
+        for part in pool.blocks(key, every):
             sample.append((key, part, slice(size, size + part.stop - part.start)))
             size += part.stop - part.start
     values = torch.empty(size)

@@ -1,7 +1,8 @@
 """TIES on the CPU in one pass from the models' rows (:func:`banded_ties_vector`), the
 blocks of a parameter on BlockWorkers threads, δ of the whole model in memory.
 
-One pass: a sample, 1/16 of every parameter in pieces spread over it, places each
+One pass: a sample, 1/16 of every parameter in pieces spread over it (less in a model
+past 134 M values: :func:`~mergelab.engine.pool.sample_every`), places each
 task's threshold in a narrow band [low, high) of magnitudes (:func:`sampled_bands`: its
 sample rank, :data:`BAND_ERRORS` standard errors either side; the sample is counted
 per bucket straight from the models' rows, and per piece in coarse buckets for its
@@ -43,7 +44,7 @@ import torch
 from mergelab.engine import ties_undecided
 from mergelab.engine.model_writing import bfloat16_bits, widened_theta0
 from mergelab.engine.parameterwise import check_merged_finite
-from mergelab.engine.pool import ModelPool
+from mergelab.engine.pool import ModelPool, sample_every
 from mergelab.engine.streaming import StateDict, progress
 from mergelab.engine.ties_undecided import Held, in_ranges, settle
 from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty, sparse_zeros
@@ -59,8 +60,9 @@ from mergelab.merging.quantile import (
 from mergelab.merging.ties import PENDING, check_keep_fraction, ties_rank
 
 # the share of every parameter whose magnitudes place the thresholds' bands, in pieces:
-# one per SAMPLE_SPAN elements, at least MIN_PIECES of at least MIN_PIECE elements where
-# the parameter has room (ViT-B/32: 302 pieces)
+# one per SAMPLE_SPAN elements (of SAMPLE_SPAN / SAMPLE_EVERY each), at least MIN_PIECES
+# of at least MIN_PIECE elements where the parameter has room (ViT-B/32: 302 pieces); a
+# larger model's sample takes fewer pieces of the same length (:func:`sample_every`)
 SAMPLE_EVERY = 16
 SAMPLE_SPAN = 1 << 19
 MIN_PIECES = 8
@@ -72,15 +74,16 @@ BAND_ERRORS = 6.0
 WIDEST_BAND = 0.05
 
 
-def _sample(pool: ModelPool, key: str) -> list[slice]:
-    """1/SAMPLE_EVERY of a merged parameter (rounded up), as pieces evenly spread over it:
-    one per SAMPLE_SPAN elements, and at least MIN_PIECES where each can hold MIN_PIECE.
-    Neighbouring coordinates are alike (a row, a neuron), so a parameter's share is cut
-    into many pieces; each long enough that reading it is not mostly the calls' cost."""
+def _sample(pool: ModelPool, key: str, every: int) -> list[slice]:
+    """1/every of a merged parameter (rounded up), as pieces evenly spread over it: one
+    per SAMPLE_SPAN · every / SAMPLE_EVERY elements, and at least MIN_PIECES where each
+    can hold MIN_PIECE. Neighbouring coordinates are alike (a row, a neuron), so a
+    parameter's share is cut into many pieces; each long enough that reading it is not
+    mostly the calls' cost."""
     numel = pool.specs[key].numel
-    spread = min(MIN_PIECES, numel // (SAMPLE_EVERY * MIN_PIECE))
-    pieces = max(1, round(numel / SAMPLE_SPAN), spread)
-    length = -(-numel // (SAMPLE_EVERY * pieces))
+    spread = min(MIN_PIECES, numel // (every * MIN_PIECE))
+    pieces = max(1, round(numel * SAMPLE_EVERY / (SAMPLE_SPAN * every)), spread)
+    length = -(-numel // (every * pieces))
     starts = (piece * numel // pieces for piece in range(pieces))
     return [slice(start, min(start + length, numel)) for start in starts]
 
@@ -139,7 +142,8 @@ def sampled_bands(
     stops at that bucket's floor, which may be the threshold itself (the pass checks).
     None too where the entries the pass would hold, predicted from the sample, exceed
     ``budget`` (a share of one model's elements)."""
-    pieces = [(key, part) for key in pool.merged_keys for part in _sample(pool, key)]
+    every = sample_every(pool.num_merged_params, SAMPLE_EVERY)
+    pieces = [(key, part) for key in pool.merged_keys for part in _sample(pool, key, every)]
     lengths = np.array([part.stop - part.start for _, part in pieces], dtype=np.int64)
     size = int(lengths.sum())
     if not size:

@@ -92,8 +92,8 @@ class StreamedTies(ProvisionalDeltas):
     such a floor, a third pass counts the votes at the exact thresholds. The majority
     sign follows from the votes; δ of a parameter is then computed block by block when
     asked for. Memory: a block of every model per thread and the values set aside,
-    whatever the model's size; reads: a sample (1/16) and one pass, or two passes, or
-    three or four.
+    whatever the model's size; reads: a sample (1/16, at most about 2^23 values) and one
+    pass, or two passes, or three or four.
     """
 
     def __init__(self, pool: ModelPool, keep_fraction: float = 0.2, disjoint_mean: bool = False):

@@ -67,12 +67,12 @@ def trust_region_vector(
 
     Ω (see :mod:`mergelab.merging.trust_region`) is never held for the whole model. The
     threshold is the ⌊q·n⌋-th smallest Ω (0-based) over all n merged coordinates,
-    compared in float32, found exactly without a sort: a sample of 1/16 of the blocks
-    places a floor well below it; one pass then builds δ = Σ τ and stores only the
-    coordinates with Ω above the floor (about 4(1 − q) of them), among which the
-    threshold is selected and the dropped coordinates zeroed. Should the floor turn out
-    too high, or too many coordinates lie above it, a two-pass radix select over the
-    models takes over. Kept means Ω strictly below the threshold, so ties at the
+    compared in float32, found exactly without a sort: a sample of the blocks (1/16, at
+    most about 2^23 values) places a floor well below it; one pass then builds δ = Σ τ
+    and stores only the coordinates with Ω above the floor (about 4(1 − q) of them),
+    among which the threshold is selected and the dropped coordinates zeroed. Should
+    the floor turn out too high, or too many coordinates lie above it, a two-pass radix
+    select over the models takes over. Kept means Ω strictly below the threshold, so ties at the
     threshold are dropped; with distinct values exactly ⌊q·n⌋ are kept. q = 1 keeps
     everything (plain Task Arithmetic).
     """
