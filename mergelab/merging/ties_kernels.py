@@ -30,8 +30,9 @@ def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kep
     """The TIES rule on the columns start .. start + width of τ rows [T, n], into ``out``
     (width values); adds each task's count of kept entries (at or above its threshold) to
     ``kept[0]`` and of those strictly above it to ``kept[1]``; returns (votes,
-    sign_ties). ``limits``: (thresholds, undecided_from); ``scratch``: (total, positive,
-    negative, signs, undecided), each at least ``width`` long.
+    sign_ties, columns left undecided: NaN). ``limits``: (thresholds, undecided_from);
+    ``scratch``: (total, positive, negative, signs, undecided), each at least ``width``
+    long.
 
     One loop per task: beside the trimmed sum (which elects the sign), the sums and counts
     of its positive and of its negative trimmed entries, each added in task order from 0,
@@ -69,6 +70,7 @@ def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kep
     pending = majority == PENDING
     votes = 0
     ties = 0
+    undecided_columns = 0
     for j in range(width):
         # the elected sign: total's, the majority's where total is 0
         elected_positive = (total[j] > 0) | ((total[j] == 0) & (majority > 0))
@@ -82,7 +84,8 @@ def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kep
         out[j] = np.nan if held else merged
         votes += 0 if held else (total[j] > 0) - (total[j] < 0)
         ties += tie & ~held
-    return votes, ties
+        undecided_columns += held
+    return votes, ties, undecided_columns
 
 
 @numba.njit(inline="always")
@@ -144,7 +147,7 @@ def ties_merge(task_vectors, thresholds, undecided_from, majority, disjoint_mean
         start = block * _BLOCK
         width = min(size, start + _BLOCK) - start
         kept = np.zeros((2, tasks), np.int64)
-        block_votes, block_ties = _merge_columns(
+        block_votes, block_ties, _ = _merge_columns(
             task_vectors,
             start,
             width,
@@ -234,7 +237,7 @@ def ties_merge_models(
             taus, 0, width, limits, majority, disjoint_mean, merged, kept, scratch
         )
         votes, ties = votes + block[0], ties + block[1]
-        for j in range(width):
+        for j in range(width if block[2] else 0):  # most blocks hold no column
             if np.isnan(out[start + j]):
                 held_columns[columns] = start + j
                 held_counts[columns], entries, in_band = _hold_column(
