@@ -270,3 +270,16 @@ def test_a_threshold_just_above_a_band_top_many_entries_share_is_not_taken_for_i
     assert streamed.thresholds == ([0.5, 0.5] if settled == "in place" else [1.0, 1.0])
     expected = naive.ties_multitask_vector(pretrained, finetuned, keep)
     assert_states_equal(model, naive.assemble(pretrained, expected, 1.0))
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in memory", "mergelab merge"])
+def test_more_tasks_than_sixteen_bits_name_are_refused_before_any_work(streamed):
+    """The set-aside entries name their task, and the kernels count a coordinate's
+    entries of each sign, in 16 bits: 2^15 tasks are refused, by count."""
+    pretrained = {"w": torch.zeros(2)}
+    finetuned = {f"t{number}": {"w": torch.ones(2)} for number in range(1 << 15)}
+    with pytest.raises(ValueError, match="TIES merges at most 32767 task vectors, got 32768"):
+        if streamed:
+            ties_streamed.StreamedTies(mergelab.ModelPool(pretrained, finetuned))
+        else:
+            mergelab.ties(pretrained, finetuned, 1.0)

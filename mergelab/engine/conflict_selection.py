@@ -3,9 +3,9 @@
 Ω (see :mod:`mergelab.merging.trust_region`) is never held for the whole model. The
 threshold is the ⌊q·n⌋-th smallest Ω (0-based) over all n merged coordinates, compared in
 float32, found exactly without a sort: a sample of the blocks (1/16, at most about 2^23
-values: :func:`~mergelab.engine.pool.sample_every`) places a floor well
-below it (:func:`conflict_floor`); one pass then builds δ = Σ τ and stores only the
-coordinates with Ω above the floor, among which the threshold is selected and the dropped
+values: :func:`~mergelab.engine.pool.sample_every`) places a floor well below it
+(:func:`conflict_floor`); one pass then builds δ = Σ τ and stores only the coordinates
+with Ω above the floor, among which the threshold is selected and the dropped
 coordinates zeroed (:func:`one_pass_trust_region`; :class:`AboveFloor`, which
 :mod:`mergelab.engine.trust_region_streamed` shares). Should the floor turn out too high, or
 too many coordinates lie above it, a two-pass radix select over the models takes over

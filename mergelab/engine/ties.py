@@ -52,7 +52,7 @@ from mergelab.engine.ties_undecided import (
 from mergelab.engine.workspace import BlockWorkers, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.quantile import MagnitudeSelect
-from mergelab.merging.ties import check_keep_fraction, ties_rank
+from mergelab.merging.ties import check_keep_fraction, check_task_count, ties_rank
 
 
 def _whole_parameters(task_vectors: TaskVectors, desc: str) -> Iterator[torch.Tensor]:
@@ -134,6 +134,7 @@ def ties_merged_vector(
     where its sampled thresholds hold; otherwise, or when they do not, whole parameters."""
     check_keep_fraction(keep_fraction)
     pool = task_vectors.pool
+    check_task_count(len(pool.tasks))
     if not task_vectors.transforms and task_vectors.device.type == "cpu":
         with BlockWorkers() as workers:
             delta = banded_ties_vector(pool, keep_fraction, disjoint_mean, workers)

@@ -25,7 +25,7 @@ from mergelab.engine.workspace import BlockWorkers, ThreadTotals, empty
 from mergelab.merging.compiled import kernels
 from mergelab.merging.finite import rows_finite
 from mergelab.merging.quantile import MagnitudeSelect
-from mergelab.merging.ties import check_keep_fraction, ties_rank
+from mergelab.merging.ties import check_keep_fraction, check_task_count, ties_rank
 
 # the undecided values StreamedTies sets aside, at most this many elements: its memory
 # must stay flat in the model's size (256 MB of float32)
@@ -98,6 +98,7 @@ class StreamedTies(ProvisionalDeltas):
 
     def __init__(self, pool: ModelPool, keep_fraction: float = 0.2, disjoint_mean: bool = False):
         check_keep_fraction(keep_fraction)
+        check_task_count(len(pool.tasks))
         self.pool, self.disjoint_mean = pool, disjoint_mean
         self._workers = BlockWorkers()
         tasks, total = len(pool.tasks), pool.num_merged_params

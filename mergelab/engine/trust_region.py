@@ -72,9 +72,9 @@ def trust_region_vector(
     and stores only the coordinates with Ω above the floor (about 4(1 − q) of them),
     among which the threshold is selected and the dropped coordinates zeroed. Should
     the floor turn out too high, or too many coordinates lie above it, a two-pass radix
-    select over the models takes over. Kept means Ω strictly below the threshold, so ties at the
-    threshold are dropped; with distinct values exactly ⌊q·n⌋ are kept. q = 1 keeps
-    everything (plain Task Arithmetic).
+    select over the models takes over. Kept means Ω strictly below the threshold, so
+    ties at the threshold are dropped; with distinct values exactly ⌊q·n⌋ are kept.
+    q = 1 keeps everything (plain Task Arithmetic).
     """
     check_threshold_quantile(threshold_quantile)
     pool.require_tasks(2, "trust-region merging")

@@ -30,10 +30,10 @@ class StreamedTrustRegion(ProvisionalDeltas):
     at or above the floor stored with θ0 there (:class:`AboveFloor`). :meth:`settle`
     selects the threshold among them and sets the coordinates it drops to θ0, in place;
     where the threshold lies below the floor (or too many lay above it), two passes find
-    it and the model is written again. Reads: the sample (1/16, at most
-    about 2^23 values) and one pass, or four.
-    ``gradients``: as :func:`~mergelab.engine.trust_region.gradient_checkpoints` opens
-    them (None: zero-shot)."""
+    it and the model is written again. Reads: the sample (1/16, at most about 2^23
+    values) and one pass, or four. ``gradients``: as
+    :func:`~mergelab.engine.trust_region.gradient_checkpoints` opens them (None:
+    zero-shot)."""
 
     def __init__(self, pool: ModelPool, threshold_quantile: float, gradients: Mapping | None):
         check_threshold_quantile(threshold_quantile)

@@ -24,6 +24,15 @@ import torch
 from mergelab.errors import BadValue
 from mergelab.merging.quantile import quantile_rank
 
+# the most task vectors TIES merges: the entries it sets aside name their task in 16 bits,
+# and its kernels count a coordinate's positive and negative entries in 16 bits each
+MOST_TASKS = (1 << 15) - 1
+
+
+def check_task_count(tasks: int) -> None:
+    if tasks > MOST_TASKS:
+        raise BadValue(f"TIES merges at most {MOST_TASKS} task vectors, got {tasks}")
+
 
 def check_keep_fraction(keep_fraction: float) -> None:
     if not 0 < keep_fraction <= 1:

@@ -48,7 +48,7 @@ def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kep
     negative[:width] = 0
     signs[:width] = 0
     undecided[:width] = 0
-    zero = total[0] - total[0]
+    zero = total[0]  # 0 in τ's dtype
     for t in range(tasks):
         row, threshold, low = rows[t, start : start + width], thresholds[t], undecided_from[t]
         count = np.int32(0)
@@ -60,7 +60,8 @@ def _merge_columns(rows, start, width, limits, majority, disjoint_mean, out, kep
             total[j] += trimmed
             positive[j] += trimmed if trimmed > 0 else zero
             negative[j] += trimmed if trimmed < 0 else zero
-            # positive entries counted in the low 16 bits, negative ones above (T < 2^15)
+            # positive entries counted in the low 16 bits, negative ones above
+            # (:data:`~mergelab.merging.ties.MOST_TASKS`)
             signs[j] += np.int32(trimmed > 0) + (np.int32(trimmed < 0) << 16)
             undecided[j] |= np.int32((magnitude >= low) & ~is_kept)
             count += np.int32(is_kept)
