@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mergelab.engine.workspace import Workspace
+from mergelab.engine.workspace import BlockWorkers
 from mergelab.merging.compiled import kernels
 from mergelab.merging.ties import PENDING, TiesPart, ties_vector
 
@@ -106,13 +106,13 @@ def _merged_held(
 ) -> tuple[list[torch.Tensor], int]:
     """The rule at the exact thresholds over the held coordinates: each part's merged
     values, and their votes. One kernel call for each run of parts of a dtype, their
-    arrays side by side (:func:`_runs`)."""
+    arrays side by side (:func:`_runs`); the runs on BlockWorkers threads (ViT-B/32, 20
+    tasks: 4 % of the coordinates held, 21 M entries)."""
     kernel = kernels("ties_kernels").ties_merge_held
     limits = np.asarray(thresholds, dtype=np.float32)
-    merged: list[torch.Tensor] = [torch.empty(0)] * len(held)
-    votes = 0
-    workspace = Workspace()  # the runs' arrays side by side, reused run after run
-    for numbers in _runs(held):
+
+    def merge_run(numbers: list[int]) -> tuple[list[torch.Tensor], int]:
+        workspace = workers.workspace()  # the runs' arrays side by side, reused
         arrays = []
         for name in ("counts", "tasks", "values"):
             parts = [getattr(held[number], name) for number in numbers]
@@ -120,11 +120,17 @@ def _merged_held(
             side_by_side = workspace.get(name, (size,), parts[0].dtype).numpy()
             arrays.append(np.concatenate([part.numpy() for part in parts], out=side_by_side))
         out = torch.empty(len(arrays[0]), dtype=held[numbers[0]].values.dtype)
-        votes += kernel(*arrays, tasks, limits, majority, disjoint_mean, out.numpy())[0]
-        pieces = out.split([held[number].index.numel() for number in numbers])
+        votes = kernel(*arrays, tasks, limits, majority, disjoint_mean, out.numpy())[0]
+        return list(out.split([held[number].index.numel() for number in numbers])), votes
+
+    runs = list(_runs(held))
+    merged: list[torch.Tensor] = [torch.empty(0)] * len(held)
+    with BlockWorkers() as workers:
+        results = workers.run(merge_run, runs)
+    for numbers, (pieces, _) in zip(runs, results, strict=True):
         for number, piece in zip(numbers, pieces, strict=True):
             merged[number] = piece
-    return merged, votes
+    return merged, sum(votes for _, votes in results)
 
 
 def _runs(held: Sequence[Held]) -> Iterator[list[int]]:
