@@ -30,8 +30,9 @@ from mergelab.merging.ties import PENDING, TiesPart, ties_vector
 # bytes each, with their task; beyond it, the thresholds are pinned by another counting
 # pass). ViT-B/32, 20 tasks, a keep share of 0.2: 0.24 (4 % of the coordinates held)
 UNDECIDED_BUDGET = 0.5
-# held entries settled in one kernel call, at most about this many (a 16 MB copy of float32)
-RUN_ENTRIES = 1 << 22
+# held entries settled in one kernel call, at most about this many (an 8 MB copy of float32
+# per thread: the runs' copies stay the size one thread's were)
+RUN_ENTRIES = 1 << 21
 
 
 class Held(NamedTuple):
