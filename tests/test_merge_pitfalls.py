@@ -511,23 +511,31 @@ def test_two_pass_selection_takes_over_when_the_sampled_floor_misses(monkeypatch
     assert_states_equal(merged, expected)
 
 
-def test_a_large_model_places_the_floor_from_a_sample_of_at_most_sample_most(monkeypatch):
-    """Past SAMPLE_MOST · 16 values the sample thins (here to each parameter's first
-    block): its floor still lies under the exact threshold, so the one pass settles it
-    (the two-pass select is not taken) and gives the naive bits."""
+def test_a_large_model_places_the_floor_from_a_thinner_sample(monkeypatch):
+    """Past SAMPLE_MOST · 16 values the sample thins (here to one block in 275 of each
+    parameter: its first): its floor still lies under the exact threshold, so the one
+    pass settles it (the two-pass select is not taken) and gives the naive bits."""
     import mergelab.engine.pool as pool_module
     import mergelab.engine.trust_region as trust_region_module
 
     monkeypatch.setattr(pool_module, "SAMPLE_MOST", 1 << 10)
+    strides = []
+    blocks = ModelPool.blocks
+
+    def spy(pool, key, every=1):
+        strides.append(every)
+        return blocks(pool, key, every)
 
     def refuse(*args):
         raise AssertionError("the sampled floor missed")
 
+    monkeypatch.setattr(ModelPool, "blocks", spy)
     monkeypatch.setattr(trust_region_module, "two_pass_trust_region", refuse)
     fam = make_family(9, [(400, 700), (1000,), (300,)], num_tasks=3, integer=False)
     merged = trust_region(fam.pretrained, fam.finetuned, 0.3, threshold_quantile=0.95)
     expected = naive.trust_region(fam.pretrained, fam.finetuned, 0.3, 0.95)
     assert_states_equal(merged, expected)
+    assert max(strides) == -(-fam.num_merged // (1 << 10)) == 275  # the sample's stride
 
 
 @pytest.mark.parametrize(

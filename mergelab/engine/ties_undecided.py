@@ -111,23 +111,23 @@ def _merged_held(
     tasks: 4 % of the coordinates held, 21 M entries)."""
     kernel = kernels("ties_kernels").ties_merge_held
     limits = np.asarray(thresholds, dtype=np.float32)
-
-    def merge_run(numbers: list[int]) -> tuple[list[torch.Tensor], int]:
-        workspace = workers.workspace()  # the runs' arrays side by side, reused
-        arrays = []
-        for name in ("counts", "tasks", "values"):
-            parts = [getattr(held[number], name) for number in numbers]
-            size = sum(part.numel() for part in parts)
-            side_by_side = workspace.get(name, (size,), parts[0].dtype).numpy()
-            arrays.append(np.concatenate([part.numpy() for part in parts], out=side_by_side))
-        out = torch.empty(len(arrays[0]), dtype=held[numbers[0]].values.dtype)
-        votes = kernel(*arrays, tasks, limits, majority, disjoint_mean, out.numpy())[0]
-        return list(out.split([held[number].index.numel() for number in numbers])), votes
-
     runs = list(_runs(held))
-    merged: list[torch.Tensor] = [torch.empty(0)] * len(held)
     with BlockWorkers() as workers:
+
+        def merge_run(numbers: list[int]) -> tuple[list[torch.Tensor], int]:
+            workspace = workers.workspace()  # the runs' arrays side by side, reused
+            arrays = []
+            for name in ("counts", "tasks", "values"):
+                parts = [getattr(held[number], name) for number in numbers]
+                size = sum(part.numel() for part in parts)
+                side_by_side = workspace.get(name, (size,), parts[0].dtype).numpy()
+                arrays.append(np.concatenate([part.numpy() for part in parts], out=side_by_side))
+            out = torch.empty(len(arrays[0]), dtype=held[numbers[0]].values.dtype)
+            votes = kernel(*arrays, tasks, limits, majority, disjoint_mean, out.numpy())[0]
+            return list(out.split([held[number].index.numel() for number in numbers])), votes
+
         results = workers.run(merge_run, runs)
+    merged: list[torch.Tensor] = [torch.empty(0)] * len(held)
     for numbers, (pieces, _) in zip(runs, results, strict=True):
         for number, piece in zip(numbers, pieces, strict=True):
             merged[number] = piece
